@@ -1,0 +1,7 @@
+"""Data: sample layout and vocabulary, registered datasets, the resumable batch stream."""
+
+from localopt_plugin.data import synthetic  # noqa: F401  (registers synthetic-video-tokens)
+from localopt_plugin.data.layout import SampleLayout, Vocabulary
+from localopt_plugin.data.source import VideoTokenSource, batch_stream
+
+__all__ = ["SampleLayout", "Vocabulary", "VideoTokenSource", "batch_stream"]

@@ -1,0 +1,1 @@
+"""Regularizers (registered kind ``regularizer``), added to an objective's loss."""

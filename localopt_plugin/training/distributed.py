@@ -1,0 +1,107 @@
+"""Process groups: torch.distributed through DeepSpeed, model parallelism through Megatron-Core.
+
+Works under torchrun, the ``deepspeed`` launcher, ``mpirun`` (DeepSpeed reads rank and size
+through mpi4py) and as a single process with no launcher at all.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from localopt_plugin.platform import apply_cpu_shims, cuda_available, seed_model_parallel_rng
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 1234,
+    backend: str | None = None,
+) -> None:
+    """Initialise torch.distributed (if needed), Megatron's parallel state and RNG streams."""
+    apply_cpu_shims()
+    import deepspeed
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+        if not launched:  # a plain `python` run: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = backend or ("nccl" if cuda_available() else "gloo")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
+                                   verbose=False)
+    if cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise SystemExit(
+            f"error: world size {world} is not divisible by tensor x pipeline parallel "
+            f"size {tensor_parallel} x {pipeline_parallel}"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+        )
+    seed_model_parallel_rng(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMpu:
+    """The ``mpu`` object DeepSpeed expects, backed by Megatron-Core's parallel_state.
+
+    DeepSpeed's "model parallel" means tensor parallel; Megatron-Core lacks those names.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def __getattr__(self, name: str):
+        # get_data_parallel_*, get_tensor_model_parallel_*, get_pipeline_model_parallel_*, ...
+        return getattr(self._ps, name)
+
+
+def data_parallel_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def data_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,76 @@
+"""Per-iteration metrics to the console, TensorBoard and a progress bar (rank 0 only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+
+import torch
+
+from localopt_plugin.platform import cuda_available
+from localopt_plugin.training.distributed import is_rank0
+
+log = logging.getLogger("localopt_plugin.train")
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
+    if cuda_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class MetricsLogger:
+    def __init__(self, args: argparse.Namespace, start_iteration: int = 0) -> None:
+        self.enabled = is_rank0()
+        self.interval = max(1, args.log_interval)
+        self.writer = None
+        self.bar = None
+        self.jsonl = None
+        if not self.enabled:
+            return
+        if args.metrics_file:
+            self.jsonl = open(args.metrics_file, "a")  # noqa: SIM115 (closed in close())
+        if args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
+        show_bar = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+        if show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=args.train_iters, initial=start_iteration, unit="it",
+                            dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        iteration = record["iteration"]
+        record["memory (MB)"] = peak_memory_mb()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "iteration":
+                    self.writer.add_scalar(key, value, iteration)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record.get('lm loss', float('nan')):.4f}")
+        if iteration % self.interval == 0 or "valid full-sequence loss" in record:
+            text = " | ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in record.items()
+            )
+            (self.bar.write if self.bar is not None else log.info)(text)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()

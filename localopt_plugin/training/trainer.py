@@ -1,0 +1,264 @@
+"""The training loop: a DeepSpeed engine around a Megatron-Core GPTModel and a registered objective.
+
+DeepSpeed owns the optimizer step (ZeRO 0-3, gradient accumulation, clipping, bf16/fp16) and
+steps Megatron-Core's own LR/weight-decay scheduler; the plugin supplies the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from localopt_plugin import registry
+from localopt_plugin.data import VideoTokenSource, batch_stream
+from localopt_plugin.model import build_gpt_model
+from localopt_plugin.objectives.sequence import FullSequence, build_objective
+from localopt_plugin.platform import cuda_available, default_device
+from localopt_plugin.training.distributed import (
+    MegatronMpu,
+    data_parallel_rank,
+    data_parallel_size,
+    init_distributed,
+    is_rank0,
+)
+from localopt_plugin.training.ds_config import build_deepspeed_config
+from localopt_plugin.training.metrics import MetricsLogger
+
+log = logging.getLogger("localopt_plugin.train")
+
+
+class TrainingStep(torch.nn.Module):
+    """The module DeepSpeed wraps: the GPT plus the objective and regularizers computing the loss.
+
+    forward returns the total loss and a dict of detached scalars to log.
+    """
+
+    def __init__(self, model: torch.nn.Module, objective, regularizers=()) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.regularizers = list(regularizers)
+
+    def forward(self, tokens: torch.Tensor, iteration: int, micro_batch: int):
+        out = self.objective(self.model, tokens, iteration, micro_batch)
+        total = out.loss
+        metrics = {"lm loss": out.loss.detach(), **out.metrics}
+        for regularizer in self.regularizers:
+            reg_loss, reg_metrics = regularizer(out, iteration)
+            total = total + reg_loss
+            metrics.update(reg_metrics)
+        return total, metrics, out.num_tokens
+
+
+def _param_groups(model: torch.nn.Module) -> list[dict]:
+    """Megatron's grouping: no weight decay on biases and norm weights (wd_mult 0)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+
+
+class MegatronLRScheduler:
+    """Megatron-Core's OptimizerParamScheduler with the ``step()`` DeepSpeed calls."""
+
+    def __init__(self, optimizer, args: argparse.Namespace) -> None:
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        decay_iters = args.lr_decay_iters or args.train_iters
+        self.inner = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0 if args.lr_warmup_iters else args.lr,
+            max_lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters,
+            lr_decay_steps=max(decay_iters, args.lr_warmup_iters + 1),
+            lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay,
+            end_wd=args.weight_decay,
+            wd_incr_steps=max(decay_iters, 1),
+            wd_incr_style="constant",
+            wsd_decay_steps=max(decay_iters // 10, 1) if args.lr_decay_style == "WSD" else None,
+            lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None,
+        )
+
+    def step(self, increment: int = 1) -> None:
+        self.inner.step(increment)
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.inner.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def setup(args: argparse.Namespace):
+    """Process groups, data source, model, objective and DeepSpeed engine."""
+    import deepspeed
+
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                     args.seed, args.distributed_backend)
+    if args.pipeline_model_parallel_size > 1:
+        raise SystemExit("error: pipeline parallelism is not available in this version yet")
+    source: VideoTokenSource = registry.build("dataset", args.dataset, args=args)
+    layout = source.layout
+    args.seq_length = args.seq_length or layout.input_length
+    if args.seq_length < layout.input_length:
+        raise SystemExit(f"error: --seq-length {args.seq_length} is shorter than the dataset's "
+                         f"samples ({layout.input_length} input tokens)")
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    ds_config = build_deepspeed_config(args, data_parallel_size())
+
+    model = build_gpt_model(args, vocab_size=source.vocab.size)
+    objective = build_objective(args, layout)
+    regularizers = [registry.build("regularizer", name, args=args) for name in args.regularizer]
+    step_module = TrainingStep(model, objective, regularizers)
+    optimizer = torch.optim.AdamW(
+        _param_groups(step_module), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_eps, weight_decay=args.weight_decay,
+    )
+    if ds_config["zero_optimization"]["stage"] == 3 and model.share_embeddings_and_output_weights:
+        # The output layer uses the embedding's (ZeRO-3 partitioned) weight.
+        deepspeed.zero.register_external_parameter(model.output_layer,
+                                                   model.shared_embedding_or_output_weight())
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=step_module,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: MegatronLRScheduler(opt, args),
+        config=ds_config,
+        mpu=MegatronMpu(),
+    )
+    return engine, scheduler, source, objective
+
+
+def save_checkpoint(engine, args: argparse.Namespace, state: TrainState) -> None:
+    engine.save_checkpoint(
+        args.save, tag=f"iter_{state.iteration:07d}",
+        client_state={"iteration": state.iteration, "consumed_samples": state.consumed_samples},
+    )
+    if is_rank0():
+        log.info("saved checkpoint %s/iter_%07d", args.save, state.iteration)
+
+
+def load_checkpoint(engine, args: argparse.Namespace) -> TrainState:
+    path, client = engine.load_checkpoint(args.load)
+    if path is None:
+        if is_rank0():
+            log.warning("no checkpoint found in --load %s; starting from scratch", args.load)
+        return TrainState()
+    if is_rank0():
+        log.info("resumed from %s at iteration %d", path, client["iteration"])
+    return TrainState(client["iteration"], client["consumed_samples"])
+
+
+@torch.no_grad()
+def evaluate(engine, source: VideoTokenSource, args: argparse.Namespace) -> float:
+    """Full-sequence validation loss (whatever the training objective), averaged over ranks."""
+    if source.valid is None:
+        return float("nan")
+    engine.eval()
+    full = FullSequence(source.layout)
+    stream = batch_stream(source.valid, args.micro_batch_size, data_parallel_rank(),
+                          data_parallel_size(), args.seed)
+    total = torch.zeros((), device=default_device())
+    for _ in range(args.eval_iters):
+        tokens = next(stream)["tokens"].to(default_device())
+        total += full(engine.module.model, tokens).loss.float()
+    engine.train()
+    total /= args.eval_iters
+    dist.all_reduce(total, group=_dp_group())
+    return total.item() / data_parallel_size()
+
+
+def _grad_norm_before_step(engine) -> float | None:
+    """DeepSpeed reports no norm for fp32 ZeRO-0 (it discards the clip's); compute it there."""
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None  # the engine's optimizer records it during step()
+    from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(get_global_norm_of_tensors(grads, mpu=engine.mpu))
+
+
+def _dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training; returns the last logged metrics (rank 0) for callers and tests."""
+    engine, scheduler, source, _ = setup(args)
+    state = load_checkpoint(engine, args) if args.load else TrainState()
+    device = default_device()
+    stream = batch_stream(source.train, args.micro_batch_size, data_parallel_rank(),
+                          data_parallel_size(), args.seed, state.consumed_samples)
+    logger = MetricsLogger(args, start_iteration=state.iteration)
+    tokens_per_sample = source.layout.num_frames * source.layout.frame_tokens
+    history: list[dict] = []
+    while state.iteration < args.train_iters:
+        start = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(args.gradient_accumulation_steps):
+            tokens = next(stream)["tokens"].to(device, non_blocking=True)
+            loss, metrics, _ = engine(tokens, state.iteration, micro)
+            engine.backward(loss)
+            if micro == args.gradient_accumulation_steps - 1:
+                grad_norm = _grad_norm_before_step(engine)
+            engine.step()
+            metrics["total loss"] = loss.detach()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float32,
+                                                                 device=device)
+        state.iteration += 1
+        state.consumed_samples += args.global_batch_size
+        names = sorted(sums)
+        stacked = torch.stack([sums[k] for k in names]) / args.gradient_accumulation_steps
+        dist.all_reduce(stacked, group=_dp_group())
+        stacked /= data_parallel_size()
+        step_time = time.perf_counter() - start
+        record = dict(zip(names, stacked.tolist(), strict=True))
+        record.update(
+            iteration=state.iteration,
+            lr=scheduler.get_last_lr()[0],
+            **{"grad norm": float(grad_norm if grad_norm is not None
+                                  else engine.get_global_grad_norm())},
+            **{"step time (s)": step_time,
+               "video tokens/s": args.global_batch_size * tokens_per_sample / step_time},
+        )
+        if args.eval_interval and state.iteration % args.eval_interval == 0:
+            record["valid full-sequence loss"] = evaluate(engine, source, args)
+        history.append(record)
+        logger.log(record)
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save_checkpoint(engine, args, state)
+    if args.save and (not args.save_interval or state.iteration % args.save_interval):
+        save_checkpoint(engine, args, state)
+    logger.close()
+    return {"history": history, "state": state}
+
+
+def configure_logging() -> None:
+    level = os.environ.get("LOCALOPT_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=level if is_rank0() else "WARNING",
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    if not cuda_available():
+        logging.getLogger("DeepSpeed").setLevel("WARNING")
