@@ -18,11 +18,11 @@ from localopt_plugin.registry import register
 
 
 class SyntheticVideoTokens(torch.utils.data.Dataset):
-    def __init__(self, layout: SampleLayout, vocab: Vocabulary, num_samples: int, seed: int,
-                 noise: float = 0.05) -> None:
+    def __init__(self, layout: SampleLayout, vocab: Vocabulary, num_samples: int, split: int,
+                 seed: int, noise: float = 0.05) -> None:
         self.layout, self.vocab, self.num_samples = layout, vocab, num_samples
-        self.seed, self.noise = seed, noise
-        rng = np.random.default_rng(seed)
+        self.split, self.seed, self.noise = split, seed, noise
+        rng = np.random.default_rng(seed)  # the class textures and motions: shared by splits
         self.textures = rng.integers(0, vocab.video_vocab_size,
                                      size=(vocab.num_classes, layout.frame_tokens))
         self.speeds = rng.integers(1, 4, size=vocab.num_classes)
@@ -33,7 +33,7 @@ class SyntheticVideoTokens(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, self.split, index])
         label = int(rng.integers(self.vocab.num_classes))
         offset = int(rng.integers(self.layout.frame_tokens))
         frames = np.stack([
@@ -60,6 +60,6 @@ def synthetic_video_tokens(args: argparse.Namespace) -> VideoTokenSource:
     return VideoTokenSource(
         vocab=vocab,
         layout=layout,
-        train=SyntheticVideoTokens(layout, vocab, num_samples=4096, seed=args.seed),
-        valid=SyntheticVideoTokens(layout, vocab, num_samples=256, seed=args.seed + 1),
+        train=SyntheticVideoTokens(layout, vocab, num_samples=4096, split=0, seed=args.seed),
+        valid=SyntheticVideoTokens(layout, vocab, num_samples=256, split=1, seed=args.seed),
     )

@@ -57,13 +57,11 @@ class AttentionPlan:
     positions: absolute positions of this forward's tokens, ``[s]`` (shared by the batch).
     memory: keys/values of earlier tokens to attend to (and/or to store into).
     store: which of this forward's tokens to append to ``memory`` (detached), e.g. a slice.
-    attend_memory: whether queries attend to what ``memory`` held before this forward.
     """
 
     positions: torch.Tensor
     memory: KVMemory | None = None
     store: slice | None = None
-    attend_memory: bool = True
 
 
 class SDPAttention(MegatronModule):
@@ -121,7 +119,7 @@ class SDPAttention(MegatronModule):
                 stored = plan.store
                 plan.memory.append(self.layer_number, key[stored], value[stored],
                                    plan.positions[stored])
-            if memory is not None and plan.attend_memory:
+            if memory is not None:
                 key = torch.cat([memory[0], key])
                 value = torch.cat([memory[1], value])
                 key_pos = torch.cat([memory[2], key_pos])

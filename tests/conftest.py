@@ -1,0 +1,55 @@
+"""Shared fixtures: a world-of-one process group for in-process tests, and launch helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def dist_world_of_one():
+    """torch.distributed (gloo) and Megatron parallel state for a single process."""
+    from localopt_plugin.training.distributed import init_distributed
+
+    init_distributed(seed=1234)
+    yield
+
+
+def tiny_args(*extra: str):
+    """Parsed trainer flags for a small, dropout-free model."""
+    from localopt_plugin.arguments import build_parser
+
+    args = build_parser().parse_args([
+        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--hidden-dropout", "0", "--attention-dropout", "0",
+        "--synthetic-frames", "4", "--synthetic-frame-tokens", "16",
+        "--synthetic-codebook-size", "64", "--synthetic-num-classes", "4",
+        *extra,
+    ])
+    args.max_position_embeddings = args.max_position_embeddings or 256
+    return args
+
+
+def run_train(tmp_path: Path, *flags: str, nproc: int = 1, name: str = "run",
+              timeout: int = 600) -> list[dict]:
+    """Run localopt-train (under torchrun when nproc > 1); return its per-iteration metrics."""
+    metrics = tmp_path / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "localopt_plugin.train", "--metrics-file", str(metrics), *flags]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "localopt_plugin.train",
+               "--metrics-file", str(metrics), *flags]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
