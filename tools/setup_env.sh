@@ -25,6 +25,6 @@ if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
 fi
 pip install -q -e ".[dev,mpi-runtime]"
-"$VENV/bin/python" -c "import torch, deepspeed, megatron.core, webdataset, sentencepiece; \
+"$VENV/bin/python" -W ignore -c "import torch, deepspeed, megatron.core, webdataset, sentencepiece; \
 print(f'localopt-plugin env ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, \
 megatron-core {megatron.core.__version__}')"

@@ -124,9 +124,9 @@ def setup(args: argparse.Namespace):
                          f"samples ({layout.input_length} input tokens)")
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     ds_config = build_deepspeed_config(args, data_parallel_size())
+    objective = build_objective(args, layout)  # validates the window settings before any work
 
     model = build_gpt_model(args, vocab_size=source.vocab.size)
-    objective = build_objective(args, layout)
     regularizers = [registry.build("regularizer", name, args=args) for name in args.regularizer]
     step_module = TrainingStep(model, objective, regularizers)
     optimizer = torch.optim.AdamW(
