@@ -45,7 +45,8 @@ def reference_hidden(model, ids: torch.Tensor, detach_kv: torch.Tensor | None = 
                          p[pre + "self_attention.linear_proj.bias"])
         h = F.linear(ln(x, "pre_mlp_layernorm"), p[pre + "mlp.linear_fc1.weight"],
                      p[pre + "mlp.linear_fc1.bias"])
-        x = x + F.linear(F.gelu(h), p[pre + "mlp.linear_fc2.weight"], p[pre + "mlp.linear_fc2.bias"])
+        x = x + F.linear(F.gelu(h), p[pre + "mlp.linear_fc2.weight"],
+                         p[pre + "mlp.linear_fc2.bias"])
     return F.layer_norm(x, (x.shape[-1],), p["decoder.final_layernorm.weight"],
                         p["decoder.final_layernorm.bias"], eps)
 
