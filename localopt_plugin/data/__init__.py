@@ -2,6 +2,6 @@
 
 from localopt_plugin.data import synthetic  # noqa: F401  (registers synthetic-video-tokens)
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
-from localopt_plugin.data.source import VideoTokenSource, batch_stream
+from localopt_plugin.data.source import BatchSource, MapStyleSource, VideoTokenSource
 
-__all__ = ["SampleLayout", "Vocabulary", "VideoTokenSource", "batch_stream"]
+__all__ = ["BatchSource", "MapStyleSource", "SampleLayout", "VideoTokenSource", "Vocabulary"]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
-from localopt_plugin.data.source import VideoTokenSource
+from localopt_plugin.data.source import MapStyleSource, VideoTokenSource
 from localopt_plugin.registry import register
 
 
@@ -60,6 +60,6 @@ def synthetic_video_tokens(args: argparse.Namespace) -> VideoTokenSource:
     return VideoTokenSource(
         vocab=vocab,
         layout=layout,
-        train=SyntheticVideoTokens(layout, vocab, num_samples=4096, split=0, seed=args.seed),
-        valid=SyntheticVideoTokens(layout, vocab, num_samples=256, split=1, seed=args.seed),
+        train=MapStyleSource(SyntheticVideoTokens(layout, vocab, 4096, split=0, seed=args.seed)),
+        valid=MapStyleSource(SyntheticVideoTokens(layout, vocab, 256, split=1, seed=args.seed)),
     )

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from localopt_plugin import registry
-from localopt_plugin.data import VideoTokenSource, batch_stream
+from localopt_plugin.data import VideoTokenSource
 from localopt_plugin.model import build_gpt_model
 from localopt_plugin.objectives.sequence import FullSequence, build_objective
 from localopt_plugin.platform import cuda_available, default_device
@@ -174,8 +174,8 @@ def evaluate(engine, source: VideoTokenSource, args: argparse.Namespace) -> floa
         return float("nan")
     engine.eval()
     full = FullSequence(source.layout)
-    stream = batch_stream(source.valid, args.micro_batch_size, data_parallel_rank(),
-                          data_parallel_size(), args.seed)
+    stream = source.valid.batches(args.micro_batch_size, data_parallel_rank(),
+                                  data_parallel_size(), args.seed)
     total = torch.zeros((), device=default_device())
     for _ in range(args.eval_iters):
         tokens = next(stream)["tokens"].to(default_device())
@@ -207,8 +207,8 @@ def train(args: argparse.Namespace) -> dict:
     engine, scheduler, source, _ = setup(args)
     state = load_checkpoint(engine, args) if args.load else TrainState()
     device = default_device()
-    stream = batch_stream(source.train, args.micro_batch_size, data_parallel_rank(),
-                          data_parallel_size(), args.seed, state.consumed_samples)
+    stream = source.train.batches(args.micro_batch_size, data_parallel_rank(),
+                                  data_parallel_size(), args.seed, state.consumed_samples)
     logger = MetricsLogger(args, start_iteration=state.iteration)
     tokens_per_sample = source.layout.num_frames * source.layout.frame_tokens
     history: list[dict] = []

@@ -1,0 +1,1 @@
+"""Benchmarks that back the plugin's speed and memory claims (``localopt-bench``)."""
