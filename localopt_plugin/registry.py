@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "localopt_plugin.objectives",
     "localopt_plugin.regularizers",
     "localopt_plugin.data",
+    "localopt_plugin.tokenizers",
 )
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}

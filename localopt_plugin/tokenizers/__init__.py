@@ -1,0 +1,1 @@
+"""Video tokenizers (registered kind ``tokenizer``)."""
