@@ -107,6 +107,23 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "full-sequence | local-opt | fewer-frames | ...")
     g.add_argument("--regularizer", nargs="*", default=[],
                    help="registered regularizers added to the loss, e.g. reco")
+    g.add_argument("--reco-weight", type=float, default=0.1,
+                   help="ReCo lambda (the paper's 0.1; 0 disables ReCo at no cost); with "
+                   "--reco-weight-schedule adaptive, the weight is capped at 10 x lambda")
+    g.add_argument("--reco-pairs", default="adjacent-token",
+                   choices=["adjacent-token", "adjacent-frame"],
+                   help="ReCo pairs inside the optimized frames: consecutive tokens (i, i+1) "
+                   "or the same spatial token in consecutive frames (i, i+P)")
+    g.add_argument("--reco-weight-schedule", default="constant",
+                   choices=["constant", "linear-warmup", "cosine", "adaptive"],
+                   help="ReCo weight over training: constant lambda; linear-warmup 0 -> lambda "
+                   "over --reco-warmup-iters; cosine lambda -> 0 over --train-iters; adaptive: "
+                   "chosen each step from detached values so that weighted ReCo / LM loss = "
+                   "--reco-target-ratio (at most 10 x lambda)")
+    g.add_argument("--reco-warmup-iters", type=int, default=0,
+                   help="iterations of the linear-warmup ReCo schedule")
+    g.add_argument("--reco-target-ratio", type=float, default=0.1,
+                   help="adaptive ReCo schedule: weighted ReCo loss / LM loss to hold")
     g.add_argument("--dataset", default="synthetic-video-tokens",
                    help="registered dataset providing video-token samples")
     g.add_argument("--tokenizer", default=None, help="registered video tokenizer")

@@ -13,6 +13,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# init_distributed sets these in the pytest process (dist_world_of_one); a child trainer that
+# inherits them believes it was launched and binds the MASTER_PORT this process holds.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ for a child trainer: no rendezvous variables, CPU defaults, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +58,7 @@ def run_train(tmp_path: Path, *flags: str, nproc: int = 1, name: str = "run",
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "localopt_plugin.train",
                "--metrics-file", str(metrics), *flags]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"

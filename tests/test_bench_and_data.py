@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 
 import torch
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 from localopt_plugin.bench.speed import saved_activation_bytes
 from localopt_plugin.data.source import MapStyleSource
@@ -36,7 +35,7 @@ def test_speed_benchmark_smoke(tmp_path):
          "--steps", "5", "--warmup", "1", "--json", str(out),
          "--model-flags", "--num-layers 1 --hidden-size 32 --num-attention-heads 2"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| local-opt |" in proc.stdout and "local-opt targets" in proc.stdout
     result = json.loads(out.read_text())

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 from localopt_plugin import registry
 from localopt_plugin.arguments import build_parser
@@ -39,7 +38,7 @@ def test_register_rejects_a_second_component_under_the_same_name():
 
 def _run(*cmd, env=None, check=True):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+                          env=subprocess_env(**(env or {})))
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

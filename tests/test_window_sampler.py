@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch.multiprocessing as mp
+from conftest import subprocess_env
 
 from localopt_plugin.objectives.window_sampler import WindowSampler, candidate_starts
 
@@ -101,7 +101,7 @@ def test_trainer_refuses_window_larger_than_video():
     proc = subprocess.run(
         [sys.executable, "-m", "localopt_plugin.train", "--objective", "local-opt",
          "--synthetic-frames", "5", "--local-opt-window-frames", "6", "--train-iters", "1"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode != 0
     assert "--local-opt-window-frames 6 exceeds the 5 latent frames" in proc.stderr
 
@@ -110,7 +110,7 @@ def test_trainer_refuses_sequence_length_too_short_for_the_video():
     proc = subprocess.run(
         [sys.executable, "-m", "localopt_plugin.train", "--seq-length", "64",
          "--synthetic-frames", "5", "--synthetic-frame-tokens", "64", "--train-iters", "1"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode != 0
     assert "--seq-length 64 is shorter than the dataset's samples (323 input tokens)" in (
         proc.stderr)

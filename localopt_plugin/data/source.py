@@ -66,6 +66,9 @@ class MapStyleSource:
                 .tolist()
                 for i in range(offset, usable, step)
             ]
+            # its own generator: creating the loader must not advance the global RNG, which
+            # dropout uses (a resumed run would otherwise draw different masks)
             yield from torch.utils.data.DataLoader(self.dataset, batch_sampler=indices,
-                                                   num_workers=self.num_workers)
+                                                   num_workers=self.num_workers,
+                                                   generator=torch.Generator())
             epoch, offset = epoch + 1, 0

@@ -147,13 +147,44 @@ def setup(args: argparse.Namespace):
     return engine, scheduler, source, objective
 
 
+def _rng_file(directory: str, tag: str) -> str:
+    return os.path.join(directory, tag, f"rng_state_rank{dist.get_rank():05d}.pt")
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if cuda_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if cuda_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def save_checkpoint(engine, args: argparse.Namespace, state: TrainState) -> None:
+    """DeepSpeed checkpoint (model, optimizer, LR scheduler) + loader position + RNG per rank.
+
+    The window sampler needs no state: its draws are a function of (seed, iteration).
+    """
+    tag = f"iter_{state.iteration:07d}"
     engine.save_checkpoint(
-        args.save, tag=f"iter_{state.iteration:07d}",
-        client_state={"iteration": state.iteration, "consumed_samples": state.consumed_samples},
+        args.save, tag=tag,
+        client_state={"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+                      "world_size": dist.get_world_size()},
     )
+    torch.save(_rng_state(), _rng_file(args.save, tag))
+    dist.barrier()
     if is_rank0():
-        log.info("saved checkpoint %s/iter_%07d", args.save, state.iteration)
+        log.info("saved checkpoint %s/%s", args.save, tag)
 
 
 def load_checkpoint(engine, args: argparse.Namespace) -> TrainState:
@@ -162,8 +193,17 @@ def load_checkpoint(engine, args: argparse.Namespace) -> TrainState:
         if is_rank0():
             log.warning("no checkpoint found in --load %s; starting from scratch", args.load)
         return TrainState()
+    tag = f"iter_{client['iteration']:07d}"
+    rng_file = _rng_file(args.load, tag)
+    if os.path.exists(rng_file) and client.get("world_size") == dist.get_world_size():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    elif is_rank0():
+        log.warning("RNG states not restored (saved with world size %s, now %d): dropout "
+                    "masks will differ from an uninterrupted run", client.get("world_size"),
+                    dist.get_world_size())
     if is_rank0():
-        log.info("resumed from %s at iteration %d", path, client["iteration"])
+        log.info("resumed from %s at iteration %d (%d samples consumed)", path,
+                 client["iteration"], client["consumed_samples"])
     return TrainState(client["iteration"], client["consumed_samples"])
 
 
@@ -191,8 +231,12 @@ def _grad_norm_before_step(engine) -> float | None:
     if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
         return None  # the engine's optimizer records it during step()
     from deepspeed.runtime.utils import get_global_norm_of_tensors
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    # Count parameters replicated across tensor-parallel ranks (norms, row-parallel biases,
+    # position embeddings) once, as Megatron does: the mpu sum adds every rank's norm.
+    grads = [p.grad for p in engine.module.parameters()
+             if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
     return float(get_global_norm_of_tensors(grads, mpu=engine.mpu))
 
 

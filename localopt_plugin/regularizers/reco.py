@@ -1,0 +1,162 @@
+"""ReCo (Representation Continuity, Zhou & Shen, ACL 2026): penalise jumps between the final
+hidden states of neighbouring video tokens.
+
+    L = lambda * mean over pairs (i, j) and batch of ||h_j - h_i||^2
+
+where ``h`` is the objective's ``ObjectiveOutput.hidden`` (``[s, b, h]``, the optimized frames'
+tokens in raster order) and the pairs lie inside it: ``adjacent-token`` pairs positions
+``(i, i + 1)``, ``adjacent-frame`` pairs the same spatial token in consecutive frames
+``(i, i + P)`` with ``P`` tokens per frame. Under Local Optimization ``hidden`` holds only the
+window, so no pair reaches into the (detached) context frames.
+
+Parallelism. The regularizer needs only ``out.hidden``, so it runs wherever the loss is computed,
+i.e. on the last pipeline stage. Under tensor parallelism (without sequence parallelism, which
+the plugin rejects) the decoder's output after the final norm is replicated on every TP rank:
+row-parallel linears all-reduce their outputs and the norm is not sharded. Each TP rank therefore
+computes the identical penalty with no extra communication, exactly as each computes the same
+vocab-parallel cross-entropy; backpropagating the same ``dL/dh`` on every rank is what
+Megatron's layers expect (the column-parallel backward all-reduces its input gradients). With
+sequence parallelism ``hidden`` would be split along ``s`` and pairs straddling two shards would
+need a halo exchange.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from localopt_plugin.registry import register
+
+if TYPE_CHECKING:
+    from localopt_plugin.objectives.base import ObjectiveOutput
+
+PAIR_MODES = ("adjacent-token", "adjacent-frame")
+SCHEDULES = ("constant", "linear-warmup", "cosine", "adaptive")
+ADAPTIVE_CAP = 10.0  # the adaptive weight never exceeds ADAPTIVE_CAP x --reco-weight
+
+
+def reco_penalty(hidden: torch.Tensor, frame_tokens: int,
+                 pairs: str = "adjacent-token") -> torch.Tensor:
+    """Unweighted ReCo: mean over pairs and batch of the squared L2 distance over the hidden dim.
+
+    hidden: ``[s, b, h]`` with ``s`` a whole number of frames of ``frame_tokens`` tokens.
+    Accumulates in at least float32 so that bf16/fp16 hidden states give an accurate value.
+    With no pair (one position, or one frame for ``adjacent-frame``) the penalty is 0.
+    """
+    if pairs == "adjacent-token":
+        stride = 1
+    elif pairs == "adjacent-frame":
+        stride = frame_tokens
+    else:
+        raise ValueError(f"unknown ReCo pairs {pairs!r}; choose one of {', '.join(PAIR_MODES)}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [s, b, h], got shape {tuple(hidden.shape)}")
+    if frame_tokens <= 0 or hidden.shape[0] % frame_tokens:
+        raise ValueError(f"{hidden.shape[0]} positions are not whole frames of "
+                         f"{frame_tokens} tokens")
+    h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+    if h.shape[0] <= stride:
+        return h.new_zeros(())
+    diff = h[stride:] - h[:-stride]
+    return diff.square().sum(-1).mean()
+
+
+class ReCo:
+    """The ReCo regularizer: ``(loss, metrics) = reco(out, iteration)``.
+
+    The weight is a pure function of the iteration and of detached values of the current step,
+    so a resumed run reproduces it exactly:
+
+    * ``constant``: ``lambda``.
+    * ``linear-warmup``: ``lambda * min(iteration / warmup_iters, 1)`` (0 at iteration 0).
+    * ``cosine``: ``lambda * 0.5 * (1 + cos(pi * min(iteration / train_iters, 1)))``, from
+      ``lambda`` to 0 over the run.
+    * ``adaptive``: ``min(target_ratio * CE / raw, ADAPTIVE_CAP * lambda)`` from the detached
+      cross-entropy and unweighted penalty, so that weighted ReCo / CE equals ``target_ratio``
+      unless the cap binds (it keeps a near-zero penalty from getting a huge weight). Being
+      detached, the weight only rescales the penalty's gradient. CE and the penalty are equal on
+      all tensor-parallel ranks, so is the weight; data-parallel ranks each weight their own
+      micro-batch, as each computes its own CE.
+
+    ``iteration`` is the trainer's count of completed iterations (0 for the first step). A step
+    whose weight is exactly 0 returns a zero loss without computing the penalty.
+
+    Scale: after the final norm each state has squared norm about ``h`` (hidden size), so at
+    initialisation unrelated neighbours give a raw penalty near ``2h``; the weighted term can
+    then exceed the cross-entropy until neighbouring states become similar.
+    """
+
+    def __init__(self, weight: float = 0.1, pairs: str = "adjacent-token",
+                 schedule: str = "constant", warmup_iters: int = 0,
+                 train_iters: int | None = None, target_ratio: float = 0.1) -> None:
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"--reco-weight must be >= 0, got {weight}")
+        if pairs not in PAIR_MODES:
+            raise ValueError(f"--reco-pairs must be one of {', '.join(PAIR_MODES)}, "
+                             f"got {pairs!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"--reco-weight-schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {schedule!r}")
+        if warmup_iters < 0:
+            raise ValueError(f"--reco-warmup-iters must be >= 0, got {warmup_iters}")
+        if schedule == "cosine" and not (train_iters and train_iters > 0):
+            raise ValueError(f"--reco-weight-schedule cosine needs --train-iters > 0, "
+                             f"got {train_iters}")
+        if not (math.isfinite(target_ratio) and target_ratio >= 0):
+            raise ValueError(f"--reco-target-ratio must be >= 0, got {target_ratio}")
+        self.weight, self.pairs, self.schedule = weight, pairs, schedule
+        self.warmup_iters, self.train_iters, self.target_ratio = (warmup_iters, train_iters,
+                                                                   target_ratio)
+
+    def scheduled_weight(self, iteration: int) -> float:
+        """The weight before any adaptive choice: for ``adaptive``, its cap."""
+        if self.schedule == "linear-warmup" and self.warmup_iters > 0:
+            return self.weight * min(iteration / self.warmup_iters, 1.0)
+        if self.schedule == "cosine":
+            progress = min(iteration / self.train_iters, 1.0)
+            return self.weight * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.schedule == "adaptive":
+            return ADAPTIVE_CAP * self.weight if self.target_ratio > 0 else 0.0
+        return self.weight
+
+    def adaptive_weight(self, lm_loss: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """``min(target * CE / raw, cap)`` on detached values; the cap when ``raw`` is 0."""
+        cap = ADAPTIVE_CAP * self.weight
+        lm_loss, raw = lm_loss.detach().float(), raw.detach().float()
+        ratio = self.target_ratio * lm_loss / torch.where(raw > 0, raw, torch.ones_like(raw))
+        return torch.where(raw > 0, ratio.clamp(max=cap), torch.full_like(raw, cap))
+
+    def __call__(self, out: ObjectiveOutput,
+                 iteration: int) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        weight: float | torch.Tensor = self.scheduled_weight(iteration)
+        if weight == 0:
+            # Disabled for this step: no penalty computed; "reco raw" NaN means "not computed".
+            return out.loss.new_zeros(()), {"reco loss": 0.0, "reco raw": math.nan,
+                                            "reco weight": 0.0}
+        if out.num_frames <= 0 or out.hidden.shape[0] % out.num_frames:
+            raise ValueError(f"hidden has {out.hidden.shape[0]} positions, not a whole number "
+                             f"of {out.num_frames} frames")
+        frame_tokens = out.hidden.shape[0] // out.num_frames
+        if self.pairs == "adjacent-frame" and out.num_frames < 2:
+            raise ValueError("--reco-pairs adjacent-frame needs at least 2 optimized frames "
+                             "(e.g. --local-opt-window-frames >= 2)")
+        raw = reco_penalty(out.hidden, frame_tokens, self.pairs)
+        if self.schedule == "adaptive":
+            weight = self.adaptive_weight(out.loss, raw)
+        loss = weight * raw
+        return loss, {"reco loss": loss.detach(), "reco raw": raw.detach(),
+                      "reco weight": weight}
+
+
+@register("regularizer", "reco")
+def build_reco(*, args: argparse.Namespace) -> ReCo:
+    """ReCo configured by the ``--reco-*`` flags (and ``--train-iters`` for ``cosine``)."""
+    try:
+        return ReCo(weight=args.reco_weight, pairs=args.reco_pairs,
+                    schedule=args.reco_weight_schedule, warmup_iters=args.reco_warmup_iters,
+                    train_iters=args.train_iters, target_ratio=args.reco_target_ratio)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None

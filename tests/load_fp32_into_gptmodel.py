@@ -1,0 +1,36 @@
+"""Helper run by test_checkpoint_resume: zero_to_fp32 output -> plain GPTModel, same logits as
+the weights DeepSpeed itself holds in the checkpoint."""
+
+import json
+import sys
+
+import torch
+
+from localopt_plugin.arguments import build_parser
+from localopt_plugin.data.synthetic import synthetic_video_tokens
+from localopt_plugin.model import build_gpt_model, compute_logits, forward_hidden
+from localopt_plugin.training.convert import load_fp32_state_dict, load_into_gptmodel
+from localopt_plugin.training.distributed import init_distributed
+
+fp32_dir, ckpt_dir, flags = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+args = build_parser().parse_args(flags)
+init_distributed(seed=args.seed)
+source = synthetic_video_tokens(args)
+args.max_position_embeddings = source.layout.input_length
+converted = build_gpt_model(args, source.vocab.size)
+load_into_gptmodel(converted, load_fp32_state_dict(fp32_dir))
+
+tag = open(f"{ckpt_dir}/latest").read().strip()
+module_states = torch.load(f"{ckpt_dir}/{tag}/mp_rank_00_model_states.pt", weights_only=False)
+held = build_gpt_model(args, source.vocab.size)
+load_into_gptmodel(held, module_states["module"])
+fresh = build_gpt_model(args, source.vocab.size)
+
+tokens = next(source.valid.batches(2, 0, 1, seed=0))["tokens"][:, :-1]
+positions = torch.arange(tokens.shape[1])
+with torch.no_grad():
+    a, b, c = (compute_logits(m, forward_hidden(m, tokens, positions))
+               for m in (converted, held, fresh))
+torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+assert not torch.allclose(a, c), "the converted model equals an untrained one"
+print("logits match")
