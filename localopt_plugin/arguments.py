@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_megatron_args(parser)
     add_plugin_args(parser)
+    from localopt_plugin.data.webdataset_source import add_data_args
+
+    add_data_args(parser)
     return parser
 
 

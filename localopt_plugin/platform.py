@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -35,6 +36,9 @@ def configure_environment() -> None:
     """Environment defaults that must be set before DeepSpeed is imported."""
     if not cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed JIT-builds small ops (the CPU shared-memory comm op on every init); a cache per
+    # environment keeps two venvs from invalidating each other's build on every start.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     # Megatron-Core warns on import when neither Apex nor TransformerEngine is present.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")

@@ -1,4 +1,5 @@
-"""``localopt-bench``: ``speed`` (step time and activation memory per objective)."""
+"""``localopt-bench``: ``speed`` (step time and activation memory per objective) and
+``loader`` (video-wds loader throughput against what the benchmark model consumes)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from localopt_plugin.platform import configure_environment
 
 def main(argv: Sequence[str] | None = None) -> int:
     configure_environment()
-    from localopt_plugin.bench import speed
+    from localopt_plugin.bench import loader, speed
 
     parser = argparse.ArgumentParser(prog="localopt-bench", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     speed.add_args(commands.add_parser("speed", help=speed.__doc__.splitlines()[0]))
+    loader.add_args(commands.add_parser("loader", help=loader.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    return {"speed": speed.main}[args.command](args)
+    return {"speed": speed.main, "loader": loader.main}[args.command](args)
 
 
 if __name__ == "__main__":

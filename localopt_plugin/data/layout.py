@@ -2,7 +2,8 @@
 
 A sample is ``[BOS, condition..., BOV, frame 0 tokens, ..., frame F-1 tokens, EOV]``: frames of
 ``frame_tokens`` ids each in raster order. Video ids occupy ``[0, video_vocab_size)``; special
-and condition ids follow them in one vocabulary.
+and condition ids follow them in one vocabulary: BOS, BOV, EOV, the null condition, the class
+ids and, for caption-conditioned data, a pad id and the text tokenizer's ids.
 
 Megatron's convention is used for next-token prediction: inputs are ``tokens[:-1]`` and labels
 ``tokens[1:]``, so the label of input position ``t`` is ``tokens[t + 1]``. The input positions
@@ -18,10 +19,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """One id space for video tokens, special tokens and class conditions."""
+    """One id space for video tokens, special tokens, class conditions and text tokens.
+
+    Text ids (``text_vocab_size`` > 0) come last, so a vocabulary without them keeps every id
+    and its size.
+    """
 
     video_vocab_size: int
     num_classes: int = 0
+    text_vocab_size: int = 0
 
     @property
     def bos(self) -> int:
@@ -46,8 +52,22 @@ class Vocabulary:
         return self.video_vocab_size + 4 + label
 
     @property
-    def size(self) -> int:
+    def pad(self) -> int:
+        """Pads captions to a fixed length (only with text ids; no loss is taken on it)."""
+        if not self.text_vocab_size:
+            raise ValueError("a vocabulary without text ids has no pad id")
         return self.video_vocab_size + 4 + self.num_classes
+
+    def text_token(self, piece: int) -> int:
+        """The shared id of the text tokenizer's id ``piece``."""
+        if not 0 <= piece < self.text_vocab_size:
+            raise ValueError(f"text token {piece} outside [0, {self.text_vocab_size})")
+        return self.pad + 1 + piece
+
+    @property
+    def size(self) -> int:
+        text = 1 + self.text_vocab_size if self.text_vocab_size else 0  # pad + text ids
+        return self.video_vocab_size + 4 + self.num_classes + text
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from localopt_plugin.model.attention import AttentionPlan, KVMemory, SDPAttention, attention_plan
+from localopt_plugin.model.init import initialize_parameters
 from localopt_plugin.platform import cuda_available
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,8 @@ def build_gpt_model(
         rotary_base=args.rotary_base,
         parallel_output=True,
     )
-    if not cuda_available():
-        return model
-    return model.cuda()
+    initialize_parameters(model.named_parameters(), config, args.seed)
+    return model.cuda() if cuda_available() else model
 
 
 def forward_hidden(

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from localopt_plugin import registry
 from localopt_plugin.data import VideoTokenSource
-from localopt_plugin.model import build_gpt_model
+from localopt_plugin.model import build_gpt_model, padded_vocab_size
 from localopt_plugin.objectives.sequence import FullSequence, build_objective
 from localopt_plugin.platform import cuda_available, default_device
 from localopt_plugin.training.distributed import (
@@ -114,11 +114,17 @@ def setup(args: argparse.Namespace):
 
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                      args.seed, args.distributed_backend)
-    if args.pipeline_model_parallel_size > 1:
-        raise SystemExit("error: pipeline parallelism is not available in this version yet")
     source: VideoTokenSource = registry.build("dataset", args.dataset, args=args)
     layout = source.layout
     args.seq_length = args.seq_length or layout.input_length
+    if "manifest" in source.info:
+        from localopt_plugin.data.manifest import check_manifest_against_model
+
+        check_manifest_against_model(
+            source.info["manifest"],
+            padded_vocab_size(source.vocab.size, args.make_vocab_size_divisible_by,
+                              args.tensor_model_parallel_size),
+            args.seq_length)
     if args.seq_length < layout.input_length:
         raise SystemExit(f"error: --seq-length {args.seq_length} is shorter than the dataset's "
                          f"samples ({layout.input_length} input tokens)")
@@ -126,23 +132,33 @@ def setup(args: argparse.Namespace):
     ds_config = build_deepspeed_config(args, data_parallel_size())
     objective = build_objective(args, layout)  # validates the window settings before any work
 
-    model = build_gpt_model(args, vocab_size=source.vocab.size)
     regularizers = [registry.build("regularizer", name, args=args) for name in args.regularizer]
-    step_module = TrainingStep(model, objective, regularizers)
+    if args.pipeline_model_parallel_size > 1:
+        from localopt_plugin.model.pipeline import build_pipeline_model
+
+        if args.transformer_impl != "local":
+            raise SystemExit("error: pipeline parallelism needs --transformer-impl local")
+        module = build_pipeline_model(args, source.vocab.size, regularizers)
+        mpu = None  # the PipelineModule brings its own grid (same rank layout as Megatron's)
+    else:
+        model = build_gpt_model(args, vocab_size=source.vocab.size)
+        module = TrainingStep(model, objective, regularizers)
+        mpu = MegatronMpu()
+        if ds_config["zero_optimization"]["stage"] == 3 and (
+                model.share_embeddings_and_output_weights):
+            # The output layer uses the embedding's (ZeRO-3 partitioned) weight.
+            deepspeed.zero.register_external_parameter(
+                model.output_layer, model.shared_embedding_or_output_weight())
     optimizer = torch.optim.AdamW(
-        _param_groups(step_module), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+        _param_groups(module), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_eps, weight_decay=args.weight_decay,
     )
-    if ds_config["zero_optimization"]["stage"] == 3 and model.share_embeddings_and_output_weights:
-        # The output layer uses the embedding's (ZeRO-3 partitioned) weight.
-        deepspeed.zero.register_external_parameter(model.output_layer,
-                                                   model.shared_embedding_or_output_weight())
     engine, _, _, scheduler = deepspeed.initialize(
-        model=step_module,
+        model=module,
         optimizer=optimizer,
         lr_scheduler=lambda opt: MegatronLRScheduler(opt, args),
         config=ds_config,
-        mpu=MegatronMpu(),
+        mpu=mpu,
     )
     return engine, scheduler, source, objective
 
@@ -207,21 +223,53 @@ def load_checkpoint(engine, args: argparse.Namespace) -> TrainState:
     return TrainState(client["iteration"], client["consumed_samples"])
 
 
+def _is_pipeline(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def _pipe_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def _last_stage_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_last_rank()
+
+
 @torch.no_grad()
 def evaluate(engine, source: VideoTokenSource, args: argparse.Namespace) -> float:
     """Full-sequence validation loss (whatever the training objective), averaged over ranks."""
     if source.valid is None:
         return float("nan")
-    engine.eval()
     full = FullSequence(source.layout)
     stream = source.valid.batches(args.micro_batch_size, data_parallel_rank(),
                                   data_parallel_size(), args.seed)
-    total = torch.zeros((), device=default_device())
-    for _ in range(args.eval_iters):
-        tokens = next(stream)["tokens"].to(default_device())
-        total += full(engine.module.model, tokens).loss.float()
+    device = default_device()
+    engine.eval()
+    if _is_pipeline(engine):
+        from localopt_plugin.model.pipeline import plan_to_pipe
+
+        loss_fn = engine.module.loss_fn
+        loss_fn.evaluating = True
+        batches = (plan_to_pipe(full.plan(next(stream)["tokens"]))
+                   for _ in range(args.eval_iters))
+        total = torch.zeros((), device=device)
+        for _ in range(args.eval_iters // args.gradient_accumulation_steps or 1):
+            total += engine.eval_batch(batches, reduce_output="avg").float().to(device).sum()
+        total /= args.eval_iters // args.gradient_accumulation_steps or 1
+        loss_fn.evaluating = False
+    else:
+        total = torch.zeros((), device=device)
+        for _ in range(args.eval_iters):
+            tokens = next(stream)["tokens"].to(device)
+            total += full(engine.module.model, tokens).loss.float()
+        total /= args.eval_iters
     engine.train()
-    total /= args.eval_iters
     dist.all_reduce(total, group=_dp_group())
     return total.item() / data_parallel_size()
 
@@ -246,46 +294,77 @@ def _dp_group():
     return parallel_state.get_data_parallel_group()
 
 
+def _data_parallel_step(engine, stream, args, iteration: int) -> dict[str, float]:
+    """Gradient accumulation over micro-batches; returns the micro-batch-averaged metrics."""
+    sums: dict[str, float] = {}
+    grad_norm = None
+    for micro in range(args.gradient_accumulation_steps):
+        tokens = next(stream)["tokens"].to(default_device(), non_blocking=True)
+        loss, metrics, _ = engine(tokens, iteration, micro)
+        engine.backward(loss)
+        if micro == args.gradient_accumulation_steps - 1:
+            grad_norm = _grad_norm_before_step(engine)
+        engine.step()
+        metrics["total loss"] = loss.detach()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    record = {k: v / args.gradient_accumulation_steps for k, v in sums.items()}
+    record["grad norm"] = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
+    return record
+
+
+def _pipeline_step(engine, stream, objective, args, iteration: int) -> dict[str, float]:
+    """One DeepSpeed pipeline train_batch; metrics travel from the last stage to all stages."""
+    from localopt_plugin.model.pipeline import plan_to_pipe
+
+    loss_fn = engine.module.loss_fn
+    loss_fn.iteration, loss_fn.metrics = iteration, []
+    batches = (plan_to_pipe(objective.plan(next(stream)["tokens"], iteration, micro))
+               for micro in range(args.gradient_accumulation_steps))
+    engine.train_batch(data_iter=batches)
+    record = None
+    if engine.is_last_stage():
+        record = {k: sum(m[k] for m in loss_fn.metrics) / len(loss_fn.metrics)
+                  for k in loss_fn.metrics[0]}
+    box = [record]
+    dist.broadcast_object_list(box, src=_last_stage_rank(), group=_pipe_group())
+    record = box[0]
+    record["grad norm"] = engine.get_global_grad_norm()
+    return record
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Run training; returns the last logged metrics (rank 0) for callers and tests."""
-    engine, scheduler, source, _ = setup(args)
+    """Run training; returns the logged records and the final state (for callers and tests)."""
+    engine, scheduler, source, objective = setup(args)
     state = load_checkpoint(engine, args) if args.load else TrainState()
-    device = default_device()
     stream = source.train.batches(args.micro_batch_size, data_parallel_rank(),
                                   data_parallel_size(), args.seed, state.consumed_samples)
     logger = MetricsLogger(args, start_iteration=state.iteration)
     tokens_per_sample = source.layout.num_frames * source.layout.frame_tokens
+    pipeline = _is_pipeline(engine)
     history: list[dict] = []
     while state.iteration < args.train_iters:
         start = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        for micro in range(args.gradient_accumulation_steps):
-            tokens = next(stream)["tokens"].to(device, non_blocking=True)
-            loss, metrics, _ = engine(tokens, state.iteration, micro)
-            engine.backward(loss)
-            if micro == args.gradient_accumulation_steps - 1:
-                grad_norm = _grad_norm_before_step(engine)
-            engine.step()
-            metrics["total loss"] = loss.detach()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float32,
-                                                                 device=device)
+        if pipeline:
+            record = _pipeline_step(engine, stream, objective, args, state.iteration)
+        else:
+            record = _data_parallel_step(engine, stream, args, state.iteration)
+        grad_norm = record.pop("grad norm")
+        names = sorted(record)
+        averaged = torch.tensor([record[k] for k in names], dtype=torch.float64)
+        dist.all_reduce(averaged, group=_dp_group())
+        averaged /= data_parallel_size()
         state.iteration += 1
         state.consumed_samples += args.global_batch_size
-        names = sorted(sums)
-        stacked = torch.stack([sums[k] for k in names]) / args.gradient_accumulation_steps
-        dist.all_reduce(stacked, group=_dp_group())
-        stacked /= data_parallel_size()
         step_time = time.perf_counter() - start
-        record = dict(zip(names, stacked.tolist(), strict=True))
-        record.update(
-            iteration=state.iteration,
-            lr=scheduler.get_last_lr()[0],
-            **{"grad norm": float(grad_norm if grad_norm is not None
-                                  else engine.get_global_grad_norm())},
-            **{"step time (s)": step_time,
-               "video tokens/s": args.global_batch_size * tokens_per_sample / step_time},
-        )
+        record = dict(zip(names, averaged.tolist(), strict=True))
+        record.update({
+            "iteration": state.iteration,
+            "lr": scheduler.get_last_lr()[0],
+            "grad norm": float("nan") if grad_norm is None else float(grad_norm),
+            "step time (s)": step_time,
+            "video tokens/s": args.global_batch_size * tokens_per_sample / step_time,
+        })
         if args.eval_interval and state.iteration % args.eval_interval == 0:
             record["valid full-sequence loss"] = evaluate(engine, source, args)
         history.append(record)

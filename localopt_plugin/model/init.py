@@ -1,0 +1,57 @@
+"""Parameter initialisation that does not depend on the parallel layout.
+
+Megatron-Core draws initial weights from one RNG stream in construction order, so a model
+split over pipeline stages (or built by another module tree) starts from different weights
+than the same model in one process. Here every parameter is drawn from a generator seeded by
+(seed, its GPTModel name) as a full "master" tensor with Megatron's init rule, then sliced to
+this tensor-parallel rank's partition: single-process, TP and PP runs start identical, so
+their losses can be compared and checkpoints mean the same thing.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+# GPTModel parameter-name endings initialised with the scaled "output layer" rule.
+_SCALED_INIT = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _init_master(name: str, shape: tuple[int, ...], config: TransformerConfig,
+                 seed: int) -> torch.Tensor:
+    master = torch.empty(shape, dtype=torch.float32)
+    if name.endswith(".bias"):
+        return master.zero_()
+    if "layernorm" in name:  # input_layernorm, pre_mlp_layernorm, final_layernorm, q/k_layernorm
+        return master.fill_(0.0 if config.layernorm_zero_centered_gamma else 1.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        method = config.output_layer_init_method if name.endswith(_SCALED_INIT) else (
+            config.init_method
+        )
+        method(master)
+    return master
+
+
+@torch.no_grad()
+def initialize_parameters(named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+                          config: TransformerConfig, seed: int) -> None:
+    """Re-initialise parameters named as in GPTModel, identically on every layout."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in named_parameters:
+        shape = list(param.shape)
+        partitioned = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+        if partitioned:
+            dim = param.partition_dim
+            if getattr(param, "partition_stride", 1) != 1:
+                raise NotImplementedError(f"strided tensor-parallel partition of {name}")
+            shape[dim] *= tp_size
+        master = _init_master(name, tuple(shape), config, seed)
+        if partitioned:
+            master = master.chunk(tp_size, dim=dim)[tp_rank]
+        param.copy_(master.to(param.dtype))
