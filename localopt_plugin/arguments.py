@@ -143,6 +143,10 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--synthetic-num-classes", type=int, default=10)
     g.add_argument("--metrics-file", default=None,
                    help="append every iteration's metrics as a JSON line (rank 0)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="validate flags and the DeepSpeed config, print the resolved setup and "
+                   "exit without building the model or touching data (world size from "
+                   "$WORLD_SIZE, default 1)")
     g.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bar (auto: when attached to a terminal)")
     return parser

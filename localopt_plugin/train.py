@@ -17,6 +17,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from localopt_plugin.training.trainer import configure_logging, train
 
     args = parse_args(argv)
+    if args.dry_run:
+        from localopt_plugin.training.dry_run import main as dry_run
+
+        return dry_run(args)
     configure_logging()
     train(args)
     return 0

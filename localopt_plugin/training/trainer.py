@@ -108,15 +108,15 @@ class TrainState:
     consumed_samples: int = 0
 
 
-def setup(args: argparse.Namespace):
-    """Process groups, data source, model, objective and DeepSpeed engine."""
-    import deepspeed
-
-    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                     args.seed, args.distributed_backend)
+def prepare_data(args: argparse.Namespace) -> VideoTokenSource:
+    """The registered dataset, with the sequence length and manifest checked against the flags."""
     source: VideoTokenSource = registry.build("dataset", args.dataset, args=args)
     layout = source.layout
     args.seq_length = args.seq_length or layout.input_length
+    if args.seq_length < layout.input_length:
+        raise SystemExit(f"error: --seq-length {args.seq_length} is shorter than the dataset's "
+                         f"samples ({layout.input_length} input tokens)")
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     if "manifest" in source.info:
         from localopt_plugin.data.manifest import check_manifest_against_model
 
@@ -125,10 +125,17 @@ def setup(args: argparse.Namespace):
             padded_vocab_size(source.vocab.size, args.make_vocab_size_divisible_by,
                               args.tensor_model_parallel_size),
             args.seq_length)
-    if args.seq_length < layout.input_length:
-        raise SystemExit(f"error: --seq-length {args.seq_length} is shorter than the dataset's "
-                         f"samples ({layout.input_length} input tokens)")
-    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    return source
+
+
+def setup(args: argparse.Namespace):
+    """Process groups, data source, model, objective and DeepSpeed engine."""
+    import deepspeed
+
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                     args.seed, args.distributed_backend)
+    source = prepare_data(args)
+    layout = source.layout
     ds_config = build_deepspeed_config(args, data_parallel_size())
     objective = build_objective(args, layout)  # validates the window settings before any work
 
