@@ -1,0 +1,1 @@
+"""Video files: mp4 (PyAV), GIF and frame-grid PNG (Pillow)."""
