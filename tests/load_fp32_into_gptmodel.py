@@ -34,3 +34,13 @@ with torch.no_grad():
 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 assert not torch.allclose(a, c), "the converted model equals an untrained one"
 print("logits match")
+
+# the checkpoint alone (saved flags, vocabulary, layout) rebuilds the same model
+from localopt_plugin.training.convert import load_trained_model  # noqa: E402
+
+rebuilt, meta = load_trained_model(ckpt_dir)
+assert meta["layout"]["num_frames"] == source.layout.num_frames
+with torch.no_grad():
+    d = compute_logits(rebuilt, forward_hidden(rebuilt, tokens, positions))
+torch.testing.assert_close(d, b, rtol=1e-6, atol=1e-6)
+print("rebuilt from checkpoint")

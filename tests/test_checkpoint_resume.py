@@ -109,4 +109,4 @@ def test_zero_to_fp32_checkpoint_loads_into_plain_gptmodel(tmp_path):
          str(ckpt), json.dumps(flags)],
         cwd=REPO, capture_output=True, text=True, env=subprocess_env())
     assert check.returncode == 0, check.stderr[-4000:]
-    assert "logits match" in check.stdout
+    assert "logits match" in check.stdout and "rebuilt from checkpoint" in check.stdout

@@ -7,6 +7,8 @@ steps Megatron-Core's own LR/weight-decay scheduler; the plugin supplies the los
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from localopt_plugin import registry
+from localopt_plugin.arguments import args_to_json
 from localopt_plugin.data import VideoTokenSource
 from localopt_plugin.model import build_gpt_model, padded_vocab_size
 from localopt_plugin.objectives.sequence import FullSequence, build_objective
@@ -193,16 +196,23 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, args: argparse.Namespace, state: TrainState) -> None:
+def save_checkpoint(engine, args: argparse.Namespace, state: TrainState,
+                    source: VideoTokenSource) -> None:
     """DeepSpeed checkpoint (model, optimizer, LR scheduler) + loader position + RNG per rank.
 
-    The window sampler needs no state: its draws are a function of (seed, iteration).
+    The window sampler needs no state: its draws are a function of (seed, iteration). The flags,
+    vocabulary and sample layout are stored too, so generation can rebuild the model from the
+    checkpoint alone (see ``localopt_plugin.training.convert``).
     """
     tag = f"iter_{state.iteration:07d}"
     engine.save_checkpoint(
         args.save, tag=tag,
         client_state={"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-                      "world_size": dist.get_world_size()},
+                      "world_size": dist.get_world_size(),
+                      "args": json.loads(args_to_json(args)),
+                      "vocabulary": dataclasses.asdict(source.vocab),
+                      "layout": dataclasses.asdict(source.layout),
+                      "data_info": json.loads(json.dumps(source.info, default=str))},
     )
     torch.save(_rng_state(), _rng_file(args.save, tag))
     dist.barrier()
@@ -377,9 +387,9 @@ def train(args: argparse.Namespace) -> dict:
         history.append(record)
         logger.log(record)
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
-            save_checkpoint(engine, args, state)
+            save_checkpoint(engine, args, state, source)
     if args.save and (not args.save_interval or state.iteration % args.save_interval):
-        save_checkpoint(engine, args, state)
+        save_checkpoint(engine, args, state, source)
     logger.close()
     return {"history": history, "state": state}
 
