@@ -53,6 +53,8 @@ def add_megatron_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: the JSON's train_batch_size, else micro batch x data-parallel")
     g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (after saving, if --save) once training has run this long")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", default="cosine",

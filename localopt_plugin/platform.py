@@ -127,6 +127,7 @@ def apply_cpu_shims() -> None:
     # Pipeline schedules synchronise the (absent) CUDA stream around p2p exchanges.
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     _patch_pipeline_schedules()
+    _patch_tied_embedding_setup()
     log.debug("CPU shims applied to Megatron-Core")
 
 
@@ -148,3 +149,21 @@ def _patch_pipeline_schedules() -> None:
             return zeros_on_cpu if name == "zeros" else getattr(torch, name)
 
     schedules.torch = _TorchOnCpu()
+
+
+def _patch_tied_embedding_setup() -> None:
+    """With pipeline stages and tied embeddings, Megatron-Core moves the word embedding with
+    ``.cuda()`` before all-reducing it over the first and last stage."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_on_cpu(self) -> None:
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor  # type: ignore[assignment]
+        try:
+            original(self)
+        finally:
+            torch.Tensor.cuda = cuda  # type: ignore[assignment]
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu

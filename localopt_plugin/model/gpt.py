@@ -22,7 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from localopt_plugin.model.attention import AttentionPlan, KVMemory, SDPAttention, attention_plan
-from localopt_plugin.model.init import initialize_parameters
+from localopt_plugin.model.init import canonical_parameters, initialize_parameters
 from localopt_plugin.platform import cuda_available
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,17 @@ def build_gpt_model(
     vocab_size: int,
     pre_process: bool = True,
     post_process: bool = True,
+    config: TransformerConfig | None = None,
+    vp_stage: int | None = None,
 ) -> GPTModel:
-    """A Megatron-Core GPTModel; ``vocab_size`` is padded the way Megatron-LM pads it."""
+    """A Megatron-Core GPTModel (or one pipeline stage of it) with layout-independent weights.
+
+    ``vocab_size`` is padded the way Megatron-LM pads it; ``config`` defaults to the one
+    derived from the flags (Megatron-LM passes its own).
+    """
     if args.sequence_parallel:
         raise SystemExit("error: --sequence-parallel is not supported by the plugin's forward yet")
-    config = transformer_config_from_args(args)
+    config = config or transformer_config_from_args(args)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(args),
@@ -114,14 +120,15 @@ def build_gpt_model(
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         parallel_output=True,
+        **({"vp_stage": vp_stage} if vp_stage is not None else {}),
     )
-    initialize_parameters(model.named_parameters(), config, args.seed)
+    initialize_parameters(canonical_parameters(model), config, args.seed)
     return model.cuda() if cuda_available() else model
 
 
 def forward_hidden(
     model: GPTModel,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     positions: torch.Tensor,
     memory: KVMemory | None = None,
     store: slice | None = None,
@@ -131,16 +138,19 @@ def forward_hidden(
     input_ids: ``[b, s]``; positions: ``[s]`` absolute positions shared by the batch (need not
     be contiguous). ``memory``/``store``: keys/values of earlier tokens to attend to / to keep
     (see :class:`AttentionPlan`). Without them this is the ordinary causal forward.
+    On a pipeline stage of Megatron's own schedule, a stage without the embedding takes its
+    input from ``model.set_input_tensor`` and a stage before the last returns un-normed output.
     """
-    if positions.shape[0] != input_ids.shape[1]:
+    if input_ids is not None and positions.shape[0] != input_ids.shape[1]:
         raise ValueError(f"{positions.shape[0]} positions for {input_ids.shape[1]} tokens")
     max_positions = model.max_sequence_length
     if int(positions.max()) >= max_positions:
         raise ValueError(f"position {int(positions.max())} exceeds --max-position-embeddings "
                          f"{max_positions}")
-    embedded = model.embedding(
-        input_ids=input_ids, position_ids=positions.unsqueeze(0).expand_as(input_ids)
-    )
+    embedded = None
+    if model.pre_process:
+        embedded = model.embedding(
+            input_ids=input_ids, position_ids=positions.unsqueeze(0).expand_as(input_ids))
     rotary = None
     if model.position_embedding_type == "rope":
         rotary = model.rotary_pos_emb(int(positions.max()) + 1)[positions]

@@ -11,7 +11,7 @@ their losses can be compared and checkpoints mean the same thing.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from megatron.core import parallel_state
@@ -55,3 +55,27 @@ def initialize_parameters(named_parameters: Iterable[tuple[str, torch.nn.Paramet
         if partitioned:
             master = master.chunk(tp_size, dim=dim)[tp_rank]
         param.copy_(master.to(param.dtype))
+
+
+def canonical_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """A GPTModel's (or one pipeline stage's) parameters under whole-model names.
+
+    A stage numbers its decoder layers from 0, and the last stage's tied output weight is the
+    first stage's word embedding: renaming both lets the name-seeded initialisation give every
+    stage split the whole model's weights.
+    """
+    decoder = getattr(model, "decoder", None)
+    layers = {}
+    if decoder is not None:
+        layers = {f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}."
+                  for i, layer in enumerate(decoder.layers)}
+    tied_output = (not model.pre_process and model.post_process
+                   and model.share_embeddings_and_output_weights)
+    for name, param in model.named_parameters():
+        if tied_output and name == "output_layer.weight":
+            name = "embedding.word_embeddings.weight"
+        for local, whole in layers.items():
+            if name.startswith(local):
+                name = whole + name[len(local):]
+                break
+        yield name, param

@@ -350,6 +350,15 @@ def _pipeline_step(engine, stream, objective, args, iteration: int) -> dict[str,
     return record
 
 
+def _time_is_up(args: argparse.Namespace, started: float) -> bool:
+    """Megatron's --exit-duration-in-mins, decided on rank 0 so that every rank stops together."""
+    if args.exit_duration_in_mins is None:
+        return False
+    done = torch.tensor([time.perf_counter() - started > 60 * args.exit_duration_in_mins])
+    dist.broadcast(done, src=0)
+    return bool(done.item())
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run training; returns the logged records and the final state (for callers and tests)."""
     engine, scheduler, source, objective = setup(args)
@@ -360,7 +369,8 @@ def train(args: argparse.Namespace) -> dict:
     tokens_per_sample = source.layout.num_frames * source.layout.frame_tokens
     pipeline = _is_pipeline(engine)
     history: list[dict] = []
-    while state.iteration < args.train_iters:
+    started = time.perf_counter()
+    while state.iteration < args.train_iters and not _time_is_up(args, started):
         start = time.perf_counter()
         if pipeline:
             record = _pipeline_step(engine, stream, objective, args, state.iteration)

@@ -1,0 +1,322 @@
+"""Megatron-LM integration: the plugin's objectives inside an existing pretrain_gpt-style script.
+
+Megatron-LM's ``pretrain()`` takes four things from a training script; this module provides
+each of them for video-token training (docs/megatron-lm.md shows the lines to change):
+
+* :func:`extra_args_provider` adds the plugin's flags (objective, ReCo, window sampling,
+  dataset) to Megatron-LM's parser;
+* :func:`model_provider` builds Megatron-Core's ``GPTModel`` with the plugin's layer spec
+  (:class:`~localopt_plugin.model.SDPAttention`) and layout-independent initialisation;
+* :class:`LocalOptForwardStep` is the ``forward_step_func``: it turns each micro-batch into the
+  objective's :class:`~localopt_plugin.objectives.sequence.ForwardPlan` (Local Opt.: a context
+  pass under ``no_grad`` then the window pass) and returns ``(output, loss_func)`` in
+  Megatron-Core's contract, ``loss_func`` giving ``(summed_loss, num_tokens, report)``;
+* :func:`train_valid_test_datasets_provider` streams micro-batches of the registered dataset
+  (``--dataset video-wds``: the video-token shards) for ``--dataloader-type external``.
+
+Pipeline parallelism. Megatron's schedules pass a single tensor between stages, so only plans
+without a context stream run under Megatron PP > 1 (full-sequence, fewer-frames). Local Opt.
+with pipeline parallelism runs in the plugin's own trainer (``localopt-train
+--pipeline-model-parallel-size N``), which carries the context stream through DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_attr_wrapped_model
+
+from localopt_plugin import registry
+from localopt_plugin.arguments import add_plugin_args
+from localopt_plugin.data.source import BatchSource, VideoTokenSource
+from localopt_plugin.data.webdataset_source import add_data_args
+from localopt_plugin.model import KVMemory, build_gpt_model, forward_hidden, token_losses
+from localopt_plugin.objectives.base import ObjectiveOutput
+from localopt_plugin.objectives.sequence import ForwardPlan, LocalOptimization, build_objective
+from localopt_plugin.platform import apply_cpu_shims, default_device
+
+PLUGIN_TRAINER_HINT = (
+    "use the plugin's own trainer, which pipelines Local Optimization through DeepSpeed: "
+    "localopt-train --objective local-opt --pipeline-model-parallel-size N "
+    "(see docs/megatron-lm.md)"
+)
+
+
+def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The plugin's flags for Megatron-LM's parser (``--data-path`` is Megatron's own)."""
+    add_plugin_args(parser)
+    add_data_args(parser)
+    return parser
+
+
+def megatron_args() -> argparse.Namespace:
+    """Megatron-LM's parsed arguments (``megatron.training`` must be installed)."""
+    try:
+        from megatron.training import get_args
+    except ImportError as err:
+        raise RuntimeError(f"Megatron-LM's megatron.training is not installed ({err}); it comes "
+                           "with megatron-core >= 0.17 (Python >= 3.12)") from None
+    return get_args()
+
+
+def _training_iteration() -> int | None:
+    """Megatron-LM's ``args.curr_iteration`` when a Megatron-LM run is in progress."""
+    try:
+        from megatron.training.global_vars import get_args
+        return getattr(get_args(), "curr_iteration", None)
+    except (ImportError, AssertionError):  # not installed / args not parsed
+        return None
+
+
+# id(args) -> (args, source); holding args keeps its id from being reused. Not kept on args
+# itself: Megatron-LM pickles args into every checkpoint.
+_SOURCES: dict[int, tuple[argparse.Namespace, VideoTokenSource]] = {}
+
+
+def video_source(args: argparse.Namespace) -> VideoTokenSource:
+    """The registered dataset named by ``--dataset``, built once per argument namespace."""
+    if id(args) not in _SOURCES:
+        _SOURCES[id(args)] = (args, registry.build("dataset", args.dataset, args=args))
+    return _SOURCES[id(args)][1]
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int,
+                pre_process: bool = True, post_process: bool = True,
+                vp_stage: int | None = None) -> GPTModel:
+    """GPTModel (one pipeline stage) from Megatron-LM flags and a TransformerConfig."""
+    model = build_gpt_model(args, vocab_size, pre_process, post_process, config=config,
+                            vp_stage=vp_stage)
+    model.model_type = ModelType.encoder_or_decoder  # what Megatron-LM's get_model sets
+    return model
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True,
+                   vp_stage: int | None = None, config: TransformerConfig | None = None,
+                   pg_collection: Any = None) -> GPTModel:
+    """Megatron-LM's ``model_provider`` contract; vocabulary size from the dataset."""
+    args = megatron_args()
+    apply_cpu_shims()
+    if config is None:
+        from megatron.training.arguments import core_transformer_config_from_args
+
+        config = core_transformer_config_from_args(args)
+    vocab = video_source(args).vocab.size
+    return build_model(args, config, vocab, pre_process, post_process, vp_stage)
+
+
+# ------------------------------------------------------------------------------ forward
+
+
+def _report(value: torch.Tensor | float, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Megatron-LM's ``[sum, count]`` logging pair; the training log divides the two."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=num_tokens.device).detach()
+    return torch.stack([value * num_tokens, num_tokens.float()])
+
+
+class LocalOptForwardStep:
+    """Megatron-Core's ``forward_step_func`` for the plugin's objectives and regularizers.
+
+    Window draws are a function of ``(iteration, micro_batch)``, as in the plugin's trainer.
+    The micro-batch index is the one Megatron-Core's schedule gives the model
+    (``current_microbatch``); the iteration is Megatron-LM's ``args.curr_iteration`` inside
+    ``pretrain()``, else :attr:`iteration`, which advances each time micro-batch 0 comes again
+    (set it yourself when a loop interleaves evaluation).
+
+    ``args=None`` reads Megatron-LM's arguments at the first call (they are parsed inside
+    ``pretrain()``, after the training script creates this object).
+    """
+
+    def __init__(self, args: argparse.Namespace | None = None) -> None:
+        self.args = args
+        self.iteration = 0
+        self._started = False
+        self._objective = None
+        self._regularizers: list[Callable] = []
+
+    def _setup(self) -> None:
+        if self.args is None:
+            self.args = megatron_args()
+        layout = video_source(self.args).layout
+        self._objective = build_objective(self.args, layout)
+        self._regularizers = [registry.build("regularizer", name, args=self.args)
+                              for name in self.args.regularizer]
+
+    def _position(self, model: GPTModel) -> tuple[int, int]:
+        layers = model.decoder.layers
+        micro_batch = getattr(layers[0], "current_microbatch", None) if len(layers) else None
+        if micro_batch is None:
+            raise RuntimeError("no current_microbatch on the model: call LocalOptForwardStep "
+                               "through Megatron-Core's get_forward_backward_func() schedule")
+        if micro_batch == 0 and self._started:
+            self.iteration += 1
+        self._started = True
+        iteration = _training_iteration()
+        return (self.iteration if iteration is None else iteration), micro_batch
+
+    def __call__(self, data_iterator: Iterator[dict] | None, model: torch.nn.Module):
+        if self._objective is None:
+            self._setup()
+        inner: GPTModel = get_attr_wrapped_model(model, "decoder", return_model_obj=True)
+        iteration, micro_batch = self._position(inner)
+        pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        if pipelined and isinstance(self._objective, LocalOptimization):
+            raise RuntimeError("--objective local-opt cannot run under Megatron's pipeline "
+                               "schedule (only one tensor crosses stages, and Local Opt. also "
+                               f"carries the context stream); {PLUGIN_TRAINER_HINT}")
+        if not (inner.pre_process or inner.post_process):
+            # A middle stage: plans under Megatron PP are contiguous from position 0.
+            length = inner.decoder.input_tensor.shape[0]
+            positions = torch.arange(length, device=inner.decoder.input_tensor.device)
+            return forward_hidden(inner, None, positions), None
+        tokens = next(data_iterator)["tokens"].to(default_device(), non_blocking=True)
+        plan = self._objective.plan(tokens, iteration, micro_batch)
+        if pipelined:
+            self._check_pipelined(plan, inner)
+        memory = None
+        if plan.context_ids is not None:
+            memory = KVMemory()
+            positions = torch.arange(plan.context_ids.shape[1], device=tokens.device)
+            with torch.no_grad():
+                forward_hidden(inner, plan.context_ids, positions, memory=memory,
+                             store=slice(plan.context_keep_from, None))
+        hidden = forward_hidden(inner, plan.ids, plan.positions, memory=memory)
+        if not inner.post_process:
+            return hidden, None
+        hidden = hidden[plan.loss_from:]
+        losses = token_losses(inner, hidden, plan.labels)
+        return losses, functools.partial(self.loss_func, plan, hidden, iteration)
+
+    def _check_pipelined(self, plan: ForwardPlan, model: GPTModel) -> None:
+        positions = plan.positions
+        contiguous = plan.context_ids is None and bool(
+            (positions == torch.arange(len(positions), device=positions.device)).all())
+        if not contiguous:
+            raise RuntimeError(f"--objective {self.args.objective} needs a context stream or "
+                               f"non-contiguous positions, which Megatron's pipeline schedule "
+                               f"cannot carry; {PLUGIN_TRAINER_HINT}")
+        if not model.config.variable_seq_lengths and len(positions) != self.args.seq_length:
+            raise RuntimeError(f"--objective {self.args.objective} runs {len(positions)} "
+                               f"positions but pipeline stages exchange --seq-length "
+                               f"{self.args.seq_length}: set --seq-length {len(positions)} "
+                               f"or add --variable-seq-lengths")
+
+    def loss_func(self, plan: ForwardPlan, hidden: torch.Tensor, iteration: int,
+                  output_tensor: torch.Tensor):
+        """``(summed_loss, num_tokens, report)``: the objective's mean loss plus regularizers,
+        times the token count, so Megatron's division by ``num_tokens`` (or, with
+        ``--calculate-per-token-loss``, by the global token count) recovers the plugin's loss."""
+        lm_loss = output_tensor.float().mean()
+        out = ObjectiveOutput(lm_loss, hidden, plan.labels.numel(), plan.first_frame,
+                              plan.num_frames, plan.metrics)
+        num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=lm_loss.device)
+        total = lm_loss
+        report = {"lm loss": _report(lm_loss, num_tokens)}
+        for regularizer in self._regularizers:
+            reg_loss, metrics = regularizer(out, iteration)
+            total = total + reg_loss
+            report.update({k: _report(v, num_tokens) for k, v in metrics.items()
+                           if k.endswith("loss")})
+        return total * out.num_tokens, num_tokens, report
+
+
+# -------------------------------------------------------------------------------- data
+
+
+class MicroBatchStream(torch.utils.data.IterableDataset):
+    """One data-parallel rank's endless micro-batches of a :class:`BatchSource`.
+
+    It is its own iterator because Megatron-LM's ``--dataloader-type external`` calls
+    ``next()`` on the dataset it is given; the stream opens (workers start) on first use.
+    """
+
+    def __init__(self, source: BatchSource, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 seed: int, consumed_samples: int = 0) -> None:
+        self.source, self.micro_batch_size = source, micro_batch_size
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.consumed_samples = consumed_samples
+        self._batches: Iterator[dict] | None = None
+
+    def __iter__(self) -> MicroBatchStream:
+        return self
+
+    def __next__(self) -> dict:
+        if self._batches is None:
+            self._batches = self.source.batches(self.micro_batch_size, self.dp_rank,
+                                                self.dp_size, self.seed, self.consumed_samples)
+        return next(self._batches)
+
+
+def build_datasets(args: argparse.Namespace, consumed_train_samples: int = 0,
+                   consumed_valid_samples: int = 0,
+                   ) -> tuple[MicroBatchStream, MicroBatchStream | None, None]:
+    """Train and valid streams of ``--dataset`` for this data-parallel rank (no test split)."""
+    source = video_source(args)
+    rank = parallel_state.get_data_parallel_rank()
+    size = parallel_state.get_data_parallel_world_size()
+    train = MicroBatchStream(source.train, args.micro_batch_size, rank, size, args.seed,
+                             consumed_train_samples)
+    valid = None
+    if source.valid is not None:
+        valid = MicroBatchStream(source.valid, args.micro_batch_size, rank, size, args.seed,
+                                 consumed_valid_samples)
+    return train, valid, None
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples: list[int],
+                                       vp_stage: int | None = None):
+    """Megatron-LM's dataset provider; resumes after Megatron's consumed-sample counters."""
+    args = megatron_args()
+    if args.dataloader_type != "external":
+        raise SystemExit("error: the plugin's datasets are streams: add --dataloader-type "
+                         "external")
+    return build_datasets(args, args.consumed_train_samples, args.consumed_valid_samples)
+
+
+# Every rank reads its own (identical across tensor-parallel ranks) stream: no broadcast.
+train_valid_test_datasets_provider.is_distributed = True
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def pretrain(forward_step: LocalOptForwardStep | None = None, **kwargs: Any) -> None:
+    """Megatron-LM's ``pretrain()`` with the plugin's providers, for the installed version.
+
+    0.16/0.17 take the providers positionally and parse the flags themselves; 0.18+ take a
+    config container first, built from the flags parsed with the plugin's group.
+    ``kwargs`` go to Megatron-LM's ``pretrain()`` (e.g. ``store=``).
+    """
+    from megatron.training import pretrain as megatron_pretrain
+
+    providers = {
+        "train_valid_test_dataset_provider": train_valid_test_datasets_provider,
+        "model_provider": model_provider,
+        "model_type": ModelType.encoder_or_decoder,
+        "forward_step_func": forward_step or LocalOptForwardStep(),
+        **kwargs,
+    }
+    if "cfg_container" not in inspect.signature(megatron_pretrain).parameters:
+        megatron_pretrain(extra_args_provider=extra_args_provider, **providers)
+        return
+    from megatron.training import argument_utils
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider)
+    build = argument_utils.pretrain_cfg_container_from_args
+    if hasattr(argument_utils, "gpt_config_from_args"):  # 0.19+: the model config too
+        container = build(args, argument_utils.gpt_config_from_args(args))
+    else:
+        container = build(args)
+    megatron_pretrain(container, **providers)
