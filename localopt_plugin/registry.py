@@ -23,16 +23,18 @@ log = logging.getLogger(__name__)
 
 KINDS = ("objective", "regularizer", "dataset", "tokenizer", "window_sampler")
 ENTRY_POINT_GROUP = "localopt_plugin.components"
-# Modules of this package that register the built-in components.
-_BUILTIN_MODULES = (
-    "localopt_plugin.objectives",
-    "localopt_plugin.regularizers",
-    "localopt_plugin.data",
-    "localopt_plugin.tokenizers",
-)
+# Modules of this package that register each kind's built-in components (imported on first use
+# of that kind only: a tokenizer lookup need not import Megatron-Core).
+_BUILTIN_MODULES = {
+    "objective": "localopt_plugin.objectives",
+    "window_sampler": "localopt_plugin.objectives",
+    "regularizer": "localopt_plugin.regularizers",
+    "dataset": "localopt_plugin.data",
+    "tokenizer": "localopt_plugin.tokenizers",
+}
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
-_discovered = False
+_entry_points_loaded = False
 
 T = TypeVar("T")
 
@@ -63,14 +65,15 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     return decorator
 
 
-def discover() -> None:
-    """Import the built-in components and load third-party entry points (once)."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    for module in _BUILTIN_MODULES:
+def discover(kind: str | None = None) -> None:
+    """Import the built-in components of ``kind`` (all kinds if None) and, once, the
+    third-party entry points."""
+    global _entry_points_loaded
+    for module in {_BUILTIN_MODULES[k] for k in ([kind] if kind else KINDS)}:
         importlib.import_module(module)
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         loaded = ep.load()
         if callable(loaded) and not isinstance(loaded, type):
@@ -80,14 +83,14 @@ def discover() -> None:
 
 def names(kind: str) -> list[str]:
     _check_kind(kind)
-    discover()
+    discover(kind)
     return sorted(_REGISTRY[kind])
 
 
 def get(kind: str, name: str) -> Any:
     """The registered class/factory, or an error listing every registered name of that kind."""
     _check_kind(kind)
-    discover()
+    discover(kind)
     try:
         return _REGISTRY[kind][name]
     except KeyError:
