@@ -26,7 +26,6 @@ from localopt_plugin.data.webdataset_source import (
     OUT_OF_VOCAB,
     TRUNCATED,
     BadDataError,
-    add_data_args,
     video_wds,
 )
 
@@ -34,8 +33,7 @@ FRAME_TOKENS = GRID[0] * GRID[1] * GRID[2]
 
 
 def make_source(*data_path: str, workers: int = 0, flags: tuple[str, ...] = ()):
-    parser = build_parser()
-    add_data_args(parser)
+    parser = build_parser()  # includes the video-wds flags
     args = parser.parse_args(["--dataset", "video-wds", "--data-path", *data_path,
                               "--data-num-workers", str(workers), *flags])
     return video_wds(args)

@@ -24,7 +24,7 @@ fi
 if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
 fi
-pip install -q -e ".[dev,mpi-runtime]"
+pip install -q -e ".[dev,eval,mpi-runtime]"
 "$VENV/bin/python" -W ignore -c "import torch, deepspeed, megatron.core, webdataset, sentencepiece; \
 print(f'localopt-plugin env ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, \
 megatron-core {megatron.core.__version__}')"

@@ -68,10 +68,9 @@ def write_shards(directory: str, samples: int, shard_samples: int) -> str:
 
 def measure_loader(args: argparse.Namespace, pattern: str) -> dict:
     from localopt_plugin.arguments import build_parser
-    from localopt_plugin.data.webdataset_source import add_data_args, video_wds
+    from localopt_plugin.data.webdataset_source import video_wds
 
-    parser = build_parser()
-    add_data_args(parser)
+    parser = build_parser()  # includes the video-wds flags
     source = video_wds(parser.parse_args([
         "--dataset", "video-wds", "--data-path", pattern, "--data-num-workers",
         str(args.workers), "--null-condition-prob", "0.1"]))

@@ -46,7 +46,7 @@ import sentencepiece
 import torch
 import webdataset as wds
 
-from localopt_plugin.data.layout import SampleLayout
+from localopt_plugin.data.layout import SampleLayout, Vocabulary
 from localopt_plugin.data.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -324,6 +324,14 @@ class _SlotReader:
                 yield next(streams[components[i]]), bool(nulls[i])
 
 
+def caption_ids(processor, caption: str, vocab: Vocabulary, length: int) -> np.ndarray:
+    """Caption pieces truncated to ``length``, shifted into the shared id space, then padded."""
+    pieces = processor.encode(caption, out_type=int)[:length]
+    ids = np.full(length, vocab.pad, dtype=np.int64)
+    ids[: len(pieces)] = np.asarray(pieces, dtype=np.int64) + vocab.text_token(0)
+    return ids
+
+
 class _InputBuilder:
     """``[BOS, condition..., BOV, frames..., EOV]`` in the shared id space."""
 
@@ -341,10 +349,7 @@ class _InputBuilder:
             return self.null
         if self.text is None:
             return np.array([self.vocab.class_token(sample.label)], dtype=np.int64)
-        pieces = self.text.encode(sample.caption, out_type=int)[: self.null.size]
-        ids = np.full(self.null.size, self.vocab.pad, dtype=np.int64)
-        ids[: len(pieces)] = np.asarray(pieces, dtype=np.int64) + self.vocab.text_token(0)
-        return ids
+        return caption_ids(self.text, sample.caption, self.vocab, self.null.size)
 
     def __call__(self, sample: _Sample, null: bool) -> np.ndarray:
         layout, vocab = self.layout, self.vocab

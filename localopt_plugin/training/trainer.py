@@ -212,7 +212,9 @@ def save_checkpoint(engine, args: argparse.Namespace, state: TrainState,
                       "args": json.loads(args_to_json(args)),
                       "vocabulary": dataclasses.asdict(source.vocab),
                       "layout": dataclasses.asdict(source.layout),
-                      "data_info": json.loads(json.dumps(source.info, default=str))},
+                      "data_info": json.loads(json.dumps(
+                          source.info, default=lambda o: dataclasses.asdict(o)
+                          if dataclasses.is_dataclass(o) else str(o)))},
     )
     torch.save(_rng_state(), _rng_file(args.save, tag))
     dist.barrier()

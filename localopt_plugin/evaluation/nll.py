@@ -1,0 +1,93 @@
+"""Full-sequence NLL per latent frame position: the error-accumulation curve.
+
+Why per frame: Local Optimization trains each window with only detached context, so whether
+late frames are predicted as well as early ones is the question; the curve answers it for any
+objective on the same validation data, and curves of several checkpoints can be overlaid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from localopt_plugin.data.layout import SampleLayout, Vocabulary
+from localopt_plugin.model import forward_hidden, token_losses
+
+
+@torch.no_grad()
+def nll_per_position(model, layout: SampleLayout, batches: Iterable[torch.Tensor]) -> dict:
+    """Mean next-token cross-entropy (nats) of every video token position and latent frame.
+
+    ``batches`` yields full samples ``[b, seq_length]``; the forward is the ordinary causal one
+    over the whole sequence, as in full-sequence training and the paper's inference.
+    """
+    start, end = layout.label_span(0, layout.num_frames)
+    device = next(model.parameters()).device
+    total = torch.zeros(end - start, dtype=torch.float64)
+    samples = 0
+    for tokens in batches:
+        tokens = tokens.to(device)
+        hidden = forward_hidden(model, tokens[:, :end], torch.arange(end, device=device))
+        losses = token_losses(model, hidden[start:], tokens[:, start + 1:end + 1])
+        total += losses.double().sum(0).cpu()
+        samples += tokens.shape[0]
+    if not samples:
+        raise ValueError("no validation samples")
+    per_position = total / samples
+    per_frame = per_position.reshape(layout.num_frames, layout.frame_tokens).mean(1)
+    return {"num_samples": samples, "mean_nll": per_position.mean().item(),
+            "per_frame_nll": per_frame.tolist(), "per_position_nll": per_position.tolist()}
+
+
+def validation_tokens(meta: dict, data_path: list[str] | None, micro_batch_size: int,
+                      num_samples: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """``num_samples`` samples (whole batches) of validation data for a checkpoint.
+
+    With ``data_path``: those ``video-wds`` shards (true conditions, no null-condition drops).
+    Without: the validation split of the dataset the checkpoint was trained on.
+    """
+    from localopt_plugin import registry
+
+    args = argparse.Namespace(**meta["args"])
+    if data_path:
+        args.dataset, args.data_path, args.valid_data_path = "video-wds", data_path, None
+        args.null_condition_prob, args.data_num_workers = 0.0, 0
+    source = registry.build("dataset", args.dataset, args=args)
+    if (source.vocab != Vocabulary(**meta["vocabulary"])
+            or source.layout != SampleLayout(**meta["layout"])):
+        raise SystemExit(f"error: the evaluation data ({source.vocab}, {source.layout}) does "
+                         f"not match the checkpoint's vocabulary and layout")
+    stream = source.train if data_path else source.valid
+    if stream is None:
+        raise SystemExit(f"error: dataset {args.dataset} of the checkpoint has no validation "
+                         f"split; pass --data-path")
+    batches = stream.batches(micro_batch_size, 0, 1, seed)
+    count = -(-num_samples // micro_batch_size)
+    return (batch["tokens"] for batch in itertools.islice(batches, count))
+
+
+def plot_curves(curves: dict[str, list[float]], path: str, title: str = "") -> str:
+    """Per-frame NLL curves (one line per label) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, values in curves.items():
+        ax.plot(np.arange(len(values)), values, marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("latent frame index")
+    ax.set_ylabel("NLL per token (nats)")
+    ax.set_title(title or "full-sequence NLL per frame position")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
