@@ -34,6 +34,17 @@ def dist_world_of_one():
     yield
 
 
+# A tiny synthetic-data training run shared by the multi-process tests (6 iterations, 2 layers).
+TINY_TRAIN_FLAGS = (
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--synthetic-frames", "3", "--synthetic-frame-tokens", "16",
+    "--synthetic-codebook-size", "64", "--synthetic-num-classes", "4",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6",
+    "--lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
+)
+
+
 def tiny_args(*extra: str):
     """Parsed trainer flags for a small, dropout-free model."""
     from localopt_plugin.arguments import build_parser

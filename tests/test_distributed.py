@@ -5,18 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import REPO, run_train
+from conftest import REPO, TINY_TRAIN_FLAGS, run_train
 
 pytestmark = pytest.mark.slow
 
-COMMON = (
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--synthetic-frames", "3", "--synthetic-frame-tokens", "16",
-    "--synthetic-codebook-size", "64", "--synthetic-num-classes", "4",
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6",
-    "--lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
-)
+COMMON = TINY_TRAIN_FLAGS
 
 
 def _losses(records):

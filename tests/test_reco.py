@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_train, subprocess_env, tiny_args
+from conftest import REPO, TINY_TRAIN_FLAGS, run_train, subprocess_env, tiny_args
 
 from localopt_plugin import registry
 from localopt_plugin.arguments import build_parser
@@ -284,12 +284,7 @@ def test_reco_gradient_reaches_transformer_layers(dist_world_of_one, pairs, obje
 # -- 4./5. the trainer: TP=2 against TP=1, console and TensorBoard -----------------------------
 
 TRAIN = (
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--synthetic-frames", "3", "--synthetic-frame-tokens", "16",
-    "--synthetic-codebook-size", "64", "--synthetic-num-classes", "4",
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6",
-    "--lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
+    *TINY_TRAIN_FLAGS,
     "--objective", "local-opt", "--regularizer", "reco",
     # Megatron pads the vocabulary to a multiple of 128 x TP; pad both runs to the same size so
     # that TP=1 and TP=2 start from the same weights.
