@@ -116,6 +116,9 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    choices=["adjacent-token", "adjacent-frame"],
                    help="ReCo pairs inside the optimized frames: consecutive tokens (i, i+1) "
                    "or the same spatial token in consecutive frames (i, i+P)")
+    g.add_argument("--reco-reduction", default="sum", choices=["sum", "mean"],
+                   help="over the hidden dimension: sum (the paper's squared L2 norm; its scale "
+                   "grows with the hidden size) or mean (scale-free)")
     g.add_argument("--reco-weight-schedule", default="constant",
                    choices=["constant", "linear-warmup", "cosine", "adaptive"],
                    help="ReCo weight over training: constant lambda; linear-warmup 0 -> lambda "

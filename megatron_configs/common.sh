@@ -38,7 +38,7 @@ OUTPUT_ARGS=(
 PLUGIN_ARGS=(
   --objective local-opt --local-opt-window-frames ${WINDOW_FRAMES:-2}
   --local-opt-stride-frames ${STRIDE_FRAMES:-1} --local-opt-first-window-prob 0.5
-  --regularizer reco --reco-weight 0.1
+  --regularizer reco --reco-weight 0.1 --reco-reduction mean
 )
 
 DS_ARGS=(--deepspeed --deepspeed_config ${DS_CONFIG:-ds_configs/zero1_bf16.json})

@@ -44,7 +44,8 @@ rm -f "$OUT/metrics.jsonl"
   --dataset video-wds --data-path "$TRAIN_DATA" --valid-data-path "$VALID_DATA" \
   --data-num-workers 1 \
   --objective local-opt --local-opt-window-frames 2 --local-opt-stride-frames 1 \
-  --local-opt-first-window-prob 0.5 --regularizer reco --reco-weight 0.1 "$@"
+  --local-opt-first-window-prob 0.5 --regularizer reco --reco-weight 0.1 --reco-reduction mean \
+  "$@"
 
 step 3 "generation: one video per class, full context"
 "$PY" -m localopt_plugin.generation.cli --checkpoint "$OUT/checkpoints" --out "$OUT/samples" \

@@ -25,6 +25,7 @@ from localopt_plugin.regularizers import reco as reco_module
 from localopt_plugin.regularizers.reco import (
     ADAPTIVE_CAP,
     PAIR_MODES,
+    REDUCTIONS,
     SCHEDULES,
     ReCo,
     reco_penalty,
@@ -59,6 +60,15 @@ def test_penalty_equals_explicit_loop(pairs, stride):
     value = reco_penalty(hidden, P, pairs)
     assert value.dtype == torch.float64 and value.shape == ()
     assert value.item() == pytest.approx(loop_penalty(hidden.numpy(), stride), rel=1e-12)
+
+
+@pytest.mark.parametrize(("pairs", "stride"), [("adjacent-token", 1), ("adjacent-frame", P)])
+def test_mean_reduction_is_the_sum_over_the_hidden_size(pairs, stride):
+    hidden = hand_built_hidden()
+    value = reco_penalty(hidden, P, pairs, reduction="mean")
+    assert value.item() == pytest.approx(loop_penalty(hidden.numpy(), stride) / H, rel=1e-12)
+    with pytest.raises(ValueError, match="reduction"):
+        reco_penalty(hidden, P, pairs, reduction="max")
 
 
 def test_penalty_distinguishes_pair_modes_and_is_zero_when_constant():
@@ -211,6 +221,7 @@ def test_registered_and_built_from_flags():
     choices = {a.dest: a.choices for a in parser._actions}
     assert tuple(choices["reco_pairs"]) == PAIR_MODES
     assert tuple(choices["reco_weight_schedule"]) == SCHEDULES
+    assert tuple(choices["reco_reduction"]) == REDUCTIONS
     default = registry.build("regularizer", "reco", args=tiny_args())
     assert (default.weight, default.pairs, default.schedule) == (0.1, "adjacent-token",
                                                                  "constant")

@@ -49,7 +49,8 @@ VARIANTS = (
     Variant("local-opt + balance + ReCo", ("--objective", "local-opt", "--window-sampler",
                                            "first-frame-balanced",
                                            "--local-opt-first-window-prob", "0.5",
-                                           "--regularizer", "reco", "--reco-weight", "0.1")),
+                                           "--regularizer", "reco", "--reco-weight", "0.1",
+                                           "--reco-reduction", "mean")),
 )
 
 
