@@ -122,6 +122,9 @@ def apply_cpu_shims() -> None:
     if _APPLIED or cuda_available():
         return
     _APPLIED = True
+    # Small weights/activations late in training become subnormal floats, which x86 CPUs
+    # process tens of times slower: flush them to zero (the usual setting for CPU training).
+    torch.set_flush_denormal(True)
     # Megatron allocates buffers with device=torch.cuda.current_device(); "cpu" is a valid device.
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     # Pipeline schedules synchronise the (absent) CUDA stream around p2p exchanges.
