@@ -116,12 +116,15 @@ def run(args: argparse.Namespace) -> dict:
         slug = variant.name.replace(" ", "").replace("+", "_").replace("(", "").replace(")", "")
         same_steps.append(_train(args, preset, variant, f"steps-{slug}",
                                  ["--train-iters", str(iters)]))
-    budget_minutes = same_steps[0]["train time (s)"] / 60  # what full-sequence needed
-    for variant in variants[1:]:
+    budget = same_steps[0]["train time (s)"]  # what full-sequence needed
+    for variant, measured in zip(variants[1:], same_steps[1:], strict=True):
         slug = variant.name.replace(" ", "").replace("+", "_").replace("(", "").replace(")", "")
+        # the steps this variant fits in the budget at its measured speed: the LR schedule
+        # then completes, as full-sequence's did; the time limit still caps the run
+        steps = int(budget / (measured["train time (s)"] / measured["steps"]))
         equal_compute.append(_train(args, preset, variant, f"compute-{slug}",
-                                    ["--train-iters", str(100 * iters),
-                                     "--exit-duration-in-mins", f"{budget_minutes:.6f}"]))
+                                    ["--train-iters", str(steps),
+                                     "--exit-duration-in-mins", f"{budget / 60:.6f}"]))
     equal_compute.insert(0, same_steps[0])
     for row in same_steps + equal_compute[1:]:
         row.update(evaluate_checkpoint(row["checkpoint"], args, preset, row["variant"]))
