@@ -39,10 +39,16 @@ from localopt_plugin import registry
 from localopt_plugin.arguments import add_plugin_args
 from localopt_plugin.data.source import BatchSource, VideoTokenSource
 from localopt_plugin.data.webdataset_source import add_data_args
-from localopt_plugin.model import KVMemory, build_gpt_model, forward_hidden, token_losses
+from localopt_plugin.model import build_gpt_model, forward_hidden, token_losses
 from localopt_plugin.objectives.base import ObjectiveOutput
-from localopt_plugin.objectives.sequence import ForwardPlan, LocalOptimization, build_objective
+from localopt_plugin.objectives.sequence import (
+    ForwardPlan,
+    LocalOptimization,
+    build_objective,
+    plan_hidden,
+)
 from localopt_plugin.platform import apply_cpu_shims, default_device
+from localopt_plugin.regularizers import apply_regularizers
 
 PLUGIN_TRAINER_HINT = (
     "use the plugin's own trainer, which pipelines Local Optimization through DeepSpeed: "
@@ -184,14 +190,7 @@ class LocalOptForwardStep:
         plan = self._objective.plan(tokens, iteration, micro_batch)
         if pipelined:
             self._check_pipelined(plan, inner)
-        memory = None
-        if plan.context_ids is not None:
-            memory = KVMemory()
-            positions = torch.arange(plan.context_ids.shape[1], device=tokens.device)
-            with torch.no_grad():
-                forward_hidden(inner, plan.context_ids, positions, memory=memory,
-                             store=slice(plan.context_keep_from, None))
-        hidden = forward_hidden(inner, plan.ids, plan.positions, memory=memory)
+        hidden = plan_hidden(inner, plan)
         if not inner.post_process:
             return hidden, None
         hidden = hidden[plan.loss_from:]
@@ -221,13 +220,10 @@ class LocalOptForwardStep:
         out = ObjectiveOutput(lm_loss, hidden, plan.labels.numel(), plan.first_frame,
                               plan.num_frames, plan.metrics)
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=lm_loss.device)
-        total = lm_loss
+        total, metrics = apply_regularizers(out, self._regularizers, iteration)
         report = {"lm loss": _report(lm_loss, num_tokens)}
-        for regularizer in self._regularizers:
-            reg_loss, metrics = regularizer(out, iteration)
-            total = total + reg_loss
-            report.update({k: _report(v, num_tokens) for k, v in metrics.items()
-                           if k.endswith("loss")})
+        report.update({k: _report(v, num_tokens) for k, v in metrics.items()
+                       if k.endswith("loss")})
         return total * out.num_tokens, num_tokens, report
 
 

@@ -34,6 +34,7 @@ from localopt_plugin.model.gpt import layer_spec, padded_vocab_size, transformer
 from localopt_plugin.model.init import initialize_parameters
 from localopt_plugin.objectives.base import ObjectiveOutput
 from localopt_plugin.objectives.sequence import ForwardPlan
+from localopt_plugin.regularizers import apply_regularizers
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -203,12 +204,8 @@ class PipelineLoss:
             return lm_loss
         out = ObjectiveOutput(lm_loss, hidden[loss_from:], target.numel(), first_frame,
                               num_frames)
-        total, metrics = lm_loss, {"lm loss": lm_loss.detach()}
-        for regularizer in self.regularizers:
-            reg_loss, reg_metrics = regularizer(out, self.iteration)
-            total = total + reg_loss
-            metrics.update(reg_metrics)
-        metrics["total loss"] = total.detach()
+        total, reg_metrics = apply_regularizers(out, self.regularizers, self.iteration)
+        metrics = {"lm loss": lm_loss.detach(), **reg_metrics, "total loss": total.detach()}
         self.metrics.append({k: float(v) for k, v in metrics.items()})
         return total
 

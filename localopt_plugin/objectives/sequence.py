@@ -41,8 +41,10 @@ class ForwardPlan:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
-    """Execute a plan on a whole (non-pipelined) GPTModel."""
+def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
+    """The context pass (``no_grad``, keeping keys/values) then the autograd pass of a plan;
+    returns the autograd pass's hidden states ``[s, b, h]`` (un-normed on a non-last
+    Megatron pipeline stage, see :func:`forward_hidden`)."""
     memory = None
     if plan.context_ids is not None:
         memory = KVMemory()
@@ -50,7 +52,12 @@ def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
         with torch.no_grad():
             forward_hidden(model, plan.context_ids, context_positions, memory=memory,
                            store=slice(plan.context_keep_from, None))
-    hidden = forward_hidden(model, plan.ids, plan.positions, memory=memory)[plan.loss_from:]
+    return forward_hidden(model, plan.ids, plan.positions, memory=memory)
+
+
+def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
+    """Execute a plan on a whole (non-pipelined) GPTModel."""
+    hidden = plan_hidden(model, plan)[plan.loss_from:]
     loss = token_losses(model, hidden, plan.labels).float().mean()
     return ObjectiveOutput(loss, hidden, plan.labels.numel(), plan.first_frame,
                            plan.num_frames, plan.metrics)

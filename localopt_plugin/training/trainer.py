@@ -23,6 +23,7 @@ from localopt_plugin.data import VideoTokenSource
 from localopt_plugin.model import build_gpt_model, padded_vocab_size
 from localopt_plugin.objectives.sequence import FullSequence, build_objective
 from localopt_plugin.platform import cuda_available, default_device
+from localopt_plugin.regularizers import apply_regularizers
 from localopt_plugin.training.distributed import (
     MegatronMpu,
     data_parallel_rank,
@@ -50,13 +51,9 @@ class TrainingStep(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, iteration: int, micro_batch: int):
         out = self.objective(self.model, tokens, iteration, micro_batch)
-        total = out.loss
-        metrics = {"lm loss": out.loss.detach(), **out.metrics}
-        for regularizer in self.regularizers:
-            reg_loss, reg_metrics = regularizer(out, iteration)
-            total = total + reg_loss
-            metrics.update(reg_metrics)
-        return total, metrics, out.num_tokens
+        total, reg_metrics = apply_regularizers(out, self.regularizers, iteration)
+        return total, {"lm loss": out.loss.detach(), **out.metrics, **reg_metrics}, (
+            out.num_tokens)
 
 
 def _param_groups(model: torch.nn.Module) -> list[dict]:
