@@ -64,6 +64,15 @@ class AttentionPlan:
     store: slice | None = None
 
 
+def plan_for(positions: torch.Tensor, memory: KVMemory | None = None,
+             store: slice | None = None) -> AttentionPlan | None:
+    """The plan a forward needs, or None when plain causal attention computes the same:
+    no keys/values to attend to or keep, and contiguous positions."""
+    if memory is None and store is None and bool((positions.diff() == 1).all()):
+        return None
+    return AttentionPlan(positions=positions, memory=memory, store=store)
+
+
 class SDPAttention(MegatronModule):
     """Drop-in ``core_attention`` submodule using scaled_dot_product_attention."""
 

@@ -21,7 +21,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from localopt_plugin.model.attention import AttentionPlan, KVMemory, SDPAttention, attention_plan
+from localopt_plugin.model.attention import KVMemory, SDPAttention, attention_plan, plan_for
 from localopt_plugin.model.init import canonical_parameters, initialize_parameters
 from localopt_plugin.platform import cuda_available
 
@@ -154,11 +154,7 @@ def forward_hidden(
     rotary = None
     if model.position_embedding_type == "rope":
         rotary = model.rotary_pos_emb(int(positions.max()) + 1)[positions]
-    contiguous = bool((positions.diff() == 1).all())
-    plan = None
-    if memory is not None or store is not None or not contiguous:
-        plan = AttentionPlan(positions=positions, memory=memory, store=store)
-    with attention_plan(model, plan):
+    with attention_plan(model, plan_for(positions, memory, store)):
         return model.decoder(hidden_states=embedded, attention_mask=None, rotary_pos_emb=rotary)
 
 

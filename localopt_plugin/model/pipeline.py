@@ -29,7 +29,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from localopt_plugin.model.attention import AttentionPlan, KVMemory, attention_plan
+from localopt_plugin.model.attention import AttentionPlan, KVMemory, attention_plan, plan_for
 from localopt_plugin.model.gpt import layer_spec, padded_vocab_size, transformer_config_from_args
 from localopt_plugin.model.init import initialize_parameters
 from localopt_plugin.objectives.base import ObjectiveOutput
@@ -37,10 +37,6 @@ from localopt_plugin.objectives.sequence import ForwardPlan
 from localopt_plugin.regularizers import apply_regularizers
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def _contiguous(positions: torch.Tensor) -> bool:
-    return bool((positions.diff() == 1).all())
 
 
 class _Stage(torch.nn.Module):
@@ -137,10 +133,7 @@ class TransformerLayerStage(_Stage):
                     context_bits.view(self.dtype), context_positions,
                     AttentionPlan(context_positions, memory, slice(int(keep_from), None)))
             context_bits = context.view(_BITS[self.dtype])
-        plan = None
-        if memory is not None or not _contiguous(positions):
-            plan = AttentionPlan(positions, memory)
-        hidden = self._run(hidden, positions, plan)
+        hidden = self._run(hidden, positions, plan_for(positions, memory))
         return hidden, context_bits, positions, context_length, keep_from
 
 
