@@ -36,19 +36,20 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_attr_wrapped_model
 
 from localopt_plugin import registry
-from localopt_plugin.arguments import add_plugin_args
 from localopt_plugin.data.source import BatchSource, VideoTokenSource
-from localopt_plugin.data.webdataset_source import add_data_args
-from localopt_plugin.model import build_gpt_model, forward_hidden, token_losses
-from localopt_plugin.objectives.base import ObjectiveOutput
-from localopt_plugin.objectives.sequence import (
-    ForwardPlan,
-    LocalOptimization,
-    build_objective,
-    plan_hidden,
+from localopt_plugin.errors import UserError
+from localopt_plugin.model import (
+    ModelConfig,
+    ParallelConfig,
+    build_gpt_model,
+    forward_hidden,
+    token_losses,
 )
+from localopt_plugin.objectives import LocalOptimization, WindowConfig, build_objective
+from localopt_plugin.plan import ForwardPlan, ObjectiveOutput, plan_hidden
 from localopt_plugin.platform import apply_cpu_shims, default_device
 from localopt_plugin.regularizers import apply_regularizers
+from localopt_plugin.training.config import add_plugin_args
 
 PLUGIN_TRAINER_HINT = (
     "use the plugin's own trainer, which pipelines Local Optimization through DeepSpeed: "
@@ -59,9 +60,7 @@ PLUGIN_TRAINER_HINT = (
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The plugin's flags for Megatron-LM's parser (``--data-path`` is Megatron's own)."""
-    add_plugin_args(parser)
-    add_data_args(parser)
-    return parser
+    return add_plugin_args(parser)
 
 
 def megatron_args() -> argparse.Namespace:
@@ -91,7 +90,9 @@ _SOURCES: dict[int, tuple[argparse.Namespace, VideoTokenSource]] = {}
 def video_source(args: argparse.Namespace) -> VideoTokenSource:
     """The registered dataset named by ``--dataset``, built once per argument namespace."""
     if id(args) not in _SOURCES:
-        _SOURCES[id(args)] = (args, registry.build("dataset", args.dataset, args=args))
+        config = registry.config_from_args("dataset", args.dataset, args)
+        _SOURCES[id(args)] = (args, registry.build("dataset", args.dataset, config,
+                                                   seed=args.seed))
     return _SOURCES[id(args)][1]
 
 
@@ -102,8 +103,10 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
                 pre_process: bool = True, post_process: bool = True,
                 vp_stage: int | None = None) -> GPTModel:
     """GPTModel (one pipeline stage) from Megatron-LM flags and a TransformerConfig."""
-    model = build_gpt_model(args, vocab_size, pre_process, post_process, config=config,
-                            vp_stage=vp_stage)
+    model = build_gpt_model(ModelConfig.from_args(args), vocab_size,
+                            parallel=ParallelConfig.from_args(args), seed=args.seed,
+                            pre_process=pre_process, post_process=post_process,
+                            megatron_config=config, vp_stage=vp_stage)
     model.model_type = ModelType.encoder_or_decoder  # what Megatron-LM's get_model sets
     return model
 
@@ -134,11 +137,11 @@ def _report(value: torch.Tensor | float, num_tokens: torch.Tensor) -> torch.Tens
 class LocalOptForwardStep:
     """Megatron-Core's ``forward_step_func`` for the plugin's objectives and regularizers.
 
-    Window draws are a function of ``(iteration, micro_batch)``, as in the plugin's trainer.
-    The micro-batch index is the one Megatron-Core's schedule gives the model
-    (``current_microbatch``); the iteration is Megatron-LM's ``args.curr_iteration`` inside
-    ``pretrain()``, else :attr:`iteration`, which advances each time micro-batch 0 comes again
-    (set it yourself when a loop interleaves evaluation).
+    Window draws are a function of ``(iteration, global micro-batch)``, as in the plugin's
+    trainer. The global micro-batch index comes from the one Megatron-Core's schedule gives the
+    model (``current_microbatch``) and the data-parallel rank; the iteration is Megatron-LM's
+    ``args.curr_iteration`` inside ``pretrain()``, else :attr:`iteration`, which advances each
+    time micro-batch 0 comes again (set it yourself when a loop interleaves evaluation).
 
     ``args=None`` reads Megatron-LM's arguments at the first call (they are parsed inside
     ``pretrain()``, after the training script creates this object).
@@ -154,10 +157,17 @@ class LocalOptForwardStep:
     def _setup(self) -> None:
         if self.args is None:
             self.args = megatron_args()
-        layout = video_source(self.args).layout
-        self._objective = build_objective(self.args, layout)
-        self._regularizers = [registry.build("regularizer", name, args=self.args)
-                              for name in self.args.regularizer]
+        args = self.args
+        layout = video_source(args).layout
+        window = registry.config_from_args("window_sampler", args.window_sampler, args)
+        self._objective = build_objective(
+            args.objective, layout, sampler=args.window_sampler, window=window or WindowConfig(),
+            config=registry.config_from_args("objective", args.objective, args), seed=args.seed)
+        self._regularizers = [
+            registry.build("regularizer", name,
+                           registry.config_from_args("regularizer", name, args),
+                           train_iters=args.train_iters)
+            for name in args.regularizer]
 
     def _position(self, model: GPTModel) -> tuple[int, int]:
         layers = model.decoder.layers
@@ -169,7 +179,10 @@ class LocalOptForwardStep:
             self.iteration += 1
         self._started = True
         iteration = _training_iteration()
-        return (self.iteration if iteration is None else iteration), micro_batch
+        # the global micro-batch index keys the window draw, as in localopt-train
+        global_micro_batch = (micro_batch * parallel_state.get_data_parallel_world_size()
+                              + parallel_state.get_data_parallel_rank())
+        return (self.iteration if iteration is None else iteration), global_micro_batch
 
     def __call__(self, data_iterator: Iterator[dict] | None, model: torch.nn.Module):
         if self._objective is None:
@@ -275,7 +288,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: list[int],
     """Megatron-LM's dataset provider; resumes after Megatron's consumed-sample counters."""
     args = megatron_args()
     if args.dataloader_type != "external":
-        raise SystemExit("error: the plugin's datasets are streams: add --dataloader-type "
+        raise UserError("the plugin's datasets are streams: add --dataloader-type "
                          "external")
     return build_datasets(args, args.consumed_train_samples, args.consumed_valid_samples)
 

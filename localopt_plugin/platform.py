@@ -131,6 +131,7 @@ def apply_cpu_shims() -> None:
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     _patch_pipeline_schedules()
     _patch_tied_embedding_setup()
+    _patch_recompute_rng()
     log.debug("CPU shims applied to Megatron-Core")
 
 
@@ -170,3 +171,13 @@ def _patch_tied_embedding_setup() -> None:
             torch.Tensor.cuda = cuda  # type: ignore[assignment]
 
     LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+
+
+def _patch_recompute_rng() -> None:
+    """Activation recomputation saves and restores the CUDA generator's state around the
+    recomputed forward; without CUDA there is none (the CPU generator and the RNG tracker,
+    which it also saves and restores, hold every state dropout uses)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None

@@ -1,27 +1,50 @@
 """The registry at the centre: components are registered by kind and name and selected by flags.
 
-Kinds: ``objective`` (the training loss), ``regularizer``, ``dataset``, ``tokenizer`` and
-``window_sampler``. Third-party packages add components through the Python entry-point group
+Every kind shares one contract: a component is a **build function** and, optionally, a frozen
+**config dataclass** that brings its own flags::
+
+    @dataclass(frozen=True)
+    class MyLossConfig:
+        my_weight: float = 1.0
+
+        @staticmethod
+        def add_args(parser): parser.add_argument("--my-weight", type=float, default=1.0)
+
+        @classmethod
+        def from_args(cls, args): return cls(my_weight=args.my_weight)
+
+    @register("objective", "my-loss", config=MyLossConfig)
+    def build_my_loss(config, **context): ...
+
+The commands add every registered config's flags to their parser (``add_component_args``), turn
+the chosen components' flags into configs once (``config_from_args``) and call
+``build(kind, name, config, **context)``; the context each kind receives is listed in
+``CONTEXT``. Third-party packages add components through the Python entry-point group
 ``localopt_plugin.components``: each entry point names a module (or a callable) that registers
 its components when loaded.
-
-    @register("objective", "my-loss")
-    class MyLoss: ...
-
-    build("objective", "my-loss", **kwargs)
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-KINDS = ("objective", "regularizer", "dataset", "tokenizer", "window_sampler")
+# kind -> the keyword arguments its build function receives besides the config
+CONTEXT = {
+    "objective": "layout (SampleLayout), windows (a function making the run's WindowSampler)",
+    "regularizer": "train_iters (int)",
+    "dataset": "seed (int)",
+    "tokenizer": "(none)",
+    "window_sampler": "num_frames (int), seed (int)",
+}
+KINDS = tuple(CONTEXT)
 ENTRY_POINT_GROUP = "localopt_plugin.components"
 # Modules of this package that register each kind's built-in components (imported on first use
 # of that kind only: a tokenizer lookup need not import Megatron-Core).
@@ -33,10 +56,17 @@ _BUILTIN_MODULES = {
     "tokenizer": "localopt_plugin.tokenizers",
 }
 
-_REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
-_entry_points_loaded = False
 
-T = TypeVar("T")
+@dataclass(frozen=True)
+class Component:
+    kind: str
+    name: str
+    build: Callable[..., Any]
+    config: type | None = None  # a dataclass with from_args(args) (and add_args(parser))
+
+
+_REGISTRY: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+_entry_points_loaded = False
 
 
 class UnknownComponentError(KeyError):
@@ -51,16 +81,16 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown component kind {kind!r}; kinds are: {', '.join(KINDS)}")
 
 
-def register(kind: str, name: str) -> Callable[[T], T]:
-    """Decorator registering a class or factory under ``kind``/``name``."""
+def register(kind: str, name: str, *, config: type | None = None) -> Callable:
+    """Decorator registering a build function (or class) under ``kind``/``name``."""
     _check_kind(kind)
 
-    def decorator(obj: T) -> T:
+    def decorator(build: Callable) -> Callable:
         existing = _REGISTRY[kind].get(name)
-        if existing is not None and existing is not obj:
-            raise ValueError(f"{kind} {name!r} is already registered by {existing!r}")
-        _REGISTRY[kind][name] = obj
-        return obj
+        if existing is not None and (existing.build != build or existing.config is not config):
+            raise ValueError(f"{kind} {name!r} is already registered by {existing.build!r}")
+        _REGISTRY[kind][name] = Component(kind, name, build, config)
+        return build
 
     return decorator
 
@@ -87,8 +117,8 @@ def names(kind: str) -> list[str]:
     return sorted(_REGISTRY[kind])
 
 
-def get(kind: str, name: str) -> Any:
-    """The registered class/factory, or an error listing every registered name of that kind."""
+def get(kind: str, name: str) -> Component:
+    """The registered component, or an error listing every registered name of that kind."""
     _check_kind(kind)
     discover(kind)
     try:
@@ -100,5 +130,23 @@ def get(kind: str, name: str) -> Any:
         ) from None
 
 
-def build(kind: str, name: str, /, **kwargs: Any) -> Any:
-    return get(kind, name)(**kwargs)
+def config_from_args(kind: str, name: str, args: argparse.Namespace) -> Any:
+    """The component's config built from parsed flags (None for a component without one)."""
+    component = get(kind, name)
+    return component.config.from_args(args) if component.config is not None else None
+
+
+def build(kind: str, name: str, config: Any = None, /, **context: Any) -> Any:
+    """Build a component from its config and the kind's context (see ``CONTEXT``)."""
+    return get(kind, name).build(config, **context)
+
+
+def add_component_args(parser: argparse.ArgumentParser, kinds: tuple[str, ...] = KINDS) -> None:
+    """Add the flags of every registered component config of ``kinds`` (each config once)."""
+    seen: set[type] = set()
+    for kind in kinds:
+        for name in names(kind):
+            config = _REGISTRY[kind][name].config
+            if config is not None and config not in seen and hasattr(config, "add_args"):
+                seen.add(config)
+                config.add_args(parser)

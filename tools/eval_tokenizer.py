@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from localopt_plugin import registry
 from localopt_plugin.data.procedural import NUM_CLASSES, render_video
+from localopt_plugin.tokenizers import build_tokenizer
 from localopt_plugin.tokenizers.training import (
     center_crop_resize,
     heldout_psnr,
@@ -55,10 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    kwargs = {}
-    if args.path:
-        kwargs["path" if args.tokenizer == "torchscript" else "weights"] = args.path
-    tokenizer = registry.build("tokenizer", args.tokenizer, **kwargs)
+    tokenizer = build_tokenizer(args.tokenizer, **({"path": args.path} if args.path else {}))
     start = time.perf_counter()
     result = {
         "tokenizer": tokenizer.fingerprint,

@@ -67,13 +67,10 @@ def write_shards(directory: str, samples: int, shard_samples: int) -> str:
 
 
 def measure_loader(args: argparse.Namespace, pattern: str) -> dict:
-    from localopt_plugin.arguments import build_parser
-    from localopt_plugin.data.webdataset_source import video_wds
+    from localopt_plugin.data.wds import VideoWdsConfig, video_wds
 
-    parser = build_parser()  # includes the video-wds flags
-    source = video_wds(parser.parse_args([
-        "--dataset", "video-wds", "--data-path", pattern, "--data-num-workers",
-        str(args.workers), "--null-condition-prob", "0.1"]))
+    source = video_wds(VideoWdsConfig(data_path=(pattern,), num_workers=args.workers,
+                                      null_condition_prob=0.1))
     directory = os.path.dirname(pattern)
     shard_bytes = sum(os.path.getsize(os.path.join(directory, f))
                       for f in os.listdir(directory) if f.endswith(".tar"))
@@ -98,25 +95,21 @@ def measure_loader(args: argparse.Namespace, pattern: str) -> dict:
 
 def measure_model(args: argparse.Namespace) -> dict:
     """Samples/s of full-sequence training steps of bench speed's default model."""
-    from localopt_plugin.arguments import build_parser
     from localopt_plugin.data.layout import SampleLayout
     from localopt_plugin.model import build_gpt_model
+    from localopt_plugin.model.presets import config_with_flags
     from localopt_plugin.objectives.sequence import FullSequence
     from localopt_plugin.training.distributed import init_distributed
 
     layout = SampleLayout(video_start=3, num_frames=GRID[0], frame_tokens=GRID[1] * GRID[2])
-    model_args = build_parser().parse_args([
-        "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
-        "--hidden-dropout", "0", "--attention-dropout", "0", "--micro-batch-size", "1",
-        *args.model_flags.split(),
-    ])
-    model_args.max_position_embeddings = layout.input_length
-    init_distributed(seed=model_args.seed)
+    config = config_with_flags("bench", args.model_flags,
+                               max_position_embeddings=layout.input_length)
+    init_distributed(seed=1234)
     vocab = VIDEO_VOCAB + 4 + NUM_CLASSES
-    model = build_gpt_model(model_args, vocab_size=vocab)
+    model = build_gpt_model(config, vocab_size=vocab)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     objective = FullSequence(layout)
-    batch = model_args.micro_batch_size
+    batch = 1
     tokens = torch.randint(0, vocab, (batch, layout.seq_length), device=default_device())
     times = []
     for step in range(1 + args.model_steps):  # the first step warms up
@@ -129,7 +122,7 @@ def measure_model(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     step_time = statistics.median(times[1:])
     return {"samples/s": batch / step_time, "median step (s)": step_time,
-            "layers": model_args.num_layers, "hidden": model_args.hidden_size,
+            "layers": config.num_layers, "hidden": config.hidden_size,
             "micro batch": batch}
 
 

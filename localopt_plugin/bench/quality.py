@@ -22,13 +22,10 @@ from dataclasses import dataclass
 
 PRESETS = {
     # minutes on 2 CPU cores
-    "cpu": {"model": ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4",
-                      "--ffn-hidden-size", "384", "--position-embedding-type", "rope"],
+    "cpu": {"model": ["--preset", "tiny"],
             "micro_batch": 4, "iters": 150, "window": 2, "eval_samples": 48, "generate": 4},
     # one GPU, about an hour
-    "gpu": {"model": ["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads",
-                      "12", "--ffn-hidden-size", "2048", "--position-embedding-type", "rope",
-                      "--bf16"],
+    "gpu": {"model": ["--preset", "110m", "--bf16"],
             "micro_batch": 16, "iters": 3000, "window": 2, "eval_samples": 512, "generate": 12},
 }
 
@@ -78,8 +75,7 @@ def _train(args: argparse.Namespace, preset: dict, variant: Variant, tag: str,
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
-    cmd = [sys.executable, "-m", "localopt_plugin.train", *preset["model"],
-           "--hidden-dropout", "0", "--attention-dropout", "0",
+    cmd = [sys.executable, "-m", "localopt_plugin.commands.train", *preset["model"],
            "--dataset", "video-wds", "--data-path", *args.data_path,
            "--micro-batch-size", str(preset["micro_batch"]), "--lr", "1e-3", "--min-lr", "1e-4",
            "--lr-warmup-iters", "10", "--lr-decay-style", "cosine", "--seed", str(args.seed),
@@ -142,7 +138,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, preset: dict,
     run_dir = os.path.dirname(checkpoint)
     py = [sys.executable, "-m"]
     nll_file = os.path.join(run_dir, "nll.json")
-    subprocess.run([*py, "localopt_plugin.evaluation.cli", "nll", "--checkpoint", checkpoint,
+    subprocess.run([*py, "localopt_plugin.commands.evaluate", "nll", "--checkpoint", checkpoint,
                     "--data-path", *args.valid_data_path, "--num-samples",
                     str(preset["eval_samples"]), "--out", nll_file], check=True)
     with open(nll_file) as f:
@@ -151,11 +147,11 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, preset: dict,
     mode = ["--mode", "chunked", "--chunk-frames", str(preset["window"])] if (
         variant == "fewer-frames") else ["--mode", "full"]
     labels = [str(i) for i in range(preset["generate"])]
-    subprocess.run([*py, "localopt_plugin.generation.cli", "--checkpoint", checkpoint,
+    subprocess.run([*py, "localopt_plugin.commands.generate", "--checkpoint", checkpoint,
                     "--out", samples, "--class-labels", *labels, "--top-k", "50",
                     "--seed", str(args.seed), "--no-progress", *mode], check=True)
     flow_file = os.path.join(run_dir, "flow.json")
-    subprocess.run([*py, "localopt_plugin.evaluation.cli", "flow", samples, "--out", flow_file],
+    subprocess.run([*py, "localopt_plugin.commands.evaluate", "flow", samples, "--out", flow_file],
                    check=True)
     with open(flow_file) as f:
         flow = json.load(f)
@@ -164,7 +160,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, preset: dict,
            "NLL per frame": per_frame, "flow warp error": flow["mean"]}
     if args.i3d:
         fvd_file = os.path.join(run_dir, "fvd.json")
-        subprocess.run([*py, "localopt_plugin.evaluation.cli", "fvd", "--i3d", args.i3d,
+        subprocess.run([*py, "localopt_plugin.commands.evaluate", "fvd", "--i3d", args.i3d,
                         "--real", args.real_videos, "--generated", samples, "--out", fvd_file],
                        check=True)
         with open(fvd_file) as f:

@@ -1,29 +1,34 @@
-"""``localopt-bench speed``: step time, throughput and activation memory of the objectives.
+"""``localopt-bench speed``: what a Local Opt. step costs against a full-sequence step.
 
-full-sequence, local-opt and fewer-frames run on the same model, the same micro-batch and the
-same window draws, interleaved step by step so machine noise hits all alike. Each step is a
-forward, backward and AdamW update. Activation memory is what autograd keeps for backward:
-on CPU the bytes of the distinct tensors packed by saved-tensor hooks (parameters excluded),
-measured in a separate forward with the same window as the timed step; on GPU the peak of
-``torch.cuda.max_memory_allocated`` above the memory held before the step. Wall time is the
-claim; the process's CPU time is printed beside it because it is far less sensitive to other
-jobs on a shared machine (a large gap between the two ratios flags a noisy run).
+Every candidate window start is measured (the window draw is random; users pay its expectation
+and must provision for its worst case), interleaved with full-sequence and with full-sequence
+under Megatron's selective and full activation recomputation (what a user would pick otherwise
+to save memory), on the same model and batch, for several repetitions. Each timed step is the
+real trainer step: the DeepSpeed engine's forward, backward and optimizer step; the forward +
+backward part is timed too. Reported per row: median step time, peak memory (the allocator's:
+``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak of the bytes torch's allocator
+holds during the step, from the profiler's allocation events, which counts kept keys/values,
+logits and transients), optimized (loss-carrying) tokens/s and samples/s. Then, for Local Opt.:
+the **expected** step time under the sampler's distribution (what training costs), the
+**worst-window** peak memory (what must be provisioned) and the first window's, as ratios to
+full-sequence measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from localopt_plugin.data.layout import SampleLayout
-from localopt_plugin.objectives.sequence import FewerFrames, FullSequence, LocalOptimization
-from localopt_plugin.objectives.window_sampler import WindowSampler
+from localopt_plugin.objectives import FewerFrames, FullSequence, LocalOptimization, WindowSampler
 from localopt_plugin.platform import cuda_available, default_device
 
 
@@ -34,171 +39,271 @@ class Preset:
     window: int
     stride: int
     first_prob: float
-    # targets (ratios to full-sequence) from the issue that introduced the benchmark
-    max_time_ratio: float
-    max_memory_ratio: float
+    model: str  # a model preset (localopt_plugin/model/presets.py)
+    micro_batch: int
+    vocab: int
+    bf16: bool
+    # targets: ratios of Local Opt. to full-sequence in the same run
+    expected_step: float
+    expected_forward_backward: float
+    worst_memory: float
+    first_memory: float | None = None
 
 
 PRESETS = {
-    "paper17": Preset(frames=5, frame_tokens=256, window=2, stride=1, first_prob=0.5,
-                      max_time_ratio=0.50, max_memory_ratio=0.45),
-    "long": Preset(frames=17, frame_tokens=256, window=2, stride=1, first_prob=0.5,
-                   max_time_ratio=0.30, max_memory_ratio=0.20),
+    # the paper's setting: 17-frame clips = 5 latent frames x 256 tokens, W = 2, p = 0.5
+    "paper17": Preset(5, 256, 2, 1, 0.5, "bench", 1, 8192, False,
+                      expected_step=0.50, expected_forward_backward=0.45, worst_memory=0.55,
+                      first_memory=0.45),
+    # longer videos: 17 latent frames x 256 tokens
+    "long": Preset(17, 256, 2, 1, 0.5, "bench", 1, 8192, False,
+                   expected_step=0.20, expected_forward_backward=0.17, worst_memory=0.25),
+    # on a GPU: the paper's setting at the 110m preset, bf16
+    "gpu-paper17": Preset(5, 256, 2, 1, 0.5, "110m", 8, 16384, True,
+                          expected_step=0.55, expected_forward_backward=0.55,
+                          worst_memory=0.55),
 }
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper17")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per objective (>= 5)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed steps per row (>= 3; medians are reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--model-flags", default="",
-                        help="Megatron flags for the model, e.g. '--num-layers 8 --bf16'")
+                        help="Megatron model flags over the preset's model, e.g. "
+                        "'--num-layers 8 --transformer-impl transformer_engine'")
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="default: the preset's")
 
 
-def saved_activation_bytes(fn, params: set[int]) -> tuple[int, object]:
-    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
-    storages: dict[int, int] = {}
+@dataclass
+class Row:
+    """One measured configuration: a model (engine), an objective and what it optimizes."""
 
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
+    name: str
+    engine: object
+    objective: object
+    optimized_tokens: int
+    start: int | None = None  # the window start of a Local Opt. row
+    step_times: list[float] = dataclasses.field(default_factory=list)
+    forward_backward_times: list[float] = dataclasses.field(default_factory=list)
+    peak_bytes: int = 0
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return sum(storages.values()), result
+
+def _fixed_window(first: int, frames: int) -> SimpleNamespace:
+    return SimpleNamespace(window_frames=frames, draw=lambda iteration, micro_batch: first)
+
+
+def _engine(model_config, vocab: int, seed: int):
+    """A DeepSpeed engine around the trainer's TrainingStep, as localopt-train builds it."""
+    import deepspeed
+
+    from localopt_plugin.model import build_gpt_model
+    from localopt_plugin.training.optim import param_groups
+    from localopt_plugin.training.steps import TrainingStep
+
+    model = build_gpt_model(model_config, vocab, seed=seed)
+    step = TrainingStep(model, None)
+    groups = param_groups(step)
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=cuda_available())
+    config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
+              "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+              "zero_optimization": {"stage": 0}, "bf16": {"enabled": model_config.bf16},
+              "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=step, optimizer=optimizer,
+                                           model_parameters=groups, config=config)
+    return engine
+
+
+def _step(row: Row, tokens: torch.Tensor, iteration: int) -> tuple[float, float]:
+    """One trainer step; returns (whole step, forward + backward) seconds."""
+    sync = torch.cuda.synchronize if cuda_available() else (lambda: None)
+    engine = row.engine
+    engine.module.objective = row.objective
+    sync()
+    start = time.perf_counter()
+    loss, _, _ = engine(tokens, iteration, 0)
+    engine.backward(loss)
+    sync()
+    middle = time.perf_counter()
+    engine.step()
+    sync()
+    return time.perf_counter() - start, middle - start
+
+
+def peak_allocated_bytes(fn) -> int:
+    """The peak growth of the bytes torch's allocator holds while ``fn()`` runs: CUDA's
+    ``max_memory_allocated``; on CPU the running total of the profiler's allocation events
+    (every tensor: activations, kept keys/values, logits, transients, gradients)."""
+    if cuda_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    totals = [0]  # the allocator's total relative to the start of profiling
+    todo = list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        if node.tag == _EventType.Allocation:
+            totals.append(node.extra_fields.total_allocated)
+        todo.extend(node.children)
+    return max(totals)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from localopt_plugin.arguments import build_parser
-    from localopt_plugin.model import build_gpt_model
+    from localopt_plugin.model.presets import config_with_flags
     from localopt_plugin.training.distributed import init_distributed
 
     preset = PRESETS[args.preset]
-    if args.steps < 5:
-        raise SystemExit("error: --steps must be at least 5 (medians of fewer are noise)")
+    if args.repeats < 3:
+        raise SystemExit("error: --repeats must be at least 3 (medians of fewer are noise)")
     layout = SampleLayout(video_start=3, num_frames=preset.frames,
                           frame_tokens=preset.frame_tokens)
-    model_args = build_parser().parse_args([
-        "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
-        "--hidden-dropout", "0", "--attention-dropout", "0", "--micro-batch-size", "1",
-        *args.model_flags.split(),
-    ])
-    model_args.max_position_embeddings = layout.input_length
-    init_distributed(seed=model_args.seed)
-    vocab = 8192
-    model = build_gpt_model(model_args, vocab_size=vocab)
-    device = default_device()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = model_args.micro_batch_size
-    tokens = torch.randint(0, vocab, (batch, layout.seq_length), device=device)
-
-    def sampler(first_prob):
-        return WindowSampler(preset.frames, preset.window, preset.stride, model_args.seed,
-                             first_prob=first_prob)
-
-    objectives = {
-        "full-sequence": FullSequence(layout),
-        "local-opt": LocalOptimization(layout, sampler(preset.first_prob)),
-        "fewer-frames": FewerFrames(layout, sampler(None)),
+    init_distributed(seed=1234)
+    base = config_with_flags(preset.model, args.model_flags,
+                             max_position_embeddings=layout.input_length, bf16=preset.bf16)
+    engines = {
+        "none": _engine(base, preset.vocab, 1234),
+        "selective": _engine(dataclasses.replace(base, recompute_granularity="selective"),
+                             preset.vocab, 1234),
+        "full": _engine(dataclasses.replace(base, recompute_granularity="full",
+                                            recompute_method="uniform", recompute_num_layers=1),
+                        preset.vocab, 1234),
     }
-    times = {name: [] for name in objectives}
-    cpu_times = {name: [] for name in objectives}
-    memory = {name: [] for name in objectives}
-    for step in range(args.warmup + args.steps):
-        for name, objective in objectives.items():
-            if cuda_available():
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            out = objective(model, tokens, step, 0)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cuda_available():
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            cpu_elapsed = time.process_time() - cpu_start
-            if step < args.warmup:
-                continue
-            times[name].append(elapsed)
-            cpu_times[name].append(cpu_elapsed)
-            if cuda_available():
-                memory[name].append(torch.cuda.max_memory_allocated() - base)
-            else:
-                nbytes, _ = saved_activation_bytes(
-                    lambda o=objective, i=step: o(model, tokens, i, 0), params)
-                memory[name].append(nbytes)
+    batch = args.micro_batch_size or preset.micro_batch
+    sampler = WindowSampler(preset.frames, preset.window, preset.stride, 1234,
+                            first_prob=preset.first_prob)
+    window_tokens = batch * preset.window * preset.frame_tokens
+    video_tokens = batch * preset.frames * preset.frame_tokens
+    rows = [Row("full-sequence", engines["none"], FullSequence(layout), video_tokens),
+            Row("full-sequence + selective recompute", engines["selective"],
+                FullSequence(layout), video_tokens),
+            Row("full-sequence + full recompute", engines["full"], FullSequence(layout),
+                video_tokens),
+            Row("fewer-frames", engines["none"],
+                FewerFrames(layout, _fixed_window(0, preset.window)), window_tokens)]
+    rows += [Row(f"local-opt, window at frame {s}", engines["none"],
+                 LocalOptimization(layout, _fixed_window(s, preset.window)), window_tokens, s)
+             for s in sampler.starts]
+    tokens = torch.randint(0, preset.vocab, (batch, layout.seq_length), device=default_device())
+    for repeat in range(args.warmup + args.repeats):
+        for row in rows:  # interleaved: machine noise hits every row alike
+            step_time, forward_backward = _step(row, tokens, repeat)
+            if repeat >= args.warmup:
+                row.step_times.append(step_time)
+                row.forward_backward_times.append(forward_backward)
+    for row in rows:
+        row.peak_bytes = peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))
+    return summarize(args, preset, layout, sampler, rows, batch, engines["none"])
 
-    video_tokens = batch * layout.num_frames * layout.frame_tokens
-    base_time = statistics.median(times["full-sequence"])
-    base_mem = statistics.median(memory["full-sequence"])
-    rows = []
-    for name in objectives:
-        median_time = statistics.median(times[name])
-        median_mem = statistics.median(memory[name])
-        rows.append({
-            "objective": name,
-            "median step (ms)": 1e3 * median_time,
-            "mean step (ms)": 1e3 * statistics.fmean(times[name]),
-            "video tokens/s": video_tokens / median_time,
-            "median activations (MB)": median_mem / 2**20,
-            "max activations (MB)": max(memory[name]) / 2**20,
-            "median CPU time (ms)": 1e3 * statistics.median(cpu_times[name]),
-            "time ratio": median_time / base_time,
-            "CPU time ratio": statistics.median(cpu_times[name]) / statistics.median(
-                cpu_times["full-sequence"]),
-            "mean time ratio": statistics.fmean(times[name]) / statistics.fmean(
-                times["full-sequence"]),
-            "memory ratio": median_mem / base_mem,
+
+def summarize(args, preset: Preset, layout: SampleLayout, sampler: WindowSampler,
+              rows: list[Row], batch: int, engine) -> dict:
+    full = rows[0]
+    full_step = statistics.median(full.step_times)
+    full_fb = statistics.median(full.forward_backward_times)
+    table = []
+    for row in rows:
+        step = statistics.median(row.step_times)
+        table.append({
+            "row": row.name,
+            "window start": row.start,
+            "median step (ms)": 1e3 * step,
+            "median forward+backward (ms)": 1e3 * statistics.median(row.forward_backward_times),
+            "min / max step (ms)": [1e3 * min(row.step_times), 1e3 * max(row.step_times)],
+            "peak memory (MB)": row.peak_bytes / 2**20,
+            "optimized tokens/s": row.optimized_tokens / step,
+            "samples/s": batch / step,
+            "step ratio": step / full_step,
+            "forward+backward ratio": statistics.median(row.forward_backward_times) / full_fb,
+            "memory ratio": row.peak_bytes / full.peak_bytes,
         })
-    local = next(r for r in rows if r["objective"] == "local-opt")
+    windows = [r for r in table if r["window start"] is not None]
+    probabilities = dict(zip(sampler.starts, sampler.probabilities(), strict=True))
+    expected_step = sum(probabilities[r["window start"]] * r["median step (ms)"]
+                        for r in windows) / 1e3
+    expected_fb = sum(probabilities[r["window start"]] * r["median forward+backward (ms)"]
+                      for r in windows) / 1e3
+    worst = max(windows, key=lambda r: r["peak memory (MB)"])
+    first = next(r for r in windows if r["window start"] == 0)
+    window_tokens = batch * preset.window * preset.frame_tokens
+    local = {
+        "expected step ratio": expected_step / full_step,
+        "expected forward+backward ratio": expected_fb / full_fb,
+        "worst-window memory ratio": worst["memory ratio"],
+        "worst window start": worst["window start"],
+        "first-window memory ratio": first["memory ratio"],
+        "expected optimized tokens/s": window_tokens / expected_step,
+        "full-sequence optimized tokens/s": table[0]["optimized tokens/s"],
+        "window probabilities": probabilities,
+    }
+    checks = {
+        "expected step": (local["expected step ratio"], preset.expected_step),
+        "expected forward+backward": (local["expected forward+backward ratio"],
+                                      preset.expected_forward_backward),
+        "worst-window memory": (local["worst-window memory ratio"], preset.worst_memory),
+    }
+    if preset.first_memory is not None:
+        checks["first-window memory"] = (local["first-window memory ratio"],
+                                         preset.first_memory)
+    model = engine.module.model.config
     return {
         "preset": args.preset,
         "layout": {"frames": preset.frames, "frame_tokens": preset.frame_tokens,
                    "window": preset.window, "stride": preset.stride,
                    "first_window_prob": preset.first_prob, "micro_batch": batch},
-        "model": {"layers": model_args.num_layers, "hidden": model_args.hidden_size,
-                  "heads": model_args.num_attention_heads, "vocab": vocab,
-                  "bf16": model_args.bf16},
-        "steps": args.steps,
+        "model": {"preset": preset.model, "flags": args.model_flags,
+                  "layers": model.num_layers, "hidden": model.hidden_size,
+                  "heads": model.num_attention_heads, "query groups": model.num_query_groups,
+                  "vocab": preset.vocab, "bf16": model.bf16},
+        "repeats": args.repeats,
         "warmup": args.warmup,
         "device": torch.cuda.get_device_name() if cuda_available() else
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "memory_measure": "cuda max_memory_allocated" if cuda_available() else
-        "saved-tensor hooks",
-        "rows": rows,
-        "targets": {
-            "time ratio": preset.max_time_ratio, "memory ratio": preset.max_memory_ratio,
-            "time met": local["time ratio"] <= preset.max_time_ratio,
-            "memory met": local["memory ratio"] <= preset.max_memory_ratio,
-        },
+        "memory measure": "torch.cuda.max_memory_allocated above the step's start"
+        if cuda_available() else "peak of torch's allocated bytes during the step "
+        "(profiler allocation events)",
+        "rows": table,
+        "local-opt": local,
+        "targets": {name: {"ratio": value, "target": target, "met": value <= target}
+                    for name, (value, target) in checks.items()},
     }
 
 
 def format_table(result: dict) -> str:
-    columns = ["objective", "median step (ms)", "mean step (ms)", "video tokens/s",
-               "median CPU time (ms)", "median activations (MB)", "max activations (MB)",
-               "time ratio", "mean time ratio", "CPU time ratio", "memory ratio"]
+    columns = ["row", "median step (ms)", "median forward+backward (ms)", "peak memory (MB)",
+               "optimized tokens/s", "samples/s", "step ratio", "forward+backward ratio",
+               "memory ratio"]
     lines = [
-        f"preset {result['preset']}: {result['layout']}, model {result['model']}, "
-        f"{result['steps']} steps after {result['warmup']} warm-up, on {result['device']}",
+        f"preset {result['preset']}: {result['layout']}, model {result['model']}, median of "
+        f"{result['repeats']} steps per row after {result['warmup']} warm-up, on "
+        f"{result['device']}; memory: {result['memory measure']}",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]
     for row in result["rows"]:
         cells = [row[c] if isinstance(row[c], str) else f"{row[c]:.3g}" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    t = result["targets"]
+    local = result["local-opt"]
     lines.append(
-        f"local-opt targets: time ratio <= {t['time ratio']} "
-        f"({'met' if t['time met'] else 'MISSED'}), memory ratio <= {t['memory ratio']} "
-        f"({'met' if t['memory met'] else 'MISSED'})"
-    )
+        f"local-opt over the sampler's windows {local['window probabilities']}: expected step "
+        f"{local['expected step ratio']:.3f}x, expected forward+backward "
+        f"{local['expected forward+backward ratio']:.3f}x full-sequence; peak memory "
+        f"{local['worst-window memory ratio']:.3f}x at the worst window (start "
+        f"{local['worst window start']}), {local['first-window memory ratio']:.3f}x at the "
+        f"first")
+    for name, check in result["targets"].items():
+        lines.append(f"target {name}: {check['ratio']:.3f} <= {check['target']} "
+                     f"({'met' if check['met'] else 'MISSED'})")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
+from localopt_plugin.errors import UserError
 
 FORMAT = "localopt-video-tokens/1"
 MANIFEST_NAME = "manifest.json"
@@ -52,16 +53,16 @@ class Manifest:
     def __post_init__(self) -> None:
         where = self.path or "manifest"
         if self.condition not in CONDITIONS:
-            raise SystemExit(f"error: {where}: condition {self.condition!r} is not one of "
+            raise UserError(f"{where}: condition {self.condition!r} is not one of "
                              f"{', '.join(CONDITIONS)}")
         if self.condition == "class" and self.num_classes < 1:
-            raise SystemExit(f"error: {where}: class conditioning needs num_classes >= 1")
+            raise UserError(f"{where}: class conditioning needs num_classes >= 1")
         if self.condition == "text" and (self.text_tokenizer is None
                                          or self.max_text_tokens < 1):
-            raise SystemExit(f"error: {where}: text conditioning needs text_tokenizer and "
+            raise UserError(f"{where}: text conditioning needs text_tokenizer and "
                              f"max_text_tokens >= 1")
         if any(n < 0 for n in self.shards.values()):
-            raise SystemExit(f"error: {where}: negative shard sample count")
+            raise UserError(f"{where}: negative shard sample count")
 
     @property
     def directory(self) -> str:
@@ -124,9 +125,9 @@ def load_manifest(path: str) -> Manifest:
         with open(path) as f:
             raw = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise SystemExit(f"error: cannot read dataset manifest {path}: {err}") from None
+        raise UserError(f"cannot read dataset manifest {path}: {err}") from None
     if raw.get("format") != FORMAT:
-        raise SystemExit(f"error: {path}: format {raw.get('format')!r} is not {FORMAT!r}")
+        raise UserError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r}")
     try:
         text = raw.get("text_tokenizer")
         return Manifest(
@@ -144,7 +145,7 @@ def load_manifest(path: str) -> Manifest:
             path=path,
         )
     except (KeyError, TypeError, ValueError) as err:
-        raise SystemExit(f"error: {path}: malformed manifest ({type(err).__name__}: {err})"
+        raise UserError(f"{path}: malformed manifest ({type(err).__name__}: {err})"
                          ) from None
 
 
@@ -186,7 +187,7 @@ def check_compatible(manifests: list[Manifest]) -> None:
     for other in manifests[1:]:
         for name, value in _shared_fields(other).items():
             if first.get(name) != value:
-                raise SystemExit(f"error: datasets do not match: {name} is {first.get(name)!r} "
+                raise UserError(f"datasets do not match: {name} is {first.get(name)!r} "
                                  f"in {manifests[0].path} but {value!r} in {other.path}")
 
 
@@ -206,13 +207,13 @@ def check_manifest_against_model(manifest: Manifest, vocab_size: int, seq_length
     """
     vocab, layout = manifest.vocab, manifest.layout
     if vocab.size > vocab_size:
-        raise SystemExit(
-            f"error: dataset {manifest.path} needs a vocabulary of {vocab.size} ids "
+        raise UserError(
+            f"dataset {manifest.path} needs a vocabulary of {vocab.size} ids "
             f"({vocab.video_vocab_size} video ids of tokenizer {manifest.tokenizer}, "
             f"{vocab.size - vocab.video_vocab_size} special/condition/text ids) but the model's "
             f"vocabulary size is {vocab_size}")
     if layout.input_length > seq_length:
-        raise SystemExit(
-            f"error: dataset {manifest.path} needs a sequence length of {layout.input_length} "
+        raise UserError(
+            f"dataset {manifest.path} needs a sequence length of {layout.input_length} "
             f"input tokens (grid {'x'.join(map(str, manifest.latent_grid))} plus "
             f"{layout.video_start} prefix tokens) but the model's --seq-length is {seq_length}")

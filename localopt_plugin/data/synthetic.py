@@ -8,6 +8,7 @@ tokens. Predicting later frames needs the earlier ones, so losses reward real co
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,15 +52,40 @@ class SyntheticVideoTokens(torch.utils.data.Dataset):
                 "label": torch.tensor(label)}
 
 
-@register("dataset", "synthetic-video-tokens")
-def synthetic_video_tokens(args: argparse.Namespace) -> VideoTokenSource:
-    vocab = Vocabulary(video_vocab_size=args.synthetic_codebook_size,
-                       num_classes=args.synthetic_num_classes)
-    layout = SampleLayout(video_start=3, num_frames=args.synthetic_frames,
-                          frame_tokens=args.synthetic_frame_tokens)
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The ``--synthetic-*`` flags."""
+
+    frames: int = 5
+    frame_tokens: int = 64
+    codebook_size: int = 512
+    num_classes: int = 10
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("synthetic-video-tokens dataset")
+        g.add_argument("--synthetic-frames", type=int, default=5,
+                       help="latent frames per sample of the synthetic dataset")
+        g.add_argument("--synthetic-frame-tokens", type=int, default=64,
+                       help="tokens per latent frame of the synthetic dataset")
+        g.add_argument("--synthetic-codebook-size", type=int, default=512)
+        g.add_argument("--synthetic-num-classes", type=int, default=10)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SyntheticConfig:
+        return cls(frames=args.synthetic_frames, frame_tokens=args.synthetic_frame_tokens,
+                   codebook_size=args.synthetic_codebook_size,
+                   num_classes=args.synthetic_num_classes)
+
+
+@register("dataset", "synthetic-video-tokens", config=SyntheticConfig)
+def synthetic_video_tokens(config: SyntheticConfig, *, seed: int = 1234) -> VideoTokenSource:
+    vocab = Vocabulary(video_vocab_size=config.codebook_size, num_classes=config.num_classes)
+    layout = SampleLayout(video_start=3, num_frames=config.frames,
+                          frame_tokens=config.frame_tokens)
     return VideoTokenSource(
         vocab=vocab,
         layout=layout,
-        train=MapStyleSource(SyntheticVideoTokens(layout, vocab, 4096, split=0, seed=args.seed)),
-        valid=MapStyleSource(SyntheticVideoTokens(layout, vocab, 256, split=1, seed=args.seed)),
+        train=MapStyleSource(SyntheticVideoTokens(layout, vocab, 4096, split=0, seed=seed)),
+        valid=MapStyleSource(SyntheticVideoTokens(layout, vocab, 256, split=1, seed=seed)),
     )

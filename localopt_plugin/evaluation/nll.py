@@ -7,7 +7,7 @@ objective on the same validation data, and curves of several checkpoints can be 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
+from localopt_plugin.errors import UserError
 from localopt_plugin.model import forward_hidden, token_losses
 
 
@@ -51,19 +52,23 @@ def validation_tokens(meta: dict, data_path: list[str] | None, micro_batch_size:
     Without: the validation split of the dataset the checkpoint was trained on.
     """
     from localopt_plugin import registry
+    from localopt_plugin.data.wds import VideoWdsConfig
+    from localopt_plugin.training.config import dataset_from_saved, seed_from_saved
 
-    args = argparse.Namespace(**meta["args"])
+    name, config = dataset_from_saved(meta["config"])
     if data_path:
-        args.dataset, args.data_path, args.valid_data_path = "video-wds", data_path, None
-        args.null_condition_prob, args.data_num_workers = 0.0, 0
-    source = registry.build("dataset", args.dataset, args=args)
+        base = config if name == "video-wds" else VideoWdsConfig()
+        config = dataclasses.replace(base, data_path=tuple(data_path), valid_data_path=None,
+                                     null_condition_prob=0.0, num_workers=0)
+        name = "video-wds"
+    source = registry.build("dataset", name, config, seed=seed_from_saved(meta["config"]))
     if (source.vocab != Vocabulary(**meta["vocabulary"])
             or source.layout != SampleLayout(**meta["layout"])):
-        raise SystemExit(f"error: the evaluation data ({source.vocab}, {source.layout}) does "
+        raise UserError(f"the evaluation data ({source.vocab}, {source.layout}) does "
                          f"not match the checkpoint's vocabulary and layout")
     stream = source.train if data_path else source.valid
     if stream is None:
-        raise SystemExit(f"error: dataset {args.dataset} of the checkpoint has no validation "
+        raise UserError(f"dataset {name} of the checkpoint has no validation "
                          f"split; pass --data-path")
     batches = stream.batches(micro_batch_size, 0, 1, seed)
     count = -(-num_samples // micro_batch_size)

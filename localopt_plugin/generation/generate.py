@@ -19,6 +19,7 @@ import torch
 
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
 from localopt_plugin.data.manifest import Manifest, fingerprint_file, load_manifest
+from localopt_plugin.errors import UserError
 from localopt_plugin.tokenizers.base import VideoTokenizer
 
 log = logging.getLogger(__name__)
@@ -61,23 +62,21 @@ def manifest_path_from_meta(meta: dict) -> str | None:
     return None
 
 
-def build_tokenizer(manifest: Manifest, tokenizer_path: str | None = None) -> VideoTokenizer:
-    """The video tokenizer the shards were made with; its fingerprint must match."""
-    from localopt_plugin import registry
+def load_tokenizer(manifest: Manifest, tokenizer_path: str | None = None) -> VideoTokenizer:
+    """The video tokenizer the shards were made with; its fingerprint must match.
 
-    # the embedded model takes a weights file, adapters (torchscript) a folder
-    key = "weights" if manifest.tokenizer == "fsq-video" else "path"
-    kwargs = {key: tokenizer_path} if tokenizer_path else {}
+    ``tokenizer_path``: the tokenizer's ``path`` option (a weights file or folder) when it is
+    not where the tokenizer looks by default."""
+    from localopt_plugin.tokenizers import build_tokenizer
+
+    options = {"path": tokenizer_path} if tokenizer_path else {}
     try:
-        tokenizer = registry.build("tokenizer", manifest.tokenizer, **kwargs)
-    except registry.UnknownComponentError as err:
-        raise SystemExit(f"error: {manifest.path} names tokenizer {manifest.tokenizer!r}: "
-                         f"{err}") from None
-    except TypeError as err:
-        raise SystemExit(f"error: tokenizer {manifest.tokenizer!r} needs more settings "
-                         f"(--tokenizer-path?): {err}") from None
+        tokenizer = build_tokenizer(manifest.tokenizer, **options)
+    except UserError as err:
+        raise UserError(f"{manifest.path} names tokenizer {manifest.tokenizer!r}: {err} "
+                        f"(--tokenizer-path?)") from None
     if tokenizer.fingerprint != manifest.tokenizer_fingerprint:
-        raise SystemExit(f"error: tokenizer {manifest.tokenizer!r} has fingerprint "
+        raise UserError(f"tokenizer {manifest.tokenizer!r} has fingerprint "
                          f"{tokenizer.fingerprint} but {manifest.path} was made with "
                          f"{manifest.tokenizer_fingerprint}")
     return tokenizer
@@ -89,9 +88,9 @@ def _text_processor(manifest: Manifest):
 
     path = manifest.text_model_path()
     if not os.path.exists(path):
-        raise SystemExit(f"error: sentencepiece model {path} (of {manifest.path}) not found")
+        raise UserError(f"sentencepiece model {path} (of {manifest.path}) not found")
     if fingerprint_file(path) != manifest.text_tokenizer.fingerprint:
-        raise SystemExit(f"error: sentencepiece model {path} does not match the fingerprint "
+        raise UserError(f"sentencepiece model {path} does not match the fingerprint "
                          f"in {manifest.path}")
     return sentencepiece.SentencePieceProcessor(model_file=path)
 
@@ -107,18 +106,18 @@ def load_context(checkpoint: str, tag: str | None = None, manifest_path: str | N
     manifest = None
     if manifest_path is not None:
         if not os.path.exists(manifest_path):
-            raise SystemExit(f"error: the checkpoint's data manifest {manifest_path} is gone; "
+            raise UserError(f"the checkpoint's data manifest {manifest_path} is gone; "
                              f"pass --manifest")
         manifest = load_manifest(manifest_path)
         if manifest.latent_grid[1] * manifest.latent_grid[2] != layout.frame_tokens:
-            raise SystemExit(f"error: {manifest_path}'s latent grid {manifest.latent_grid} "
+            raise UserError(f"{manifest_path}'s latent grid {manifest.latent_grid} "
                              f"does not fit the checkpoint's {layout.frame_tokens} tokens/frame")
     context = GenerationContext(model, meta, vocab, layout, manifest)
     if manifest is not None and decode:
-        context.tokenizer = build_tokenizer(manifest, tokenizer_path)
+        context.tokenizer = load_tokenizer(manifest, tokenizer_path)
     if vocab.text_vocab_size:
         if manifest is None or manifest.text_tokenizer is None:
-            raise SystemExit("error: the checkpoint is caption-conditioned but no manifest "
+            raise UserError("the checkpoint is caption-conditioned but no manifest "
                              "names its sentencepiece model; pass --manifest")
         context.text_processor = _text_processor(manifest)
     return context
@@ -132,7 +131,7 @@ def class_conditions(vocab: Vocabulary, labels: list[int]) -> torch.Tensor:
 def prompt_conditions(vocab: Vocabulary, layout: SampleLayout, processor,
                       prompts: list[str]) -> torch.Tensor:
     """Condition ids ``[b, max_text_tokens]``, built exactly as the loader builds them."""
-    from localopt_plugin.data.webdataset_source import caption_ids
+    from localopt_plugin.data.inputs import caption_ids
 
     length = layout.video_start - 2
     return torch.from_numpy(np.stack([caption_ids(processor, p, vocab, length)

@@ -105,9 +105,10 @@ class _Stepper:
         positions = torch.arange(prefix.shape[1], device=prefix.device)
         self.sequence = prefix
         if self.use_cache:
-            self.memory = KVMemory()
+            # one buffer per layer for every position the model can take: no regrowth
+            self.memory = KVMemory(0, self.model.max_sequence_length)
             hidden = forward_hidden(self.model, prefix, positions, memory=self.memory,
-                                    store=slice(None))
+                                    store_from=0)
         else:
             hidden = forward_hidden(self.model, prefix, positions)
         return self._last_logits(hidden, vocab_size)
@@ -119,7 +120,7 @@ class _Stepper:
         if self.use_cache:
             position = torch.tensor([length - 1], device=ids.device)
             hidden = forward_hidden(self.model, ids[:, None], position, memory=self.memory,
-                                    store=slice(None))
+                                    store_from=0)
         else:
             hidden = forward_hidden(self.model, self.sequence,
                                     torch.arange(length, device=ids.device))

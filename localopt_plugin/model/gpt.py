@@ -1,7 +1,8 @@
-"""Megatron-Core GPTModel built from Megatron-style flags, and the forward used by objectives.
+"""Megatron-Core's GPTModel from a :class:`ModelConfig`, and the forward used by objectives.
 
 The model is Megatron-Core's own ``GPTModel``; the plugin only swaps the layer spec's
-``core_attention`` for :class:`SDPAttention`. :func:`forward_hidden` drives the model's own
+``core_attention`` for one that runs attention plans (:class:`SDPAttention` in the local spec,
+``TEPlannedAttention`` in TransformerEngine's). :func:`forward_hidden` drives the model's own
 submodules (embedding, rotary table, decoder) so that a forward can cover any set of absolute
 positions (a window after its context) and return the final hidden states that ReCo needs;
 :func:`compute_logits` and :func:`token_losses` finish with the model's output layer and its
@@ -10,119 +11,93 @@ vocab-parallel cross-entropy.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
 
 import torch
-import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from localopt_plugin.model.attention import KVMemory, SDPAttention, attention_plan, plan_for
+from localopt_plugin.model.attention import SDPAttention, plan_for
+from localopt_plugin.model.config import (
+    ModelConfig,
+    ParallelConfig,
+    padded_vocab_size,
+    transformer_config,
+)
 from localopt_plugin.model.init import canonical_parameters, initialize_parameters
+from localopt_plugin.model.kv_memory import KVMemory
 from localopt_plugin.platform import cuda_available
 
-log = logging.getLogger(__name__)
 
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Megatron-LM's padding: a multiple of ``divisible_by x tensor_parallel``."""
-    multiple = divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
-
-
-def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
-    params_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    return TransformerConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        ffn_hidden_size=args.ffn_hidden_size,
-        kv_channels=args.kv_channels,
-        num_query_groups=args.num_query_groups if args.group_query_attention else None,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        layernorm_epsilon=args.norm_epsilon,
-        normalization=args.normalization,
-        gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
-        add_bias_linear=not args.disable_bias_linear,
-        init_method_std=args.init_method_std,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        use_cpu_initialization=args.use_cpu_initialization or not cuda_available(),
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-    )
-
-
-def layer_spec(args: argparse.Namespace) -> ModuleSpec:
-    """Megatron-Core's local GPT layer spec with SDPA core attention, or TransformerEngine's."""
-    if args.transformer_impl == "transformer_engine":
-        try:
-            import transformer_engine  # noqa: F401
-            from megatron.core.models.gpt.gpt_layer_specs import (
-                get_gpt_layer_with_transformer_engine_spec,
-            )
-        except ImportError as err:
-            raise SystemExit(f"error: --transformer-impl transformer_engine needs "
-                             f"TransformerEngine ({err})") from None
-        return get_gpt_layer_with_transformer_engine_spec(normalization=args.normalization)
-    spec = get_gpt_layer_local_spec(normalization=args.normalization)
+def _with_core_attention(spec: ModuleSpec, core_attention: type) -> ModuleSpec:
     attention = spec.submodules.self_attention
     attention = dataclasses.replace(
         attention,
-        submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention),
+        submodules=dataclasses.replace(attention.submodules, core_attention=core_attention),
     )
     return dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention)
-    )
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+
+
+def layer_spec(config: ModelConfig) -> ModuleSpec:
+    """Megatron-Core's GPT layer spec (local or TransformerEngine) with a core attention that
+    runs attention plans."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if config.transformer_impl == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401  (Megatron's TE classes need it at use)
+
+            from localopt_plugin.model.te_attention import TEPlannedAttention
+        except ImportError as err:
+            raise ValueError(f"--transformer-impl transformer_engine needs TransformerEngine, "
+                             f"which is not importable here ({err}); use --transformer-impl "
+                             f"local") from None
+        return _with_core_attention(
+            gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), TEPlannedAttention)
+    return _with_core_attention(
+        gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization),
+        SDPAttention)
 
 
 def build_gpt_model(
-    args: argparse.Namespace,
+    config: ModelConfig,
     vocab_size: int,
+    *,
+    parallel: ParallelConfig | None = None,
+    seed: int = 1234,
     pre_process: bool = True,
     post_process: bool = True,
-    config: TransformerConfig | None = None,
+    megatron_config: TransformerConfig | None = None,
     vp_stage: int | None = None,
 ) -> GPTModel:
     """A Megatron-Core GPTModel (or one pipeline stage of it) with layout-independent weights.
 
-    ``vocab_size`` is padded the way Megatron-LM pads it; ``config`` defaults to the one
-    derived from the flags (Megatron-LM passes its own).
+    ``vocab_size`` is padded the way Megatron-LM pads it; ``megatron_config`` defaults to the
+    one derived from ``config`` (Megatron-LM passes its own).
     """
-    if args.sequence_parallel:
-        raise SystemExit("error: --sequence-parallel is not supported by the plugin's forward yet")
-    config = config or transformer_config_from_args(args)
+    parallel = parallel or ParallelConfig()
+    if config.max_position_embeddings is None:
+        raise ValueError("ModelConfig.max_position_embeddings is unset (resolve it from the "
+                         "data's sequence length first)")
+    megatron_config = megatron_config or transformer_config(config, parallel)
     model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(args),
-        vocab_size=padded_vocab_size(
-            vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-        ),
-        max_sequence_length=args.max_position_embeddings,
+        config=megatron_config,
+        transformer_layer_spec=layer_spec(config),
+        vocab_size=padded_vocab_size(vocab_size, config.make_vocab_size_divisible_by,
+                                     parallel.tensor_model_parallel_size),
+        max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
+        share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=config.rotary_percent,
+        rotary_base=config.rotary_base,
         parallel_output=True,
         **({"vp_stage": vp_stage} if vp_stage is not None else {}),
     )
-    initialize_parameters(canonical_parameters(model), config, args.seed)
+    initialize_parameters(canonical_parameters(model), megatron_config, seed)
     return model.cuda() if cuda_available() else model
 
 
@@ -131,13 +106,14 @@ def forward_hidden(
     input_ids: torch.Tensor | None,
     positions: torch.Tensor,
     memory: KVMemory | None = None,
-    store: slice | None = None,
+    store_from: int | None = None,
 ) -> torch.Tensor:
     """Final hidden states ``[s, b, h]`` (after the final norm) of tokens at ``positions``.
 
-    input_ids: ``[b, s]``; positions: ``[s]`` absolute positions shared by the batch (need not
-    be contiguous). ``memory``/``store``: keys/values of earlier tokens to attend to / to keep
-    (see :class:`AttentionPlan`). Without them this is the ordinary causal forward.
+    input_ids: ``[b, s]``; positions: ``[s]`` absolute positions shared by the batch (see
+    :func:`~localopt_plugin.model.attention.plan_for` for what may follow a gap).
+    ``memory``/``store_from``: keys/values of earlier tokens to attend to / this forward's
+    tokens to keep from ``store_from`` on. Without them this is the ordinary causal forward.
     On a pipeline stage of Megatron's own schedule, a stage without the embedding takes its
     input from ``model.set_input_tensor`` and a stage before the last returns un-normed output.
     """
@@ -154,8 +130,8 @@ def forward_hidden(
     rotary = None
     if model.position_embedding_type == "rope":
         rotary = model.rotary_pos_emb(int(positions.max()) + 1)[positions]
-    with attention_plan(model, plan_for(positions, memory, store)):
-        return model.decoder(hidden_states=embedded, attention_mask=None, rotary_pos_emb=rotary)
+    return model.decoder(hidden_states=embedded, attention_mask=None, rotary_pos_emb=rotary,
+                         packed_seq_params=plan_for(positions, memory, store_from))
 
 
 def compute_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:

@@ -47,14 +47,30 @@ def initialize_parameters(named_parameters: Iterable[tuple[str, torch.nn.Paramet
         shape = list(param.shape)
         partitioned = getattr(param, "tensor_model_parallel", False) and tp_size > 1
         if partitioned:
-            dim = param.partition_dim
-            if getattr(param, "partition_stride", 1) != 1:
-                raise NotImplementedError(f"strided tensor-parallel partition of {name}")
-            shape[dim] *= tp_size
+            shape[param.partition_dim] *= tp_size
         master = _init_master(name, tuple(shape), config, seed)
         if partitioned:
-            master = master.chunk(tp_size, dim=dim)[tp_rank]
+            master = tensor_parallel_slice(master, param.partition_dim,
+                                           getattr(param, "partition_stride", 1),
+                                           tp_rank, tp_size)
         param.copy_(master.to(param.dtype))
+
+
+def tensor_parallel_slice(master: torch.Tensor, dim: int, stride: int, rank: int,
+                          size: int) -> torch.Tensor:
+    """Rank ``rank``'s partition of a full tensor, as Megatron splits it.
+
+    With ``stride`` s the full tensor is ``s`` stacked parts (a gated MLP's ``[gate; up]``
+    has s = 2) and each rank holds its slice of every part: pieces ``rank, rank + size, ...``
+    of the tensor cut into ``size x s`` equal pieces."""
+    pieces = master.chunk(size * stride, dim=dim)
+    return torch.cat(pieces[rank::size], dim=dim)
+
+
+def tensor_parallel_merge(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """The full tensor from every rank's partition (the inverse of tensor_parallel_slice)."""
+    pieces = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([rank_pieces[i] for i in range(stride) for rank_pieces in pieces], dim=dim)
 
 
 def canonical_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:

@@ -6,8 +6,29 @@
 * ``fewer-frames``: the naive baseline, a W-frame clip trained with no earlier context.
 """
 
-from localopt_plugin.objectives import window_sampler  # noqa: F401  (registers samplers)
-from localopt_plugin.objectives.base import ObjectiveOutput
-from localopt_plugin.objectives.sequence import FewerFrames, FullSequence, LocalOptimization
+from __future__ import annotations
 
-__all__ = ["FewerFrames", "FullSequence", "LocalOptimization", "ObjectiveOutput"]
+from localopt_plugin import registry
+from localopt_plugin.data.layout import SampleLayout
+from localopt_plugin.objectives.sequence import (
+    FewerFrames,
+    FullSequence,
+    LocalOptimization,
+    Objective,
+)
+from localopt_plugin.objectives.window_sampler import WindowConfig, WindowSampler
+
+__all__ = ["FewerFrames", "FullSequence", "LocalOptimization", "Objective", "WindowConfig",
+           "WindowSampler", "build_objective"]
+
+
+def build_objective(name: str, layout: SampleLayout, *, sampler: str = "first-frame-balanced",
+                    window: WindowConfig | None = None, config=None, seed: int = 1234):
+    """The registered objective ``name``; windowed ones get the registered window sampler
+    ``sampler`` configured by ``window``. Raises ValueError on settings the layout cannot
+    take (e.g. a window longer than the video)."""
+    def windows() -> WindowSampler:
+        return registry.build("window_sampler", sampler, window or WindowConfig(),
+                              num_frames=layout.num_frames, seed=seed)
+
+    return registry.build("objective", name, config, layout=layout, windows=windows)

@@ -1,69 +1,39 @@
 """Full-sequence, Local Optimization and fewer-frames objectives over a video-token batch.
 
-Each objective turns a batch into a :class:`ForwardPlan`: which tokens run as context without
-autograd, which run with autograd at which absolute positions, and which of those carry the
-loss. :func:`run_plan` executes a plan on a whole model; the pipeline-parallel module
-(``localopt_plugin.model.pipeline``) executes the same plans stage by stage.
+Each objective turns a batch into a :class:`~localopt_plugin.plan.ForwardPlan`: which tokens
+run as context without autograd, which run with autograd at which absolute positions, and which
+of those carry the loss. Executors (:func:`~localopt_plugin.plan.run_plan`, the DeepSpeed
+pipeline stages, Megatron-LM's forward step) run the plans.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 
 from localopt_plugin.data.layout import SampleLayout
-from localopt_plugin.model import KVMemory, forward_hidden, token_losses
-from localopt_plugin.objectives.base import ObjectiveOutput
 from localopt_plugin.objectives.window_sampler import WindowSampler
+from localopt_plugin.plan import ForwardPlan, ObjectiveOutput, run_plan
 from localopt_plugin.registry import register
 
 
-@dataclass
-class ForwardPlan:
-    """One micro-batch's forward.
+class Objective:
+    """Base of the built-in objectives: ``plan`` per micro-batch; calling runs the plan.
 
-    context_ids: ``[b, c]`` tokens at positions ``[0, c)`` run under ``no_grad``, or None; the
-        keys/values of positions ``>= context_keep_from`` are kept for the autograd pass.
-    ids / positions: ``[b, s]`` tokens run with autograd at absolute ``positions`` ``[s]``.
-    loss_from: outputs ``[loss_from:]`` are optimized against ``labels`` ``[b, s - loss_from]``.
+    ``micro_batch`` is the global micro-batch index within the iteration (accumulation step x
+    data-parallel size + data-parallel rank), which keys the window draw.
     """
 
-    context_ids: torch.Tensor | None
-    context_keep_from: int
-    ids: torch.Tensor
-    positions: torch.Tensor
-    loss_from: int
-    labels: torch.Tensor
-    first_frame: int
-    num_frames: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    windowed = True  # draws windows: built with the run's window sampler
 
+    @classmethod
+    def build(cls, config: None, *, layout: SampleLayout,
+              windows: Callable[[], WindowSampler]) -> Objective:
+        """The registry's build function: ``windows()`` makes the run's window sampler (and
+        validates the window flags against the layout), called only by windowed objectives."""
+        return cls(layout, windows() if cls.windowed else None)
 
-def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
-    """The context pass (``no_grad``, keeping keys/values) then the autograd pass of a plan;
-    returns the autograd pass's hidden states ``[s, b, h]`` (un-normed on a non-last
-    Megatron pipeline stage, see :func:`forward_hidden`)."""
-    memory = None
-    if plan.context_ids is not None:
-        memory = KVMemory()
-        context_positions = torch.arange(plan.context_ids.shape[1], device=plan.ids.device)
-        with torch.no_grad():
-            forward_hidden(model, plan.context_ids, context_positions, memory=memory,
-                           store=slice(plan.context_keep_from, None))
-    return forward_hidden(model, plan.ids, plan.positions, memory=memory)
-
-
-def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
-    """Execute a plan on a whole (non-pipelined) GPTModel."""
-    hidden = plan_hidden(model, plan)[plan.loss_from:]
-    loss = token_losses(model, hidden, plan.labels).float().mean()
-    return ObjectiveOutput(loss, hidden, plan.labels.numel(), plan.first_frame,
-                           plan.num_frames, plan.metrics)
-
-
-class _Objective:
     def __init__(self, layout: SampleLayout, sampler: WindowSampler | None = None) -> None:
         self.layout, self.sampler = layout, sampler
 
@@ -75,8 +45,10 @@ class _Objective:
         raise NotImplementedError
 
 
-class FullSequence(_Objective):
+class FullSequence(Objective):
     """Next-token cross-entropy on every video token of the sample."""
+
+    windowed = False
 
     def plan(self, tokens: torch.Tensor, iteration: int = 0, micro_batch: int = 0) -> ForwardPlan:
         start, end = self.layout.label_span(0, self.layout.num_frames)
@@ -84,7 +56,7 @@ class FullSequence(_Objective):
                            start, tokens[:, start + 1:end + 1], 0, self.layout.num_frames)
 
 
-class LocalOptimization(_Objective):
+class LocalOptimization(Objective):
     """Loss on one window of W frames; earlier frames are context without autograd.
 
     The context pass (``no_grad``) runs the conditioning prefix and the context frames and
@@ -93,8 +65,8 @@ class LocalOptimization(_Objective):
     window, attending to the kept keys/values. Frames after the window are never computed.
     """
 
-    def plan(self, tokens: torch.Tensor, iteration: int = 0, micro_batch: int = 0) -> ForwardPlan:
-        first = self.sampler.draw(iteration, micro_batch)
+    def window_plan(self, tokens: torch.Tensor, first: int) -> ForwardPlan:
+        """The plan of the window starting at latent frame ``first``."""
         frames = self.sampler.window_frames
         prefix = self.layout.prefix_length
         start, end = self.layout.label_span(first, frames)
@@ -107,8 +79,11 @@ class LocalOptimization(_Objective):
                            tokens[:, start + 1:end + 1], first, frames,
                            {"window start": float(first)})
 
+    def plan(self, tokens: torch.Tensor, iteration: int = 0, micro_batch: int = 0) -> ForwardPlan:
+        return self.window_plan(tokens, self.sampler.draw(iteration, micro_batch))
 
-class FewerFrames(_Objective):
+
+class FewerFrames(Objective):
     """The naive baseline: a W-frame clip treated as a whole video (no earlier context)."""
 
     def plan(self, tokens: torch.Tensor, iteration: int = 0, micro_batch: int = 0) -> ForwardPlan:
@@ -123,20 +98,6 @@ class FewerFrames(_Objective):
                            {"clip start": float(first)})
 
 
-register("objective", "full-sequence")(FullSequence)
-register("objective", "local-opt")(LocalOptimization)
-register("objective", "fewer-frames")(FewerFrames)
-
-
-def build_objective(args: argparse.Namespace, layout: SampleLayout):
-    """The objective named by ``--objective`` with the sampler named by ``--window-sampler``."""
-    from localopt_plugin import registry
-
-    sampler = None
-    if args.objective != "full-sequence":
-        try:
-            sampler = registry.build("window_sampler", args.window_sampler, args=args,
-                                     num_frames=layout.num_frames)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
-    return registry.get("objective", args.objective)(layout, sampler)
+register("objective", "full-sequence")(FullSequence.build)
+register("objective", "local-opt")(LocalOptimization.build)
+register("objective", "fewer-frames")(FewerFrames.build)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from localopt_plugin.data.procedural import MOTIONS, NUM_CLASSES, SHAPES, class_name, render_video
+from localopt_plugin.errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 PROCEDURAL = "procedural"
@@ -62,7 +63,7 @@ def _procedural(spec: str) -> list[tuple[str, str, str, str]]:
     try:
         count, first_seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
     except (IndexError, ValueError):
-        raise SystemExit(f"error: bad input {spec!r}: use procedural:N or procedural:N:SEED"
+        raise UserError(f"bad input {spec!r}: use procedural:N or procedural:N:SEED"
                          ) from None
     out = []
     for j in range(count):
@@ -83,7 +84,7 @@ def _read_list(path: Path) -> list[tuple[str, str, str | None, str | None]]:
     out = []
     for n, row in enumerate(rows, 1):
         if not row.get("path"):
-            raise SystemExit(f"error: {path} row {n} has no 'path'")
+            raise UserError(f"{path} row {n} has no 'path'")
         video = Path(row["path"])
         video = video if video.is_absolute() else path.parent / video
         label = row.get("label")
@@ -114,7 +115,7 @@ def list_inputs(specs: list[str], labels_from_dirs: bool = False) -> list[VideoI
         else:  # a single file; a missing one is rejected (and reported) like a corrupt one
             rows += _files([spec], labels_from_dirs)
     if not rows:
-        raise SystemExit(f"error: no input videos found in {specs}")
+        raise UserError(f"no input videos found in {specs}")
     return [VideoInput(source, _key(i, name, source), label, caption)
             for i, (source, name, label, caption) in enumerate(rows)]
 
@@ -131,18 +132,18 @@ def resolve_labels(inputs: list[VideoInput], num_classes: int | None = None
         return [replace(v, label=0) for v in inputs], 1, [UNLABELLED_CLASS]
     missing = next((v.source for v in inputs if v.label is None), None)
     if missing is not None:
-        raise SystemExit(f"error: {missing} has no label but other inputs have one")
+        raise UserError(f"{missing} has no label but other inputs have one")
     if all(isinstance(x, int) or str(x).lstrip("-").isdigit() for x in labels):
         ids = [int(x) for x in labels]
         count = num_classes or max(ids) + 1
         if min(ids) < 0 or max(ids) >= count:
-            raise SystemExit(f"error: labels must lie in [0, {count}), got {min(ids)}..{max(ids)}")
+            raise UserError(f"labels must lie in [0, {count}), got {min(ids)}..{max(ids)}")
         return [replace(v, label=i) for v, i in zip(inputs, ids, strict=True)], count, None
     procedural_names = [class_name(c) for c in range(NUM_CLASSES)]
     names = procedural_names if set(labels) <= set(procedural_names) else sorted(set(labels))
     index = {name: i for i, name in enumerate(names)}
     if num_classes is not None and num_classes != len(names):
-        raise SystemExit(f"error: --num-classes {num_classes} but the inputs name {len(names)} "
+        raise UserError(f"--num-classes {num_classes} but the inputs name {len(names)} "
                          "classes")
     return [replace(v, label=index[v.label]) for v in inputs], len(names), names
 

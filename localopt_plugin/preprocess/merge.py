@@ -17,6 +17,7 @@ from collections import Counter
 import sentencepiece
 
 from localopt_plugin.data.manifest import MANIFEST_NAME, Manifest, TextTokenizer, fingerprint_file
+from localopt_plugin.errors import UserError
 from localopt_plugin.preprocess.clips import ClipSpec
 from localopt_plugin.preprocess.writer import ShardPlan, ShardRecord, record_path
 
@@ -54,7 +55,7 @@ def train_caption_tokenizer(texts: list[str], vocab_size: int, path: str) -> Tex
     """A unigram sentencepiece model of the captions; training is single-threaded and in
     memory (no file names end up in the model), so the same captions give the same bytes."""
     if not texts:
-        raise SystemExit("error: --train-text-tokenizer needs captions, but no sample has one")
+        raise UserError("--train-text-tokenizer needs captions, but no sample has one")
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from localopt_plugin.errors import UserError
+
 _MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 
 
@@ -68,7 +70,7 @@ class Ranks:
             if state != last:
                 last, progress = state, time.monotonic()
             elif time.monotonic() - progress > timeout:
-                raise SystemExit(f"error: rank 0 waited {timeout:.0f} s with no progress for "
+                raise UserError(f"rank 0 waited {timeout:.0f} s with no progress for "
                                  f"{state[0]} rank(s) and {state[1]} shard(s) to finish")
             time.sleep(0.2)
         out = []

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import webdataset as wds
 
+from localopt_plugin.errors import UserError
 from localopt_plugin.preprocess.clips import ClipSpec, RejectedVideo, load_clips
 from localopt_plugin.preprocess.inputs import VideoInput
 from localopt_plugin.tokenizers.base import VideoTokenizer
@@ -111,7 +112,7 @@ def finished(out: str, name: str, settings: str) -> ShardRecord | None:
     with open(path) as f:
         record = ShardRecord(**json.load(f))
     if record.settings != settings:
-        raise SystemExit(f"error: {out} holds shard {name} made with other inputs or settings; "
+        raise UserError(f"{out} holds shard {name} made with other inputs or settings; "
                          "use a new --output directory (or delete that one)")
     tar = os.path.join(out, name)
     if (not os.path.exists(tar) or os.path.getsize(tar) != record.bytes

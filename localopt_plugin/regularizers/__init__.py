@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from localopt_plugin.objectives.base import ObjectiveOutput
-from localopt_plugin.regularizers.reco import ReCo, reco_penalty
+from localopt_plugin.plan import ObjectiveOutput
+from localopt_plugin.regularizers.reco import ReCo, ReCoConfig, reco_penalty
 
-__all__ = ["ReCo", "apply_regularizers", "reco_penalty"]
+__all__ = ["ReCo", "ReCoConfig", "apply_regularizers", "reco_penalty"]
 
 
 def apply_regularizers(out: ObjectiveOutput, regularizers,

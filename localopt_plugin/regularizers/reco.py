@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from localopt_plugin.errors import UserError
 from localopt_plugin.registry import register
 
 if TYPE_CHECKING:
-    from localopt_plugin.objectives.base import ObjectiveOutput
+    from localopt_plugin.plan import ObjectiveOutput
 
 PAIR_MODES = ("adjacent-token", "adjacent-frame")
 SCHEDULES = ("constant", "linear-warmup", "cosine", "adaptive")
@@ -103,22 +105,22 @@ class ReCo:
                  train_iters: int | None = None, target_ratio: float = 0.1,
                  reduction: str = "sum") -> None:
         if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"--reco-weight must be >= 0, got {weight}")
+            raise UserError(f"--reco-weight must be >= 0, got {weight}")
         if pairs not in PAIR_MODES:
-            raise ValueError(f"--reco-pairs must be one of {', '.join(PAIR_MODES)}, "
+            raise UserError(f"--reco-pairs must be one of {', '.join(PAIR_MODES)}, "
                              f"got {pairs!r}")
         if schedule not in SCHEDULES:
-            raise ValueError(f"--reco-weight-schedule must be one of {', '.join(SCHEDULES)}, "
+            raise UserError(f"--reco-weight-schedule must be one of {', '.join(SCHEDULES)}, "
                              f"got {schedule!r}")
         if warmup_iters < 0:
-            raise ValueError(f"--reco-warmup-iters must be >= 0, got {warmup_iters}")
+            raise UserError(f"--reco-warmup-iters must be >= 0, got {warmup_iters}")
         if schedule == "cosine" and not (train_iters and train_iters > 0):
-            raise ValueError(f"--reco-weight-schedule cosine needs --train-iters > 0, "
+            raise UserError(f"--reco-weight-schedule cosine needs --train-iters > 0, "
                              f"got {train_iters}")
         if not (math.isfinite(target_ratio) and target_ratio >= 0):
-            raise ValueError(f"--reco-target-ratio must be >= 0, got {target_ratio}")
+            raise UserError(f"--reco-target-ratio must be >= 0, got {target_ratio}")
         if reduction not in REDUCTIONS:
-            raise ValueError(f"--reco-reduction must be one of {', '.join(REDUCTIONS)}, "
+            raise UserError(f"--reco-reduction must be one of {', '.join(REDUCTIONS)}, "
                              f"got {reduction!r}")
         self.weight, self.pairs, self.schedule = weight, pairs, schedule
         self.reduction = reduction
@@ -155,7 +157,7 @@ class ReCo:
                              f"of {out.num_frames} frames")
         frame_tokens = out.hidden.shape[0] // out.num_frames
         if self.pairs == "adjacent-frame" and out.num_frames < 2:
-            raise ValueError("--reco-pairs adjacent-frame needs at least 2 optimized frames "
+            raise UserError("--reco-pairs adjacent-frame needs at least 2 optimized frames "
                              "(e.g. --local-opt-window-frames >= 2)")
         raw = reco_penalty(out.hidden, frame_tokens, self.pairs, self.reduction)
         if self.schedule == "adaptive":
@@ -165,13 +167,50 @@ class ReCo:
                       "reco weight": weight}
 
 
-@register("regularizer", "reco")
-def build_reco(*, args: argparse.Namespace) -> ReCo:
-    """ReCo configured by the ``--reco-*`` flags (and ``--train-iters`` for ``cosine``)."""
-    try:
-        return ReCo(weight=args.reco_weight, pairs=args.reco_pairs,
-                    schedule=args.reco_weight_schedule, warmup_iters=args.reco_warmup_iters,
-                    train_iters=args.train_iters, target_ratio=args.reco_target_ratio,
-                    reduction=args.reco_reduction)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+@dataclass(frozen=True)
+class ReCoConfig:
+    """The ``--reco-*`` flags."""
+
+    weight: float = 0.1
+    pairs: str = "adjacent-token"
+    reduction: str = "sum"
+    schedule: str = "constant"
+    warmup_iters: int = 0
+    target_ratio: float = 0.1
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("localopt-plugin: ReCo (--regularizer reco)")
+        g.add_argument("--reco-weight", type=float, default=0.1,
+                       help="ReCo lambda (the paper's 0.1; 0 disables ReCo at no cost); with "
+                       "--reco-weight-schedule adaptive, the weight is capped at 10 x lambda")
+        g.add_argument("--reco-pairs", default="adjacent-token", choices=PAIR_MODES,
+                       help="ReCo pairs inside the optimized frames: consecutive tokens "
+                       "(i, i+1) or the same spatial token in consecutive frames (i, i+P)")
+        g.add_argument("--reco-reduction", default="sum", choices=REDUCTIONS,
+                       help="over the hidden dimension: sum (the paper's squared L2 norm; its "
+                       "scale grows with the hidden size) or mean (scale-free)")
+        g.add_argument("--reco-weight-schedule", default="constant", choices=SCHEDULES,
+                       help="ReCo weight over training: constant lambda; linear-warmup 0 -> "
+                       "lambda over --reco-warmup-iters; cosine lambda -> 0 over --train-iters; "
+                       "adaptive: chosen each step from detached values so that weighted ReCo "
+                       "/ LM loss = --reco-target-ratio (at most 10 x lambda)")
+        g.add_argument("--reco-warmup-iters", type=int, default=0,
+                       help="iterations of the linear-warmup ReCo schedule")
+        g.add_argument("--reco-target-ratio", type=float, default=0.1,
+                       help="adaptive ReCo schedule: weighted ReCo loss / LM loss to hold")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ReCoConfig:
+        return cls(weight=args.reco_weight, pairs=args.reco_pairs,
+                   reduction=args.reco_reduction, schedule=args.reco_weight_schedule,
+                   warmup_iters=args.reco_warmup_iters, target_ratio=args.reco_target_ratio)
+
+
+@register("regularizer", "reco", config=ReCoConfig)
+def build_reco(config: ReCoConfig, *, train_iters: int | None = None) -> ReCo:
+    """ReCo configured by the ``--reco-*`` flags (and ``--train-iters`` for ``cosine``);
+    raises ValueError naming the flag of an invalid setting."""
+    return ReCo(weight=config.weight, pairs=config.pairs, schedule=config.schedule,
+                warmup_iters=config.warmup_iters, train_iters=train_iters,
+                target_ratio=config.target_ratio, reduction=config.reduction)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,13 @@ def build_model(config: dict[str, Any]) -> FSQVideoAutoencoder:
     return FSQVideoAutoencoder(**{key: config[key] for key in DEFAULT_CONFIG})
 
 
-@register("tokenizer", "fsq-video")
+@dataclass(frozen=True)
+class FSQConfig:
+    """``path``: a weights file (default: the one shipped with the package)."""
+
+    path: str | None = None
+
+
 class FSQVideoTokenizer(VideoTokenizer):
     """The embedded tokenizer; ``weights`` defaults to the file shipped with the package."""
 
@@ -195,3 +202,8 @@ class FSQVideoTokenizer(VideoTokenizer):
     def decode(self, ids: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(self._check_ids(ids)).unsqueeze(0)
         return tensor_to_frames(self.model.decode_ids(ids))
+
+
+@register("tokenizer", "fsq-video", config=FSQConfig)
+def build_fsq_video(config: FSQConfig | None = None) -> FSQVideoTokenizer:
+    return FSQVideoTokenizer((config or FSQConfig()).path)

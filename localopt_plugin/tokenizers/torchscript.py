@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,18 @@ DECODER_FILE = "decoder.jit"
 COSMOS_DV_VOCAB = 64000
 
 
-@register("tokenizer", "torchscript")
+@dataclass(frozen=True)
+class TorchScriptConfig:
+    """A TorchScript tokenizer folder and what its name does not say."""
+
+    path: str
+    vocab_size: int = COSMOS_DV_VOCAB
+    temporal_compression: int | None = None
+    spatial_compression: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
 class TorchScriptTokenizer(VideoTokenizer):
     """A folder holding ``encoder.jit`` and ``decoder.jit``; see the module doc."""
 
@@ -94,3 +106,9 @@ class TorchScriptTokenizer(VideoTokenizer):
     def decode(self, ids: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(self._check_ids(ids)).unsqueeze(0).to(self.device)
         return tensor_to_frames(self.decoder(ids).float().cpu())
+
+
+@register("tokenizer", "torchscript", config=TorchScriptConfig)
+def build_torchscript(config: TorchScriptConfig) -> TorchScriptTokenizer:
+    return TorchScriptTokenizer(config.path, config.vocab_size, config.temporal_compression,
+                                config.spatial_compression, config.device, config.dtype)

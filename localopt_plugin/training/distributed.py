@@ -12,6 +12,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from localopt_plugin.errors import UserError
 from localopt_plugin.platform import apply_cpu_shims, cuda_available, seed_model_parallel_rng
 
 
@@ -45,8 +46,8 @@ def init_distributed(
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
-        raise SystemExit(
-            f"error: world size {world} is not divisible by tensor x pipeline parallel "
+        raise UserError(
+            f"world size {world} is not divisible by tensor x pipeline parallel "
             f"size {tensor_parallel} x {pipeline_parallel}"
         )
     if not parallel_state.model_parallel_is_initialized():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import resource
@@ -24,25 +23,27 @@ def peak_memory_mb() -> float:
 
 
 class MetricsLogger:
-    def __init__(self, args: argparse.Namespace, start_iteration: int = 0) -> None:
+    """``run``: the RunConfig (log interval, metrics file, TensorBoard, progress bar)."""
+
+    def __init__(self, run, start_iteration: int = 0) -> None:
         self.enabled = is_rank0()
-        self.interval = max(1, args.log_interval)
+        self.interval = max(1, run.log_interval)
         self.writer = None
         self.bar = None
         self.jsonl = None
         if not self.enabled:
             return
-        if args.metrics_file:
-            self.jsonl = open(args.metrics_file, "a")  # noqa: SIM115 (closed in close())
-        if args.tensorboard_dir:
+        if run.metrics_file:
+            self.jsonl = open(run.metrics_file, "a")  # noqa: SIM115 (closed in close())
+        if run.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
-        show_bar = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+            self.writer = SummaryWriter(log_dir=run.tensorboard_dir)
+        show_bar = run.progress == "on" or (run.progress == "auto" and sys.stderr.isatty())
         if show_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=args.train_iters, initial=start_iteration, unit="it",
+            self.bar = tqdm(total=run.train_iters, initial=start_iteration, unit="it",
                             dynamic_ncols=True)
 
     def log(self, record: dict) -> None:
@@ -66,6 +67,16 @@ class MetricsLogger:
                 for k, v in record.items()
             )
             (self.bar.write if self.bar is not None else log.info)(text)
+
+    def summary(self, values: dict) -> None:
+        """The end-of-run summary: logged and written as TensorBoard text."""
+        if not self.enabled:
+            return
+        text = "training finished: " + " | ".join(
+            f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        (self.bar.write if self.bar is not None else log.info)(text)
+        if self.writer is not None:
+            self.writer.add_text("summary", text)
 
     def close(self) -> None:
         if self.jsonl is not None:

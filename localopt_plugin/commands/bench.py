@@ -1,0 +1,39 @@
+"""``localopt-bench``: ``speed`` (step time and peak memory of every window against
+full-sequence), ``window-scope`` (one window per step or per micro-batch at DP=2), ``loader``
+(video-wds loader throughput against what the benchmark model consumes) and ``quality`` (the
+paper's ablation: cost and quality of each objective on one dataset)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from localopt_plugin.platform import configure_environment
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    configure_environment()
+    from localopt_plugin.bench import loader, quality, speed, windows
+
+    parser = argparse.ArgumentParser(prog="localopt-bench", allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    speed.add_args(commands.add_parser("speed", help=speed.__doc__.splitlines()[0]))
+    loader.add_args(commands.add_parser("loader", help=loader.__doc__.splitlines()[0]))
+    quality.add_args(commands.add_parser("quality", help=quality.__doc__.splitlines()[0]))
+    windows.add_args(commands.add_parser("window-scope",
+                                         help=windows.__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    run = {"speed": speed.main, "loader": loader.main, "quality": quality.main,
+           "window-scope": windows.main}[args.command]
+    return run(args)
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from localopt_plugin.commands import exit_on_user_error
+
+    return exit_on_user_error(lambda: _main(argv))
+
+if __name__ == "__main__":
+    sys.exit(main())

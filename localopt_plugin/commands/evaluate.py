@@ -1,0 +1,176 @@
+"""``localopt-eval``: error-accumulation curves of checkpoints, consistency and FVD of videos.
+
+Subcommands::
+
+    localopt-eval nll  --checkpoint CKPT [--data-path SHARDS...] --out nll.json [--plot nll.png]
+    localopt-eval plot a.json b.json --labels local-opt full --out compare.png
+    localopt-eval flow VIDEO_OR_DIR... --out flow.json
+    localopt-eval fvd  --i3d i3d_torchscript.pt --real DIR... --generated DIR... --out fvd.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+VIDEO_SUFFIXES = (".mp4", ".gif", ".avi", ".mov", ".webm", ".mkv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="localopt-eval", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 2)[2], allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    nll = sub.add_parser("nll", help="full-sequence NLL per latent frame of a checkpoint")
+    nll.add_argument("--checkpoint", required=True)
+    nll.add_argument("--tag", default=None)
+    nll.add_argument("--data-path", nargs="+", default=None,
+                     help="validation video-wds shards (default: the checkpoint's dataset's "
+                     "validation split)")
+    nll.add_argument("--num-samples", type=int, default=64)
+    nll.add_argument("--micro-batch-size", type=int, default=4)
+    nll.add_argument("--seed", type=int, default=0)
+    nll.add_argument("--out", required=True, help="JSON file")
+    nll.add_argument("--plot", default=None, help="PNG of the per-frame curve")
+
+    plot = sub.add_parser("plot", help="overlay the per-frame curves of several nll JSONs")
+    plot.add_argument("results", nargs="+")
+    plot.add_argument("--labels", nargs="+", default=None)
+    plot.add_argument("--out", required=True, help="PNG file")
+
+    flow = sub.add_parser("flow", help="optical-flow warping error of videos (lower: smoother)")
+    flow.add_argument("videos", nargs="+", help="video files or directories of them")
+    flow.add_argument("--out", default=None, help="JSON file (default: print only)")
+
+    fvd = sub.add_parser("fvd", help="Frechet Video Distance with a local TorchScript I3D")
+    fvd.add_argument("--i3d", required=True, help="i3d_torchscript.pt (StyleGAN-V's)")
+    fvd.add_argument("--real", nargs="+", required=True, help="video files or directories")
+    fvd.add_argument("--generated", nargs="+", required=True, help="video files or directories")
+    fvd.add_argument("--num-frames", type=int, default=16,
+                     help="first frames of every clip used (StyleGAN-V: 16)")
+    fvd.add_argument("--batch-size", type=int, default=8)
+    fvd.add_argument("--out", default=None, help="JSON file (default: print only)")
+    return p
+
+
+def video_files(paths: Sequence[str]) -> list[Path]:
+    """Files as given; directories expanded to their videos, one per name (mp4 first, so a
+    localopt-generate directory's GIF copies are not counted twice)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = [f for f in path.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES]
+            best = {}
+            for f in sorted(found, key=lambda f: -VIDEO_SUFFIXES.index(f.suffix.lower())):
+                best[f.stem] = f
+            files += [best[stem] for stem in sorted(best)]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"error: {path} does not exist")
+    if not files:
+        raise SystemExit(f"error: no video files in {', '.join(paths)}")
+    return files
+
+
+def _write(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text if len(text) < 4000 else json.dumps(
+        {k: v for k, v in result.items() if not isinstance(v, list | dict)}, indent=2))
+
+
+def _nll(args: argparse.Namespace) -> None:
+    from localopt_plugin.evaluation.nll import nll_per_position, plot_curves, validation_tokens
+    from localopt_plugin.training.convert import load_trained_model
+    from localopt_plugin.training.distributed import init_distributed
+
+    init_distributed(seed=args.seed)
+    model, meta = load_trained_model(args.checkpoint, args.tag)
+    batches = validation_tokens(meta, args.data_path, args.micro_batch_size, args.num_samples,
+                                args.seed)
+    from localopt_plugin.data.layout import SampleLayout
+
+    result = nll_per_position(model, SampleLayout(**meta["layout"]), batches)
+    result = {"checkpoint": str(args.checkpoint), "iteration": meta.get("iteration"),
+              "objective": meta["config"].get("objective"),
+              "data": args.data_path or f"validation split of {meta['config'].get('dataset')}",
+              **result}
+    _write(result, args.out)
+    if args.plot:
+        label = f"{result['objective']} (iter {result['iteration']})"
+        plot_curves({label: result["per_frame_nll"]}, args.plot)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from localopt_plugin.evaluation.nll import plot_curves
+
+    labels = args.labels or [Path(r).stem for r in args.results]
+    if len(labels) != len(args.results):
+        raise SystemExit("error: --labels needs one label per result file")
+    curves = {label: json.loads(Path(r).read_text())["per_frame_nll"]
+              for label, r in zip(labels, args.results, strict=True)}
+    plot_curves(curves, args.out)
+
+
+def _flow(args: argparse.Namespace) -> None:
+    from localopt_plugin.evaluation.flow import warping_errors
+    from localopt_plugin.video.io import read_video
+
+    per_video = {}
+    for path in video_files(args.videos):
+        errors = warping_errors(read_video(path))
+        per_video[str(path)] = {"mean": float(np.mean(errors)), "per_pair": errors}
+    means = [v["mean"] for v in per_video.values()]
+    _write({"metric": "flow warping error (mean abs, [0, 1] intensities; lower is smoother)",
+            "mean": float(np.mean(means)), "num_videos": len(means), "videos": per_video},
+           args.out)
+
+
+def _fvd(args: argparse.Namespace) -> None:
+    from localopt_plugin.evaluation.fvd import fvd, load_i3d
+    from localopt_plugin.video.io import read_video
+
+    try:
+        detector = load_i3d(args.i3d)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    def clips(paths: Sequence[str]) -> list[np.ndarray]:
+        videos = [read_video(p, max_frames=args.num_frames) for p in video_files(paths)]
+        short = [len(v) for v in videos if len(v) < args.num_frames]
+        if short:
+            raise SystemExit(f"error: {len(short)} clips have fewer than --num-frames "
+                             f"{args.num_frames} frames (e.g. {short[0]})")
+        return videos
+
+    real, generated = clips(args.real), clips(args.generated)
+    value = fvd(detector, real, generated, args.batch_size)
+    _write({"fvd": value, "num_real": len(real), "num_generated": len(generated),
+            "num_frames": args.num_frames, "i3d": str(args.i3d)}, args.out)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    {"nll": _nll, "plot": _plot, "flow": _flow, "fvd": _fvd}[args.command](args)
+    return 0
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from localopt_plugin.commands import exit_on_user_error
+
+    return exit_on_user_error(lambda: _main(argv))
+
+if __name__ == "__main__":
+    raise SystemExit(main())

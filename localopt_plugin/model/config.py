@@ -1,0 +1,250 @@
+"""The model's configuration: Megatron-LM's flag names in, Megatron-Core's TransformerConfig out.
+
+:class:`ModelConfig` is the architecture (what a checkpoint must record to rebuild the model);
+:class:`ParallelConfig` is the model-parallel layout it is split over. Both are frozen: values
+that depend on the data or the DeepSpeed JSON (``max_position_embeddings``, bf16/fp16) are set
+once, when the run's configuration is resolved, with :func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from localopt_plugin.errors import UserError
+
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def fields_from(cls: type, source: Any, **overrides: Any) -> dict[str, Any]:
+    """The dataclass fields of ``cls`` found as attributes of ``source`` (e.g. parsed args)."""
+    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls)
+              if hasattr(source, f.name)}
+    return {**values, **overrides}
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """``cls`` from a saved dict: unknown keys are ignored, missing ones take their defaults,
+    so a checkpoint written before a field existed still loads."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A GPT's architecture, initialisation and activation recomputation (Megatron-LM flags)."""
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None
+    kv_channels: int | None = None
+    group_query_attention: bool = False
+    num_query_groups: int = 1
+    max_position_embeddings: int | None = None
+    position_embedding_type: str = "learned_absolute"
+    rotary_percent: float = 1.0
+    rotary_base: int = 10000
+    normalization: str = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    disable_bias_linear: bool = False
+    untie_embeddings_and_output_weights: bool = False
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    transformer_impl: str = "local"
+    use_cpu_initialization: bool = False
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    bf16: bool = False
+    fp16: bool = False
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("model (Megatron-LM flags)")
+        g.add_argument("--num-layers", type=int, default=2)
+        g.add_argument("--hidden-size", type=int, default=128)
+        g.add_argument("--num-attention-heads", type=int, default=4)
+        g.add_argument("--ffn-hidden-size", type=int, default=None,
+                       help="default: 4 x hidden size")
+        g.add_argument("--kv-channels", type=int, default=None)
+        g.add_argument("--group-query-attention", action="store_true")
+        g.add_argument("--num-query-groups", type=int, default=1)
+        g.add_argument("--seq-length", type=int, default=None,
+                       help="default: the sequence length the dataset produces")
+        g.add_argument("--max-position-embeddings", type=int, default=None,
+                       help="default: --seq-length")
+        g.add_argument("--position-embedding-type", default="learned_absolute",
+                       choices=["learned_absolute", "rope"])
+        g.add_argument("--rotary-percent", type=float, default=1.0)
+        g.add_argument("--rotary-base", type=int, default=10000)
+        g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+        g.add_argument("--norm-epsilon", type=float, default=1e-5)
+        g.add_argument("--swiglu", action="store_true")
+        g.add_argument("--disable-bias-linear", action="store_true")
+        g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+        g.add_argument("--hidden-dropout", type=float, default=0.1)
+        g.add_argument("--attention-dropout", type=float, default=0.1)
+        g.add_argument("--init-method-std", type=float, default=0.02)
+        g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+        g.add_argument("--transformer-impl", default="local",
+                       choices=["local", "transformer_engine"],
+                       help="local: pure PyTorch layers with SDPA attention; transformer_engine: "
+                       "TransformerEngine's layers and fused attention (needs TE and a GPU)")
+        g.add_argument("--use-cpu-initialization", action="store_true")
+        g = parser.add_argument_group("activation recomputation (Megatron-LM flags)")
+        g.add_argument("--recompute-activations", action="store_true",
+                       help="selective recomputation of the core attention "
+                       "(= --recompute-granularity selective)")
+        g.add_argument("--recompute-granularity", default=None, choices=RECOMPUTE_GRANULARITIES,
+                       help="selective: recompute the core attention in backward; full: "
+                       "recompute whole layers (with --recompute-method and "
+                       "--recompute-num-layers)")
+        g.add_argument("--recompute-method", default=None, choices=RECOMPUTE_METHODS,
+                       help="full recomputation: uniform (chunks of --recompute-num-layers "
+                       "layers) or block (the first --recompute-num-layers layers per stage)")
+        g.add_argument("--recompute-num-layers", type=int, default=None)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelConfig:
+        granularity = getattr(args, "recompute_granularity", None)
+        if getattr(args, "recompute_activations", False):
+            if granularity not in (None, "selective"):
+                raise UserError(f"--recompute-activations means selective recomputation but "
+                                 f"--recompute-granularity is {granularity}")
+            granularity = "selective"
+        config = cls(**fields_from(cls, args, recompute_granularity=granularity))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Checks that need no process group; each error names the flag to change."""
+        if self.bf16 and self.fp16:
+            raise UserError("--bf16 and --fp16 are mutually exclusive")
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"--hidden-size {self.hidden_size} is not divisible by "
+                             f"--num-attention-heads {self.num_attention_heads}")
+        if self.group_query_attention and self.num_attention_heads % self.num_query_groups:
+            raise UserError(f"--num-attention-heads {self.num_attention_heads} is not "
+                             f"divisible by --num-query-groups {self.num_query_groups}")
+        if self.recompute_granularity == "full" and (
+                self.recompute_method is None or self.recompute_num_layers is None):
+            raise UserError("--recompute-granularity full needs --recompute-method "
+                             "(uniform or block) and --recompute-num-layers")
+        if self.recompute_granularity != "full" and self.recompute_method is not None:
+            raise UserError("--recompute-method applies to --recompute-granularity full only")
+        if self.recompute_num_layers is not None and not (
+                self.recompute_granularity == "full"
+                and 1 <= self.recompute_num_layers <= self.num_layers):
+            raise UserError(f"--recompute-num-layers {self.recompute_num_layers} needs "
+                             f"--recompute-granularity full and a value in [1, --num-layers "
+                             f"{self.num_layers}]")
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups if self.group_query_attention else self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The model-parallel layout (Megatron-LM flags); data parallelism is what remains."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    distributed_backend: str | None = None
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("parallelism (Megatron-LM flags)")
+        g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+        g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+        g.add_argument("--sequence-parallel", action="store_true")
+        g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
+                       help="default: nccl with CUDA, gloo without")
+        g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int,
+                       default=None, help="set by the deepspeed launcher")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ParallelConfig:
+        config = cls(**fields_from(cls, args))
+        if config.sequence_parallel:
+            raise UserError("--sequence-parallel is not supported by the plugin's forward yet")
+        return config
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    def check_model(self, model: ModelConfig) -> None:
+        """The model splits over this layout."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if model.num_attention_heads % tp:
+            raise UserError(f"--num-attention-heads {model.num_attention_heads} is not "
+                             f"divisible by --tensor-model-parallel-size {tp}")
+        if model.query_groups % tp:
+            raise UserError(f"--num-query-groups {model.query_groups} is not divisible by "
+                             f"--tensor-model-parallel-size {tp}")
+        if model.num_layers % pp:
+            raise UserError(f"--num-layers {model.num_layers} is not divisible by "
+                             f"--pipeline-model-parallel-size {pp}")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron-LM's padding: a multiple of ``divisible_by x tensor_parallel``."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig):
+    """Megatron-Core's TransformerConfig for this model and layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from localopt_plugin.platform import cuda_available
+
+    dtype = model.params_dtype
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.kv_channels,
+        num_query_groups=model.num_query_groups if model.group_query_attention else None,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        layernorm_epsilon=model.norm_epsilon,
+        normalization=model.normalization,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=not model.disable_bias_linear,
+        init_method_std=model.init_method_std,
+        bf16=model.bf16,
+        fp16=model.fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        use_cpu_initialization=model.use_cpu_initialization or not cuda_available(),
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+    )

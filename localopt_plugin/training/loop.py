@@ -1,0 +1,176 @@
+"""The training loop: a DeepSpeed engine around a Megatron-Core GPTModel and a registered objective.
+
+DeepSpeed owns the optimizer step (ZeRO 0-3, gradient accumulation, clipping, bf16/fp16) and
+steps the LR schedule; the plugin supplies the loss. :func:`setup` builds everything from a
+resolved :class:`~localopt_plugin.training.config.TrainConfig`; :func:`train` runs the loop
+(steps: :mod:`.steps`, checkpoints: :mod:`.checkpoint`, metrics: :mod:`.metrics`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from localopt_plugin.data.source import VideoTokenSource
+from localopt_plugin.model import build_gpt_model
+from localopt_plugin.platform import cuda_available
+from localopt_plugin.training.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from localopt_plugin.training.config import TrainConfig
+from localopt_plugin.training.distributed import MegatronMpu, is_rank0
+from localopt_plugin.training.metrics import MetricsLogger
+from localopt_plugin.training.optim import build_optimizer, build_scheduler, param_groups
+from localopt_plugin.training.steps import (
+    TrainingStep,
+    data_parallel_step,
+    evaluate,
+    is_pipeline,
+    pipeline_step,
+)
+
+log = logging.getLogger("localopt_plugin.train")
+
+
+@dataclass
+class Trainer:
+    """What :func:`setup` builds."""
+
+    engine: object
+    scheduler: object
+    source: VideoTokenSource
+    objective: object
+
+
+def setup(config: TrainConfig, source: VideoTokenSource) -> Trainer:
+    """Model, objective, optimizer, schedule and DeepSpeed engine (process groups must exist)."""
+    import deepspeed
+
+    objective = config.build_objective(source.layout)
+    regularizers = config.build_regularizers()
+    if config.parallel.pipeline_model_parallel_size > 1:
+        from localopt_plugin.training.pipeline import build_pipeline_module
+
+        module = build_pipeline_module(config.model, config.parallel, source.vocab.size,
+                                       config.run.seed, regularizers)
+        mpu = None  # the PipelineModule brings its own grid (same rank layout as Megatron's)
+    else:
+        model = build_gpt_model(config.model, source.vocab.size, parallel=config.parallel,
+                                seed=config.run.seed)
+        module = TrainingStep(model, objective, regularizers)
+        mpu = MegatronMpu()
+        if config.deepspeed.config["zero_optimization"]["stage"] == 3 and (
+                model.share_embeddings_and_output_weights):
+            # The output layer uses the embedding's (ZeRO-3 partitioned) weight.
+            deepspeed.zero.register_external_parameter(
+                model.output_layer, model.shared_embedding_or_output_weight())
+    groups = param_groups(module)
+    for note in config.deepspeed.notes:
+        if is_rank0():
+            log.info("DeepSpeed config: %s", note)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module,
+        optimizer=build_optimizer(groups, config),
+        model_parameters=groups,
+        lr_scheduler=build_scheduler(config),
+        config=config.deepspeed.config,
+        mpu=mpu,
+    )
+    return Trainer(engine, scheduler, source, objective)
+
+
+def _time_is_up(config: TrainConfig, started: float) -> bool:
+    """Megatron's --exit-duration-in-mins, decided on rank 0 so that every rank stops together."""
+    if config.run.exit_duration_in_mins is None:
+        return False
+    done = torch.tensor([time.perf_counter() - started > 60 * config.run.exit_duration_in_mins])
+    dist.broadcast(done, src=0)
+    return bool(done.item())
+
+
+def skipped_samples(source: VideoTokenSource) -> Counter[str]:
+    """Bad samples the loaders skipped so far, by reason, summed over data-parallel ranks."""
+    mine = dict(getattr(source.train, "skipped_samples", Counter)())
+    gathered: list[dict] = [{} for _ in range(parallel_state.get_data_parallel_world_size())]
+    dist.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())
+    total: Counter[str] = Counter()
+    for counts in gathered:
+        total.update(counts)
+    return total
+
+
+def _skip_metrics(total: Counter[str]) -> dict[str, float]:
+    return {"skipped samples": float(sum(total.values())),
+            **{f"skipped: {reason}": float(n) for reason, n in sorted(total.items())}}
+
+
+def train(config: TrainConfig, source: VideoTokenSource) -> dict:
+    """Run training; returns the logged records, the final state and the skip counts."""
+    trainer = setup(config, source)
+    engine, run = trainer.engine, config.run
+    state = load_checkpoint(engine, config) if run.load else TrainState()
+    stream = source.train.batches(config.micro_batch_size,
+                                  parallel_state.get_data_parallel_rank(),
+                                  config.data_parallel_size, run.seed, state.consumed_samples)
+    logger = MetricsLogger(run, start_iteration=state.iteration)
+    layout = source.layout
+    tokens_per_sample = layout.num_frames * layout.frame_tokens
+    pipeline = is_pipeline(engine)
+    history: list[dict] = []
+    started = time.perf_counter()
+    while state.iteration < run.train_iters and not _time_is_up(config, started):
+        start = time.perf_counter()
+        if pipeline:
+            record = pipeline_step(engine, stream, trainer.objective, config, state.iteration)
+        else:
+            record = data_parallel_step(engine, stream, config, state.iteration)
+        grad_norm = record.pop("grad norm")
+        names = sorted(record)
+        averaged = torch.tensor([record[k] for k in names], dtype=torch.float64)
+        dist.all_reduce(averaged, group=parallel_state.get_data_parallel_group())
+        averaged /= config.data_parallel_size
+        state.iteration += 1
+        state.consumed_samples += config.global_batch_size
+        step_time = time.perf_counter() - start
+        record = dict(zip(names, averaged.tolist(), strict=True))
+        record.update({
+            "iteration": state.iteration,
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "grad norm": float("nan") if grad_norm is None else float(grad_norm),
+            "step time (s)": step_time,
+            "video tokens/s": config.global_batch_size * tokens_per_sample / step_time,
+        })
+        if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
+            record.update(_skip_metrics(skipped_samples(source)))
+        if run.eval_interval and state.iteration % run.eval_interval == 0:
+            record["valid full-sequence loss"] = evaluate(engine, source, config)
+        history.append(record)
+        logger.log(record)
+        if run.save and run.save_interval and state.iteration % run.save_interval == 0:
+            save_checkpoint(engine, config, state, source)
+    if run.save and (not run.save_interval or state.iteration % run.save_interval):
+        save_checkpoint(engine, config, state, source)
+    skipped = skipped_samples(source)
+    logger.summary({"iterations": state.iteration, "samples": state.consumed_samples,
+                    **_skip_metrics(skipped)})
+    logger.close()
+    return {"history": history, "state": state, "skipped": dict(skipped)}
+
+
+def configure_logging() -> None:
+    level = os.environ.get("LOCALOPT_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=level if is_rank0() else "WARNING",
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    if not cuda_available():
+        logging.getLogger("DeepSpeed").setLevel("WARNING")

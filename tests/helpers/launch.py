@@ -1,0 +1,41 @@
+"""Running the commands as users do: subprocesses with clean launch variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TESTS = REPO / "tests"
+# init_distributed sets these in the pytest process (dist_world_of_one); a child trainer that
+# inherits them believes it was launched and binds the MASTER_PORT this process holds.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT")
+TRAIN_MODULE = "localopt_plugin.commands.train"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ for a child process: no rendezvous variables, CPU defaults, the helpers
+    importable, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    path = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": path,
+            **extra}
+
+
+def run_train(tmp_path: Path, *flags: str, nproc: int = 1, name: str = "run",
+              timeout: int = 600) -> list[dict]:
+    """Run localopt-train (under torchrun when nproc > 1); return its per-iteration metrics."""
+    metrics = tmp_path / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", TRAIN_MODULE, "--metrics-file", str(metrics), *flags]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", TRAIN_MODULE,
+               "--metrics-file", str(metrics), *flags]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    return [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -1,0 +1,84 @@
+"""The speed benchmark's memory measure and a smoke run; the map-style batch source."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers.launch import REPO, subprocess_env
+
+from localopt_plugin.bench.speed import peak_allocated_bytes
+from localopt_plugin.data.source import MapStyleSource
+
+
+def test_peak_allocated_bytes_is_the_allocator_peak():
+    """Live tensors at the peak count, whatever holds them (not only autograd's saves)."""
+    def fn():
+        a = torch.empty(1_000_000)  # 4 MB
+        b = torch.empty(2_000_000)  # 8 MB: 12 MB live, the peak
+        del a
+        c = torch.empty(500_000)  # 2 MB: 10 MB live
+        return b, c
+
+    peak = peak_allocated_bytes(fn)
+    assert 12_000_000 <= peak < 12_000_000 + 4096, peak
+    held = torch.empty(3_000_000)  # held before: not counted
+    assert peak_allocated_bytes(lambda: torch.empty(250_000)) < 1_001_000
+    del held
+
+
+def test_speed_benchmark_smoke(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "localopt_plugin.commands.bench", "speed", "--preset", "paper17",
+         "--repeats", "3", "--warmup", "1", "--json", str(out), "--model-flags",
+         "--num-layers 1 --hidden-size 32 --num-attention-heads 2 --num-query-groups 1 "
+         "--ffn-hidden-size 64"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "expected step" in proc.stdout and "target worst-window memory" in proc.stdout
+    result = json.loads(out.read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert {"full-sequence", "full-sequence + selective recompute",
+            "full-sequence + full recompute", "fewer-frames"} <= set(rows)
+    starts = [r["window start"] for r in result["rows"] if r["window start"] is not None]
+    assert starts == [0, 1, 2, 3]  # every candidate window of 5 frames, W = 2
+    assert rows["full-sequence"]["step ratio"] == 1.0
+    local = result["local-opt"]
+    assert sum(local["window probabilities"].values()) == pytest.approx(1.0)
+    # memory is deterministic: windows keep less than the full sequence, later ones more
+    windows = [r for r in result["rows"] if r["window start"] is not None]
+    assert all(r["memory ratio"] < 1 for r in windows)
+    assert windows[-1]["peak memory (MB)"] > windows[0]["peak memory (MB)"]
+    assert local["worst-window memory ratio"] == max(r["memory ratio"] for r in windows)
+    assert set(result["targets"]) >= {"expected step", "expected forward+backward",
+                                      "worst-window memory"}
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        return {"tokens": torch.tensor([i])}
+
+
+def _take(source, n, **kw):
+    return [b["tokens"].view(-1).tolist() for b in itertools.islice(source.batches(**kw), n)]
+
+
+def test_map_style_source_splits_ranks_and_resumes_exactly():
+    source = MapStyleSource(_Indices())
+    kw = {"micro_batch_size": 2, "dp_size": 2, "seed": 5}
+    rank0, rank1 = _take(source, 5, dp_rank=0, **kw), _take(source, 5, dp_rank=1, **kw)
+    epoch = sorted(sum(rank0 + rank1, []))
+    assert epoch == list(range(20))  # disjoint and covering one epoch
+    resumed = _take(source, 3, dp_rank=0, consumed_samples=8, **kw)
+    assert resumed == _take(source, 5, dp_rank=0, **kw)[2:5]
+    across_epoch = _take(source, 4, dp_rank=0, consumed_samples=16, **kw)
+    assert across_epoch == _take(source, 8, dp_rank=0, **kw)[4:8]

@@ -1,0 +1,112 @@
+"""Checkpoints: kill -9 a 2-rank run, resume, and match the uninterrupted run exactly;
+DeepSpeed's zero_to_fp32 output loads into a plain Megatron-Core GPTModel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers.launch import REPO, TRAIN_MODULE, run_train, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+FLAGS = (
+    "--num-layers", "2", "--hidden-size", "96", "--num-attention-heads", "4",
+    "--hidden-dropout", "0.1", "--attention-dropout", "0.1",  # RNG state must be restored too
+    "--synthetic-frames", "4", "--synthetic-frame-tokens", "32",
+    "--synthetic-codebook-size", "64", "--synthetic-num-classes", "4",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "30",
+    "--lr", "1e-3", "--lr-warmup-iters", "3", "--log-interval", "1",
+    "--objective", "local-opt", "--zero-stage", "1",
+)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _torchrun(*flags):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            "-m", TRAIN_MODULE, *flags]
+
+
+def test_kill_dash_nine_then_resume_matches_uninterrupted_run(tmp_path):
+    reference = run_train(tmp_path, *FLAGS, nproc=2, name="reference")
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "killed.jsonl"
+    env = subprocess_env()
+    proc = subprocess.Popen(
+        _torchrun(*FLAGS, "--save", str(ckpt), "--save-interval", "5",
+                  "--metrics-file", str(metrics)),
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a checkpoint exists and training went past it
+        done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        if done >= 12:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    # SIGKILL torchrun and every rank it started (ranks run in sessions of their own)
+    victims = _descendants(proc.pid) + [proc.pid]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert not any(os.path.exists(f"/proc/{pid}/cmdline") and _alive(pid) for pid in victims)
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 30, "the run finished before the kill"
+    saved = int((ckpt / "latest").read_text().split("_")[-1])
+    assert 5 <= saved < killed_at + 1
+
+    resumed = run_train(tmp_path, *FLAGS, "--load", str(ckpt), nproc=2, name="resumed")
+    assert [r["iteration"] for r in resumed] == list(range(saved + 1, 31))
+    for got in resumed:
+        want = reference[got["iteration"] - 1]
+        # bitwise: same data, window draws, RNG streams and optimizer state on CPU
+        assert got["lm loss"] == want["lm loss"], (got, want)
+        assert got["lr"] == want["lr"]
+
+
+def test_zero_to_fp32_checkpoint_loads_into_plain_gptmodel(tmp_path):
+    flags = (*FLAGS[:-2], "--zero-stage", "2", "--train-iters", "3", "--hidden-dropout", "0",
+             "--attention-dropout", "0")
+    ckpt = tmp_path / "ckpt"
+    run_train(tmp_path, *flags, "--save", str(ckpt), nproc=2, name="zero2")
+    script = ckpt / "zero_to_fp32.py"
+    assert script.exists()
+    out = tmp_path / "fp32"
+    convert = subprocess.run([sys.executable, str(script), str(ckpt), str(out)], cwd=REPO,
+                             capture_output=True, text=True, env=subprocess_env())
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    check = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "helpers" / "load_fp32_into_gptmodel.py"), str(out),
+         str(ckpt), json.dumps(flags)],
+        cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+    assert check.returncode == 0, check.stderr[-4000:]
+    assert "logits match" in check.stdout and "rebuilt from checkpoint" in check.stdout

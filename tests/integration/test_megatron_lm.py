@@ -1,0 +1,231 @@
+"""Megatron-LM integration: LocalOptForwardStep under Megatron-Core's own pipeline schedules gives
+the losses and gradients of the plugin's TrainingStep; the flags and data fit Megatron-LM."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import py_compile
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers.configs import tiny_args
+from helpers.launch import REPO, subprocess_env
+from helpers.wds_shards import write_dataset
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from localopt_plugin import megatron_lm, registry
+from localopt_plugin.megatron_lm import (
+    LocalOptForwardStep,
+    build_datasets,
+    build_model,
+    extra_args_provider,
+    video_source,
+)
+from localopt_plugin.model import ModelConfig, ParallelConfig, transformer_config
+from localopt_plugin.objectives import WindowConfig, build_objective
+from localopt_plugin.training.config import add_train_args
+from localopt_plugin.training.steps import TrainingStep
+
+MICRO_BATCHES = 2
+HAS_MEGATRON_LM = importlib.util.find_spec("megatron.training") is not None
+NO_MEGATRON_LM = ("megatron.training (Megatron-LM, shipped with megatron-core >= 0.17 on "
+                  "Python >= 3.12) is not installed")
+
+
+def wds_args(tmp_path, *extra: str):
+    written = write_dataset(tmp_path / "shards", 16, 4)  # 2 frames of 3 x 4 tokens
+    args = tiny_args("--dataset", "video-wds", "--data-path", written.pattern,
+                     "--data-num-workers", "0", "--micro-batch-size", "2",
+                     "--local-opt-window-frames", "1", "--local-opt-window-scope", "micro-batch",
+                     *extra)
+    args.seq_length = video_source(args).layout.input_length
+    return args
+
+
+def make_model(args):
+    config = transformer_config(ModelConfig.from_args(args), ParallelConfig.from_args(args))
+    return build_model(args, config, video_source(args).vocab.size)
+
+
+def reference(args, batches, iteration):
+    """The plugin's own training step on a fresh model with the same (name-seeded) weights."""
+    model = make_model(args)
+    objective = build_objective(args.objective, video_source(args).layout,
+                                sampler=args.window_sampler, window=WindowConfig.from_args(args),
+                                seed=args.seed)
+    step = TrainingStep(model, objective,
+                        [registry.build("regularizer", r,
+                                        registry.config_from_args("regularizer", r, args),
+                                        train_iters=args.train_iters)
+                         for r in args.regularizer])
+    metrics = []
+    for micro_batch, batch in enumerate(batches):
+        total, m, _ = step(batch["tokens"], iteration, micro_batch)
+        (total / len(batches)).backward()
+        metrics.append({"total": float(total.detach()), **{k: float(v) for k, v in m.items()}})
+    return metrics, {n: p.grad for n, p in model.named_parameters()}
+
+
+def pair(report, key):
+    value, count = report[key].tolist()
+    return value / count
+
+
+@pytest.mark.parametrize("flags", [
+    ("--objective", "full-sequence"),
+    ("--objective", "local-opt", "--regularizer", "reco"),
+    ("--objective", "fewer-frames", "--regularizer", "reco"),
+])
+def test_pp1_schedule_matches_training_step(dist_world_of_one, tmp_path, flags):
+    args = wds_args(tmp_path, *flags)
+    model = make_model(args)
+    forward_step = LocalOptForwardStep(args)
+    stream = build_datasets(args)[0]
+    windows = set()
+    for iteration in range(2):
+        batches = [next(stream) for _ in range(MICRO_BATCHES)]
+        assert all(isinstance(b["keys"], list) for b in batches)
+        model.zero_grad(set_to_none=True)
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=MICRO_BATCHES, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, forward_only=False)
+        assert forward_step.iteration == iteration
+        expected, expected_grads = reference(args, batches, iteration)
+        assert len(reports) == MICRO_BATCHES
+        for report, ref in zip(reports, expected, strict=True):
+            windows.add(ref.get("window start", ref.get("clip start")))
+            assert pair(report, "lm loss") == pytest.approx(ref["lm loss"], rel=1e-5)
+            if "--regularizer" in flags:
+                assert ref["reco loss"] > 0
+                assert pair(report, "reco loss") == pytest.approx(ref["reco loss"], rel=1e-5)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-6,
+                                       msg=name)
+    if args.objective != "full-sequence":
+        assert windows == {0.0, 1.0}  # both windows drawn, so Local Opt. ran with context
+
+
+def test_pp2_schedule_over_gloo_matches_single_process(dist_world_of_one, tmp_path):
+    objectives = ["full-sequence", "fewer-frames"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests" / "helpers" / "megatron_lm_pp_worker.py"), str(tmp_path), *objectives]
+    proc = subprocess.run(cmd, cwd=REPO / "tests", env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    stages = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for objective in objectives:
+        args = tiny_args("--objective", objective, "--regularizer", "reco",
+                         "--micro-batch-size", "2")
+        stream = build_datasets(args)[0]
+        batches = [next(stream) for _ in range(MICRO_BATCHES)]
+        expected, expected_grads = reference(args, batches, 0)
+        assert stages[0][objective]["reports"] == []  # only the last stage computes losses
+        reports = stages[1][objective]["reports"]
+        assert len(reports) == MICRO_BATCHES
+        for report, ref in zip(reports, expected, strict=True):
+            assert report["lm loss"][0] / report["lm loss"][1] == pytest.approx(
+                ref["lm loss"], rel=1e-5)
+            assert report["reco loss"][0] / report["reco loss"][1] == pytest.approx(
+                ref["reco loss"], rel=1e-5)
+        grads: dict[str, torch.Tensor] = {}
+        for stage in stages:  # the tied word embedding gets a gradient on both stages
+            for name, grad in stage[objective]["grads"].items():
+                grads[name] = grads[name] + grad if name in grads else grad
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6,
+                                       msg=f"{objective}: {name}")
+
+
+def test_local_opt_under_megatron_pipeline_points_to_plugin_trainer(dist_world_of_one,
+                                                                    monkeypatch):
+    args = tiny_args("--objective", "local-opt", "--micro-batch-size", "2")
+    model = make_model(args)
+    for layer in model.decoder.layers:
+        layer.current_microbatch = 0
+    monkeypatch.setattr(megatron_lm.parallel_state, "get_pipeline_model_parallel_world_size",
+                        lambda: 2)
+    with pytest.raises(RuntimeError, match="localopt-train .*--pipeline-model-parallel-size"):
+        LocalOptForwardStep(args)(build_datasets(args)[0], model)
+
+
+def test_forward_step_outside_a_schedule_is_refused(dist_world_of_one):
+    args = tiny_args("--micro-batch-size", "2")
+    with pytest.raises(RuntimeError, match="get_forward_backward_func"):
+        LocalOptForwardStep(args)(build_datasets(args)[0], make_model(args))
+
+
+def test_datasets_stream_video_wds_batches(dist_world_of_one, tmp_path):
+    valid = write_dataset(tmp_path / "valid", 8, 4, name="v")
+    args = wds_args(tmp_path, "--valid-data-path", valid.pattern)
+    train, valid_stream, test = build_datasets(args)
+    assert test is None
+    batch = next(train)
+    layout = video_source(args).layout
+    assert batch["tokens"].shape == (2, layout.seq_length)
+    assert torch.equal(batch["labels"], batch["tokens"][:, 1:])
+    assert batch["loss_mask"].shape == batch["position_ids"].shape == (2, layout.input_length)
+    assert all(k.startswith("v") for k in next(valid_stream)["keys"])
+    # resuming after Megatron's consumed-sample count continues the same stream
+    following = next(train)
+    resumed = next(build_datasets(args, consumed_train_samples=2)[0])
+    assert resumed["keys"] == following["keys"]
+
+
+def test_plugin_flags_parse_with_megatron_parser():
+    parser = argparse.ArgumentParser(allow_abbrev=False)  # Megatron-LM's parser settings
+    # Megatron-LM's names for what the trainer has
+    ModelConfig.add_args(parser)
+    add_train_args(parser)
+    ParallelConfig.add_args(parser)
+    extra_args_provider(parser)
+    args = parser.parse_args([
+        "--num-layers", "4", "--hidden-size", "256", "--seq-length", "1024",
+        "--micro-batch-size", "2", "--data-path", "/shards/{000..009}.tar",
+        "--objective", "local-opt", "--regularizer", "reco", "--reco-weight", "0.2",
+        "--local-opt-window-frames", "3", "--dataset", "video-wds", "--data-num-workers", "1",
+    ])
+    assert (args.num_layers, args.objective, args.regularizer, args.reco_weight) == (
+        4, "local-opt", ["reco"], 0.2)
+    assert args.data_path == ["/shards/{000..009}.tar"] and args.data_num_workers == 1
+    with pytest.raises(argparse.ArgumentError):  # a clash would be reported, not ignored
+        extra_args_provider(parser)
+
+
+@pytest.mark.skipif(not HAS_MEGATRON_LM, reason=NO_MEGATRON_LM)
+def test_plugin_flags_parse_with_megatron_lm_own_parser(monkeypatch):
+    from megatron.training.arguments import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_video_gpt.py", "--objective", "local-opt",
+                                      "--regularizer", "reco"])
+    args = parse_args(extra_args_provider, ignore_unknown_args=True)
+    assert (args.objective, args.regularizer) == ("local-opt", ["reco"])
+
+
+def test_example_script_compiles(tmp_path):
+    py_compile.compile(str(REPO / "examples" / "pretrain_video_gpt.py"),
+                       cfile=str(tmp_path / "example.pyc"), doraise=True)
+
+
+@pytest.mark.skipif(not (HAS_MEGATRON_LM and torch.cuda.is_available()),
+                    reason=NO_MEGATRON_LM if not HAS_MEGATRON_LM else "Megatron-LM's pretrain() "
+                    "needs CUDA")
+def test_real_pretrain_run(tmp_path):
+    flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+             "--seq-length", "67", "--max-position-embeddings", "128",
+             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+             "--lr", "1e-4", "--transformer-impl", "local", "--tokenizer-type", "NullTokenizer",
+             "--vocab-size", "128", "--dataloader-type", "external", "--eval-iters", "0",
+             "--log-interval", "1", "--objective", "local-opt", "--regularizer", "reco",
+             "--synthetic-frames", "4", "--synthetic-frame-tokens", "16",
+             "--synthetic-codebook-size", "64", "--synthetic-num-classes", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           str(REPO / "examples" / "pretrain_video_gpt.py"), *flags]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "lm loss" in proc.stdout and "reco loss" in proc.stdout
