@@ -1,0 +1,58 @@
+"""Checkpoints carry a versioned config: today's round-trips, older ones still load."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from helpers.configs import train_args
+
+from localopt_plugin.model import ModelConfig, compute_logits, forward_hidden
+from localopt_plugin.training.config import (
+    CONFIG_VERSION,
+    dataset_from_saved,
+    model_config_from_saved,
+    resolve,
+    seed_from_saved,
+)
+from localopt_plugin.training.convert import load_trained_model
+
+V1 = Path(__file__).resolve().parents[1] / "data" / "checkpoint_v1"
+
+
+def test_a_checkpoint_written_before_typed_configs_loads(dist_world_of_one):
+    """Config version 1 (the flat flags): the model is rebuilt with today's defaults for the
+    fields added since and gives the logits the code that wrote it gave."""
+    model, meta = load_trained_model(str(V1))
+    assert "version" not in meta["config"] and meta["iteration"] == 3
+    config = model_config_from_saved(meta["config"])
+    assert config.recompute_granularity is None  # a field added after version 1
+    assert (config.swiglu, config.num_query_groups, config.position_embedding_type) == (
+        True, 2, "rope")
+    expected = torch.load(V1 / "expected_logits.pt")
+    tokens = expected["tokens"]
+    with torch.no_grad():
+        logits = compute_logits(model, forward_hidden(model, tokens,
+                                                      torch.arange(tokens.shape[1])))
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    name, dataset = dataset_from_saved(meta["config"])
+    assert name == "synthetic-video-tokens" and dataset.frames == 3
+    assert seed_from_saved(meta["config"]) == 1234
+
+
+def test_todays_config_round_trips_and_tolerates_added_and_removed_fields():
+    config, _ = resolve(train_args("--preset", "test", "--recompute-activations",
+                                   "--synthetic-frames", "3"), world_size=1)
+    saved = config.to_dict()
+    assert saved["version"] == CONFIG_VERSION
+    assert model_config_from_saved(saved) == config.model
+    older = dict(saved, model={k: v for k, v in saved["model"].items()
+                               if k != "recompute_granularity"})
+    assert model_config_from_saved(older) == dataclasses.replace(config.model,
+                                                                 recompute_granularity=None)
+    newer = dict(saved, model={**saved["model"], "a_field_from_the_future": 1})
+    assert model_config_from_saved(newer) == config.model
+    name, dataset = dataset_from_saved(saved)
+    assert name == "synthetic-video-tokens" and dataset.frames == 3
+    assert isinstance(config.model, ModelConfig) and config.seq_length == 3 + 3 * 64 - 1 + 1
