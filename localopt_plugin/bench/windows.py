@@ -2,11 +2,13 @@
 
 Two measurements of the trade-off behind ``--local-opt-window-scope``:
 
-* **gradient variance over window draws**, exactly: for fixed micro-batches, the gradient of
-  every (micro-batch, window start) pair is computed once; the variance of the step's gradient
-  under each scope then follows in closed form from the sampler's probabilities (no sampling
-  noise). ``step`` draws one window shared by the step's micro-batches; ``micro-batch`` draws
-  them independently. Reported relative to the squared norm of the expected gradient;
+* **gradient variance over window draws**, exactly: for fixed micro-batches of the built-in
+  synthetic videos (class textures moving frame to frame: structured, like real video tokens),
+  the gradient of every (micro-batch, window start) pair is computed once; the variance of the
+  step's gradient under each scope then follows in closed form from the sampler's
+  probabilities (no sampling noise). ``step`` draws one window shared by the step's
+  micro-batches; ``micro-batch`` draws them independently. Reported relative to the squared
+  norm of the expected gradient;
 * **step time at DP=2**: two real ``localopt-train`` runs under torchrun (2 ranks, one micro-
   batch each) with either scope, median and mean step time from their metrics. With
   ``micro-batch`` a step lasts as long as the longer of the two ranks' windows.
@@ -25,7 +27,6 @@ from types import SimpleNamespace
 
 import torch
 
-from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.objectives import LocalOptimization, WindowSampler
 
 
@@ -36,7 +37,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-window-prob", type=float, default=0.5)
     parser.add_argument("--micro-batches", type=int, default=2,
                         help="micro-batches per step (the data-parallel size)")
-    parser.add_argument("--batches", type=int, default=4,
+    parser.add_argument("--batches", type=int, default=8,
                         help="steps' worth of data the variance is averaged over")
     parser.add_argument("--iters", type=int, default=40, help="timed iterations per scope")
     parser.add_argument("--model-flags", default="",
@@ -46,24 +47,27 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def gradient_variance(args: argparse.Namespace) -> dict:
     """Relative variance of the step gradient under each scope (exact over the draws)."""
+    from localopt_plugin.data.synthetic import SyntheticConfig, synthetic_video_tokens
     from localopt_plugin.model import build_gpt_model
     from localopt_plugin.model.presets import config_with_flags
     from localopt_plugin.training.distributed import init_distributed
 
-    layout = SampleLayout(3, args.frames, args.frame_tokens)
+    source = synthetic_video_tokens(SyntheticConfig(args.frames, args.frame_tokens, 1000, 10),
+                                    seed=1234)
+    layout = source.layout
     init_distributed(seed=1234)
     model = build_gpt_model(config_with_flags("bench", args.model_flags,
                                               max_position_embeddings=layout.input_length),
-                            1024, seed=1234)
+                            source.vocab.size, seed=1234)
     sampler = WindowSampler(args.frames, args.window, 1, 0, first_prob=args.first_window_prob)
     probs = dict(zip(sampler.starts, sampler.probabilities(), strict=True))
     params = [p for p in model.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(0)
+    samples = source.train.batches(1, 0, 1, seed=0)
     results = {"step": [], "micro-batch": []}
     for _ in range(args.batches):
         grads = {}  # (micro-batch, start) -> flat gradient
         for m in range(args.micro_batches):
-            tokens = torch.randint(0, 1024, (1, layout.seq_length), generator=generator)
+            tokens = next(samples)["tokens"]
             for s in sampler.starts:
                 fixed = SimpleNamespace(window_frames=args.window, draw=lambda i, mb, s=s: s)
                 loss = LocalOptimization(layout, fixed)(model, tokens).loss
@@ -94,7 +98,8 @@ def dp2_step_times(args: argparse.Namespace) -> dict:
                    "--nproc-per-node=2", "-m", "localopt_plugin.commands.train", *model,
                    "--synthetic-frames", str(args.frames),
                    "--synthetic-frame-tokens", str(args.frame_tokens),
-                   "--synthetic-codebook-size", "1000", "--micro-batch-size", "1",
+                   "--synthetic-codebook-size", "1000", "--synthetic-num-classes", "10",
+                   "--micro-batch-size", "1",
                    "--global-batch-size", "2", "--train-iters", str(args.iters),
                    "--objective", "local-opt", "--local-opt-window-frames", str(args.window),
                    "--local-opt-first-window-prob", str(args.first_window_prob),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -53,6 +54,15 @@ def test_help_lists_megatron_and_plugin_flags():
                  "--zero-stage", "--objective", "--local-opt-window-frames",
                  "--local-opt-first-window-prob", "--regularizer", "--dataset"):
         assert flag in out, flag
+
+
+def test_help_lists_every_flag_of_the_previous_command_line():
+    """Every flag localopt-train had before typed configs (tests/data/train_flags_v1.txt,
+    from its --help at commit cf3e4f3) is still there."""
+    out = _run(sys.executable, "-m", TRAIN_MODULE, "--help").stdout
+    listed = set(re.findall(r"(--[a-zA-Z0-9_-]+)", out))
+    previous = set((REPO / "tests" / "data" / "train_flags_v1.txt").read_text().split())
+    assert previous <= listed, sorted(previous - listed)
 
 
 def test_unknown_objective_fails_with_valid_names():
@@ -117,3 +127,17 @@ def test_shipped_deepspeed_configs_are_valid(name):
                    world_size=2).deepspeed.config
     assert cfg["train_batch_size"] == (
         cfg["train_micro_batch_size_per_gpu"] * 2 * cfg["gradient_accumulation_steps"])
+
+
+def test_zero3_with_a_window_per_micro_batch_is_refused():
+    with pytest.raises(UserError, match="--local-opt-window-scope step"):
+        _resolve("--objective", "local-opt", "--local-opt-window-scope", "micro-batch",
+                 "--zero-stage", "3", world_size=2)
+    assert _resolve("--objective", "local-opt", "--zero-stage", "3",
+                    world_size=2).window.scope == "step"
+
+
+def test_presets_are_defaults_that_flags_override():
+    resolved = _resolve("--preset", "110m", "--num-layers", "3")
+    assert (resolved.model.num_layers, resolved.model.hidden_size) == (3, 768)
+    assert resolved.model.swiglu and resolved.model.group_query_attention
