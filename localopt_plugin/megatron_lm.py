@@ -5,14 +5,21 @@ each of them for video-token training (docs/megatron-lm.md shows the lines to ch
 
 * :func:`extra_args_provider` adds the plugin's flags (objective, ReCo, window sampling,
   dataset) to Megatron-LM's parser;
-* :func:`model_provider` builds Megatron-Core's ``GPTModel`` with the plugin's layer spec
-  (:class:`~localopt_plugin.model.SDPAttention`) and layout-independent initialisation;
+* :func:`model_provider` builds Megatron-Core's ``GPTModel`` with the plugin's layer spec and
+  layout-independent initialisation, with the **dataset's** vocabulary, from the
+  ``TransformerConfig`` Megatron-LM derives from its flags (recomputation included);
 * :class:`LocalOptForwardStep` is the ``forward_step_func``: it turns each micro-batch into the
-  objective's :class:`~localopt_plugin.objectives.sequence.ForwardPlan` (Local Opt.: a context
-  pass under ``no_grad`` then the window pass) and returns ``(output, loss_func)`` in
-  Megatron-Core's contract, ``loss_func`` giving ``(summed_loss, num_tokens, report)``;
+  objective's :class:`~localopt_plugin.plan.ForwardPlan` (Local Opt.: a context pass under
+  ``no_grad`` then the window pass) and returns ``(output, loss_func)`` in Megatron-Core's
+  contract, ``loss_func`` giving ``(summed_loss, num_tokens, report)`` with pretrain_gpt's
+  NaN/Inf and spiky-loss checks; in evaluation it computes the full-sequence loss;
 * :func:`train_valid_test_datasets_provider` streams micro-batches of the registered dataset
-  (``--dataset video-wds``: the video-token shards) for ``--dataloader-type external``.
+  for ``--dataloader-type external``; without validation data it turns Megatron's evaluation
+  off (``--eval-iters 0``) instead of letting it read from nothing.
+
+:func:`pretrain` calls the installed Megatron-LM's ``pretrain()`` (0.16-0.19 signatures) with
+these providers and **without** a model config, so that Megatron-LM calls the plugin's
+``model_provider`` rather than building its own model.
 
 Pipeline parallelism. Megatron's schedules pass a single tensor between stages, so only plans
 without a context stream run under Megatron PP > 1 (full-sequence, fewer-frames). Local Opt.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,19 +51,36 @@ from localopt_plugin.model import (
     ParallelConfig,
     build_gpt_model,
     forward_hidden,
+    padded_vocab_size,
     token_losses,
 )
-from localopt_plugin.objectives import LocalOptimization, WindowConfig, build_objective
+from localopt_plugin.objectives import (
+    FullSequence,
+    LocalOptimization,
+    WindowConfig,
+    build_objective,
+)
 from localopt_plugin.plan import ForwardPlan, ObjectiveOutput, plan_hidden
-from localopt_plugin.platform import apply_cpu_shims, default_device
+from localopt_plugin.platform import apply_megatron_lm_shims, cuda_available, default_device
 from localopt_plugin.regularizers import apply_regularizers
 from localopt_plugin.training.config import add_plugin_args
+
+log = logging.getLogger(__name__)
 
 PLUGIN_TRAINER_HINT = (
     "use the plugin's own trainer, which pipelines Local Optimization through DeepSpeed: "
     "localopt-train --objective local-opt --pipeline-model-parallel-size N "
     "(see docs/megatron-lm.md)"
 )
+VALID_LOSS = "valid full-sequence loss"  # the name localopt-train logs it under
+SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's threshold for a spiky loss
+# Megatron's fused kernels that exist only with CUDA: (TransformerConfig field, the flag off)
+CUDA_FUSIONS = (("persist_layer_norm", "--no-persist-layer-norm"),
+                ("masked_softmax_fusion", "--no-masked-softmax-fusion"),
+                ("bias_activation_fusion", "--no-bias-gelu-fusion (and --no-bias-swiglu-fusion)"),
+                ("bias_dropout_fusion", "--no-bias-dropout-fusion"),
+                ("gradient_accumulation_fusion", "--no-gradient-accumulation-fusion"),
+                ("apply_rope_fusion", "--no-rope-fusion"))
 
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -111,17 +136,34 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
     return model
 
 
+def check_megatron_config(args: argparse.Namespace, config: TransformerConfig) -> None:
+    """Refuse, naming the flag, what the plugin's model would otherwise drop silently."""
+    if getattr(args, "mtp_num_layers", None):
+        raise UserError("--mtp-num-layers (multi-token prediction) is not supported by the "
+                        "plugin's objectives; drop it")
+    if not cuda_available():
+        fused = [flag for field, flag in CUDA_FUSIONS if getattr(config, field, False)]
+        if fused:
+            raise UserError("Megatron's fused kernels need CUDA; on this machine add "
+                            + ", ".join(fused))
+
+
 def model_provider(pre_process: bool = True, post_process: bool = True,
                    vp_stage: int | None = None, config: TransformerConfig | None = None,
                    pg_collection: Any = None) -> GPTModel:
-    """Megatron-LM's ``model_provider`` contract; vocabulary size from the dataset."""
+    """Megatron-LM's ``model_provider`` contract; vocabulary size from the dataset.
+
+    Megatron-LM's own ``args.padded_vocab_size`` (from ``--vocab-size`` and its tokenizer) is
+    replaced by the dataset's, so that its logs and FLOP counts describe the trained model."""
     args = megatron_args()
-    apply_cpu_shims()
     if config is None:
         from megatron.training.arguments import core_transformer_config_from_args
 
         config = core_transformer_config_from_args(args)
+    check_megatron_config(args, config)
     vocab = video_source(args).vocab.size
+    args.padded_vocab_size = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
+                                               args.tensor_model_parallel_size)
     return build_model(args, config, vocab, pre_process, post_process, vp_stage)
 
 
@@ -134,6 +176,23 @@ def _report(value: torch.Tensor | float, num_tokens: torch.Tensor) -> torch.Tens
     return torch.stack([value * num_tokens, num_tokens.float()])
 
 
+def _validate_loss(args: argparse.Namespace, loss: torch.Tensor) -> None:
+    """pretrain_gpt.py's checks: NaN/Inf losses stop the run, spiky ones are reported."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    machine = get_rerun_state_machine()
+    if getattr(args, "check_for_nan_in_loss_and_grad", False):
+        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            machine.validate_result(result=loss, rejection_func=reject,
+                                    message=f"found {what} in local forward loss calculation",
+                                    tolerance=0.0, fatal=True)
+    if getattr(args, "check_for_spiky_loss", False):
+        machine.validate_result(
+            result=loss, rejection_func=functools.partial(
+                machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR, context="loss"),
+            message="Spiky loss", tolerance=0.0, fatal=False)
+
+
 class LocalOptForwardStep:
     """Megatron-Core's ``forward_step_func`` for the plugin's objectives and regularizers.
 
@@ -141,7 +200,9 @@ class LocalOptForwardStep:
     trainer. The global micro-batch index comes from the one Megatron-Core's schedule gives the
     model (``current_microbatch``) and the data-parallel rank; the iteration is Megatron-LM's
     ``args.curr_iteration`` inside ``pretrain()``, else :attr:`iteration`, which advances each
-    time micro-batch 0 comes again (set it yourself when a loop interleaves evaluation).
+    time micro-batch 0 comes again (set it yourself when a loop interleaves evaluation). A model
+    in eval mode (Megatron's evaluation) gets the full-sequence loss, reported as
+    ``valid full-sequence loss``.
 
     ``args=None`` reads Megatron-LM's arguments at the first call (they are parsed inside
     ``pretrain()``, after the training script creates this object).
@@ -152,6 +213,7 @@ class LocalOptForwardStep:
         self.iteration = 0
         self._started = False
         self._objective = None
+        self._full: FullSequence | None = None
         self._regularizers: list[Callable] = []
 
     def _setup(self) -> None:
@@ -163,6 +225,7 @@ class LocalOptForwardStep:
         self._objective = build_objective(
             args.objective, layout, sampler=args.window_sampler, window=window or WindowConfig(),
             config=registry.config_from_args("objective", args.objective, args), seed=args.seed)
+        self._full = FullSequence(layout)
         self._regularizers = [
             registry.build("regularizer", name,
                            registry.config_from_args("regularizer", name, args),
@@ -184,13 +247,19 @@ class LocalOptForwardStep:
                               + parallel_state.get_data_parallel_rank())
         return (self.iteration if iteration is None else iteration), global_micro_batch
 
-    def __call__(self, data_iterator: Iterator[dict] | None, model: torch.nn.Module):
+    def __call__(self, data_iterator: Iterator[dict] | None, model: torch.nn.Module,
+                 return_schedule_plan: bool = False):
+        if return_schedule_plan:
+            raise UserError("the combined 1F1B schedule (--overlap-moe-expert-parallel-comm) "
+                            "is not supported by the plugin's forward step")
         if self._objective is None:
             self._setup()
         inner: GPTModel = get_attr_wrapped_model(model, "decoder", return_model_obj=True)
         iteration, micro_batch = self._position(inner)
+        evaluating = not inner.training
+        objective = self._full if evaluating else self._objective
         pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-        if pipelined and isinstance(self._objective, LocalOptimization):
+        if pipelined and isinstance(objective, LocalOptimization):
             raise RuntimeError("--objective local-opt cannot run under Megatron's pipeline "
                                "schedule (only one tensor crosses stages, and Local Opt. also "
                                f"carries the context stream); {PLUGIN_TRAINER_HINT}")
@@ -200,7 +269,7 @@ class LocalOptForwardStep:
             positions = torch.arange(length, device=inner.decoder.input_tensor.device)
             return forward_hidden(inner, None, positions), None
         tokens = next(data_iterator)["tokens"].to(default_device(), non_blocking=True)
-        plan = self._objective.plan(tokens, iteration, micro_batch)
+        plan = objective.plan(tokens, iteration, micro_batch)
         if pipelined:
             self._check_pipelined(plan, inner)
         hidden = plan_hidden(inner, plan)
@@ -208,7 +277,8 @@ class LocalOptForwardStep:
             return hidden, None
         hidden = hidden[plan.loss_from:]
         losses = token_losses(inner, hidden, plan.labels)
-        return losses, functools.partial(self.loss_func, plan, hidden, iteration)
+        loss_func = self.eval_loss_func if evaluating else self.loss_func
+        return losses, functools.partial(loss_func, plan, hidden, iteration)
 
     def _check_pipelined(self, plan: ForwardPlan, model: GPTModel) -> None:
         positions = plan.positions
@@ -234,10 +304,19 @@ class LocalOptForwardStep:
                               plan.num_frames, plan.metrics)
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=lm_loss.device)
         total, metrics = apply_regularizers(out, self._regularizers, iteration)
+        if self.args is not None:
+            _validate_loss(self.args, total)
         report = {"lm loss": _report(lm_loss, num_tokens)}
         report.update({k: _report(v, num_tokens) for k, v in metrics.items()
                        if k.endswith("loss")})
         return total * out.num_tokens, num_tokens, report
+
+    def eval_loss_func(self, plan: ForwardPlan, hidden: torch.Tensor, iteration: int,
+                       output_tensor: torch.Tensor):
+        """Evaluation: the full-sequence cross-entropy alone, in the same contract."""
+        lm_loss = output_tensor.float().mean()
+        num_tokens = torch.tensor(plan.labels.numel(), dtype=torch.int, device=lm_loss.device)
+        return lm_loss * num_tokens, num_tokens, {VALID_LOSS: _report(lm_loss, num_tokens)}
 
 
 # -------------------------------------------------------------------------------- data
@@ -288,9 +367,19 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: list[int],
     """Megatron-LM's dataset provider; resumes after Megatron's consumed-sample counters."""
     args = megatron_args()
     if args.dataloader_type != "external":
-        raise UserError("the plugin's datasets are streams: add --dataloader-type "
-                         "external")
-    return build_datasets(args, args.consumed_train_samples, args.consumed_valid_samples)
+        raise UserError("the plugin's datasets are streams: add --dataloader-type external")
+    layout = video_source(args).layout
+    if args.seq_length != layout.input_length:
+        raise UserError(f"--seq-length {args.seq_length} does not match the dataset's samples "
+                        f"({layout.input_length} input tokens): set --seq-length "
+                        f"{layout.input_length}")
+    train, valid, test = build_datasets(args, args.consumed_train_samples,
+                                        args.consumed_valid_samples)
+    if valid is None and args.eval_iters:
+        log.warning("dataset %s has no validation split (--valid-data-path): Megatron's "
+                    "evaluation is turned off (--eval-iters 0)", args.dataset)
+        args.eval_iters = 0
+    return train, valid, test
 
 
 # Every rank reads its own (identical across tensor-parallel ranks) stream: no broadcast.
@@ -304,11 +393,17 @@ def pretrain(forward_step: LocalOptForwardStep | None = None, **kwargs: Any) -> 
     """Megatron-LM's ``pretrain()`` with the plugin's providers, for the installed version.
 
     0.16/0.17 take the providers positionally and parse the flags themselves; 0.18+ take a
-    config container first, built from the flags parsed with the plugin's group.
-    ``kwargs`` go to Megatron-LM's ``pretrain()`` (e.g. ``store=``).
+    config container first, built from the flags parsed with the plugin's group and without
+    a model config (with one, 0.19 builds its own model and never calls ``model_provider``).
+    ``kwargs`` go to Megatron-LM's ``pretrain()`` (e.g. ``store=``). On a machine without
+    CUDA the platform's Megatron-LM shims are applied first.
     """
+    import megatron.core
     from megatron.training import pretrain as megatron_pretrain
 
+    apply_megatron_lm_shims()
+    print(f"localopt-plugin: Megatron-LM pretrain() of megatron-core {megatron.core.__version__}",
+          flush=True)
     providers = {
         "train_valid_test_dataset_provider": train_valid_test_datasets_provider,
         "model_provider": model_provider,
@@ -323,9 +418,4 @@ def pretrain(forward_step: LocalOptForwardStep | None = None, **kwargs: Any) -> 
     from megatron.training.arguments import parse_and_validate_args
 
     args = parse_and_validate_args(extra_args_provider=extra_args_provider)
-    build = argument_utils.pretrain_cfg_container_from_args
-    if hasattr(argument_utils, "gpt_config_from_args"):  # 0.19+: the model config too
-        container = build(args, argument_utils.gpt_config_from_args(args))
-    else:
-        container = build(args)
-    megatron_pretrain(container, **providers)
+    megatron_pretrain(argument_utils.pretrain_cfg_container_from_args(args), **providers)

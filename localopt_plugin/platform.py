@@ -1,14 +1,17 @@
-"""Platform shims: the one place that makes Megatron-Core and DeepSpeed run on a CPU-only torch.
+"""Platform shims: the one place that makes Megatron-Core, Megatron-LM and DeepSpeed run on a
+CPU-only torch.
 
-Megatron-Core 0.16-0.19 calls CUDA-only functions in a few places (parameter allocation, RoPE,
-the RNG tracker, pipeline schedules). On a machine with CUDA nothing here is applied, so a GPU
-run uses both libraries untouched. Everything is idempotent; call :func:`apply_cpu_shims` before
-building a model or a DeepSpeed engine.
+Megatron-Core 0.16-0.19 and Megatron-LM's loop call CUDA-only functions in places (parameter
+allocation, RoPE, the RNG tracker, pipeline schedules, recomputation, Megatron-LM's tensors for
+flags and timers). On a machine with CUDA nothing here is applied (except the one packaging
+fix in :func:`apply_megatron_lm_shims`), so a GPU run uses the libraries untouched. Everything
+is idempotent; call :func:`apply_cpu_shims` before building a model or a DeepSpeed engine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -115,8 +118,41 @@ def seed_model_parallel_rng(seed: int) -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+class _NoStream:
+    """A CUDA stream's interface where there are no streams: work is already in order."""
+
+    def wait_stream(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _cpu_when_cuda(factory):
+    """A tensor factory that makes CPU tensors when asked for CUDA ones."""
+
+    @functools.wraps(factory)
+    def make(*args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None and str(device).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return make
+
+
+_TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn",
+                     "randint")
+
+
 def apply_cpu_shims() -> None:
-    """Patch the CUDA-only call sites of Megatron-Core when torch has no CUDA."""
+    """Make Megatron-Core's (and Megatron-LM's) CUDA call sites work when torch has no CUDA.
+
+    Without CUDA there is one device, the CPU: a request for the current CUDA device, a CUDA
+    tensor or a move to CUDA gets the CPU; streams and synchronisation do nothing (work is in
+    order); the CUDA generator's state is empty (dropout draws from the CPU generator and the
+    RNG tracker, whose states are kept). Each is applied once and only when CUDA is absent.
+    """
     global _APPLIED
     configure_environment()
     if _APPLIED or cuda_available():
@@ -125,59 +161,81 @@ def apply_cpu_shims() -> None:
     # Small weights/activations late in training become subnormal floats, which x86 CPUs
     # process tens of times slower: flush them to zero (the usual setting for CPU training).
     torch.set_flush_denormal(True)
-    # Megatron allocates buffers with device=torch.cuda.current_device(); "cpu" is a valid device.
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
-    # Pipeline schedules synchronise the (absent) CUDA stream around p2p exchanges.
-    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-    _patch_pipeline_schedules()
-    _patch_tied_embedding_setup()
-    _patch_recompute_rng()
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    cuda.Stream = cuda.current_stream = cuda.default_stream = (  # type: ignore[assignment]
+        lambda *args, **kwargs: _NoStream())
+    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()  # type: ignore[assignment]
+    cuda.get_rng_state = cuda.random.get_rng_state = (  # type: ignore[assignment]
+        lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8))
+    cuda.set_rng_state = cuda.random.set_rng_state = (  # type: ignore[assignment]
+        lambda *args, **kwargs: None)
+    for name in _TENSOR_FACTORIES:
+        setattr(torch, name, _cpu_when_cuda(getattr(torch, name)))
+    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor  # type: ignore[assignment]
+    torch.nn.Module.cuda = lambda module, *args, **kwargs: module  # type: ignore[assignment]
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    # Megatron-LM seeds its RNG tracker with CUDA generators; seed the CPU one instead.
+    tensor_parallel.model_parallel_cuda_manual_seed = (
+        lambda seed, *args, **kwargs: seed_model_parallel_rng(seed))
+    # Recomputation restores the CUDA generator's state through a deferred CUDA call, which
+    # without CUDA would be queued (and kept) forever.
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
     log.debug("CPU shims applied to Megatron-Core")
 
 
-def _patch_pipeline_schedules() -> None:
-    """Megatron's schedules create token counters with a hard-coded device="cuda"."""
-    from megatron.core.pipeline_parallel import schedules
+class _OneDeviceCuda:
+    """``torch.cuda`` as Megatron-LM's initialisation must see it to start without CUDA."""
 
-    real_zeros = torch.zeros
-
-    def zeros_on_cpu(*args, **kwargs):
-        if str(kwargs.get("device")) == "cuda":
-            kwargs["device"] = "cpu"
-        return real_zeros(*args, **kwargs)
-
-    class _TorchOnCpu:
-        """Proxy of the torch module as seen from megatron.core.pipeline_parallel.schedules."""
-
-        def __getattr__(self, name: str):
-            return zeros_on_cpu if name == "zeros" else getattr(torch, name)
-
-    schedules.torch = _TorchOnCpu()
+    def __getattr__(self, name: str):
+        if name == "is_available":
+            return lambda: True
+        if name == "device_count":
+            return lambda: 1
+        if name == "set_device":
+            return lambda *args, **kwargs: None
+        return getattr(torch.cuda, name)
 
 
-def _patch_tied_embedding_setup() -> None:
-    """With pipeline stages and tied embeddings, Megatron-Core moves the word embedding with
-    ``.cuda()`` before all-reducing it over the first and last stage."""
-    from megatron.core.models.common.language_module.language_module import LanguageModule
+class _TorchForMegatronInit:
+    """``torch`` as seen from ``megatron.training.initialize``: one device, which is the CPU."""
 
-    original = LanguageModule.setup_embeddings_and_output_layer
+    cuda = _OneDeviceCuda()
 
-    def setup_on_cpu(self) -> None:
-        cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor  # type: ignore[assignment]
-        try:
-            original(self)
-        finally:
-            torch.Tensor.cuda = cuda  # type: ignore[assignment]
-
-    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+    def __getattr__(self, name: str):
+        if name == "device":
+            return lambda spec, *args: torch.device("cpu") if str(spec).startswith("cuda") \
+                else torch.device(spec, *args)
+        return getattr(torch, name)
 
 
-def _patch_recompute_rng() -> None:
-    """Activation recomputation saves and restores the CUDA generator's state around the
-    recomputed forward; without CUDA there is none (the CPU generator and the RNG tracker,
-    which it also saves and restores, hold every state dropout uses)."""
-    from megatron.core.tensor_parallel import random as mrandom
+def apply_megatron_lm_shims() -> None:
+    """What Megatron-LM's ``pretrain()`` needs beyond :func:`apply_cpu_shims`.
 
-    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
-    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
+    * Without CUDA: ``initialize_megatron`` asserts CUDA and sets up model parallelism and the
+      RNG tracker only when it counts a device; it sees one device (the CPU) instead. Argument
+      validation asks for the device's architecture under tensor parallelism: none (0), with
+      which Megatron-LM wants ``CUDA_DEVICE_MAX_CONNECTIONS=1`` as before Blackwell.
+    * Always: megatron-core's wheel ships the compiled dataset helper but not its Makefile, and
+      ``initialize_megatron`` still runs ``make`` (which fails, ending the run); with the
+      compiled helper importable, that compile step just imports it.
+    """
+    import importlib
+
+    from megatron.core.datasets import utils as dataset_utils
+
+    apply_cpu_shims()
+    makefile = os.path.join(os.path.dirname(dataset_utils.__file__), "Makefile")
+    if not os.path.exists(makefile):
+        dataset_utils.compile_helpers = lambda: importlib.import_module(
+            "megatron.core.datasets.helpers_cpp")
+    if not cuda_available():
+        import megatron.training.arguments as arguments
+        import megatron.training.initialize as initialize
+
+        initialize.torch = _TorchForMegatronInit()
+        if hasattr(arguments, "get_device_arch_version"):
+            arguments.get_device_arch_version = lambda: 0

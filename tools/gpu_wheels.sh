@@ -12,6 +12,7 @@ DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" d
 # Binary wheels for the device's interpreter; torch and its CUDA libraries are already there.
 "$PY" -m pip download -q --dest "$DEST" --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-  --no-deps megatron-core==0.16.1 webdataset braceexpand sentencepiece hjson ninja py-cpuinfo \
-  pydantic pydantic-core annotated-types typing-inspection msgpack einops safetensors psutil
+  --no-deps megatron-core==0.19.2 webdataset braceexpand sentencepiece hjson ninja py-cpuinfo \
+  pydantic pydantic-core annotated-types typing-inspection msgpack einops safetensors psutil \
+  av pillow tqdm
 ls -la "$DEST"

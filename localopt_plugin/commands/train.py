@@ -18,7 +18,11 @@ from localopt_plugin.platform import configure_environment
 def build_parser() -> argparse.ArgumentParser:
     from localopt_plugin.model import ModelConfig, ParallelConfig
     from localopt_plugin.model.presets import add_preset_arg
-    from localopt_plugin.training.config import add_plugin_args, add_train_args
+    from localopt_plugin.training.config import (
+        add_plugin_args,
+        add_train_args,
+        add_trainer_args,
+    )
 
     parser = argparse.ArgumentParser(
         prog="localopt-train",
@@ -31,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(parser)
     ParallelConfig.add_args(parser)
     add_plugin_args(parser)
+    add_trainer_args(parser)
     return parser
 
 

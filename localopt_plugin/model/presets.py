@@ -84,13 +84,11 @@ def megatron_flags(name: str) -> list[str]:
     """The preset as Megatron-LM flags, for launch scripts of Megatron-LM's own ``pretrain()``
     (which has no ``--preset``)."""
     flags = []
-    defaults = ModelConfig()
     for dest, value in preset_values(name).items():
         flag = "--" + dest.replace("_", "-")
-        if isinstance(value, bool):
-            if value:
-                flags.append(flag)
-        elif value != getattr(defaults, dest, None) or dest.endswith("dropout"):
+        if value is True:
+            flags.append(flag)
+        elif value is not False:
             flags += [flag, str(value)]
     return flags
 

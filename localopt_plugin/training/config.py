@@ -135,8 +135,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The plugin's own flags: component choices, windows and every registered component's
-    flags (usable as Megatron-LM's ``extra_args_provider``)."""
+    """The plugin's own flags: component choices and every registered component's flags
+    (windows, ReCo, datasets). Usable as Megatron-LM's ``extra_args_provider``."""
     g = parser.add_argument_group("localopt-plugin")
     g.add_argument("--objective", default="full-sequence",
                    help="training loss, a registered objective: "
@@ -145,9 +145,18 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="registered regularizers added to the loss, e.g. reco")
     g.add_argument("--dataset", default="synthetic-video-tokens",
                    help="registered dataset providing video-token samples")
-    g.add_argument("--tokenizer", default=None, help="registered video tokenizer")
     g.add_argument("--window-sampler", default="first-frame-balanced",
                    help="registered window sampler for local-opt / fewer-frames")
+    registry.add_component_args(parser)
+    return parser
+
+
+def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of localopt-train itself (Megatron-LM has its own logging and checks)."""
+    g = parser.add_argument_group("localopt-train")
+    g.add_argument("--tokenizer", default=None,
+                   help="registered video tokenizer the data must have been made with "
+                   "(checked against the shards' manifest)")
     g.add_argument("--metrics-file", default=None,
                    help="append every iteration's metrics as a JSON line (rank 0)")
     g.add_argument("--dry-run", action="store_true",
@@ -156,7 +165,6 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "$WORLD_SIZE, default 1)")
     g.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bar (auto: when attached to a terminal)")
-    registry.add_component_args(parser)
     return parser
 
 
@@ -257,10 +265,9 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
     regularizers = tuple((name, _component("regularizer", name, args))
                          for name in args.regularizer)
     dataset_config = _component("dataset", args.dataset, args)
-    if getattr(args, "tokenizer", None) is not None:
-        _component("tokenizer", args.tokenizer, args)
     if source is None:
         source = build_dataset(args.dataset, dataset_config, run.seed)
+    _check_tokenizer(getattr(args, "tokenizer", None), source)
 
     layout = source.layout
     seq_length = args.seq_length or layout.input_length
@@ -296,6 +303,20 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
                         "micro-batch they draw different windows: use "
                         "--local-opt-window-scope step or --zero-stage 1/2")
     return config, source
+
+
+def _check_tokenizer(name: str | None, source: VideoTokenSource) -> None:
+    """``--tokenizer``: registered, and the one the shards were made with."""
+    if name is None:
+        return
+    try:
+        registry.get("tokenizer", name)
+    except registry.UnknownComponentError as err:
+        raise UserError(str(err)) from None
+    manifest = source.info.get("manifest")
+    if manifest is not None and manifest.tokenizer != name:
+        raise UserError(f"--tokenizer {name}, but {manifest.path} was made with tokenizer "
+                        f"{manifest.tokenizer!r}")
 
 
 def model_config_from_saved(saved: dict) -> ModelConfig:

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VideoWdsConfig:
-    """Flags of the ``video-wds`` dataset (``--data-path``/``--valid-data-path`` are
-    Megatron's)."""
+    """Flags of the ``video-wds`` dataset (``--data-path``/``--valid-data-path``, and
+    Megatron-LM's ``--train-data-path``, are Megatron's)."""
 
     data_path: tuple[str, ...] = ()
     valid_data_path: tuple[str, ...] | None = None
@@ -77,8 +77,10 @@ class VideoWdsConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VideoWdsConfig:
+        # Megatron-LM names the training split --train-data-path when --valid-data-path is set
+        data_path = args.data_path or getattr(args, "train_data_path", None)
         config = cls(
-            data_path=tuple(args.data_path or ()),
+            data_path=tuple(data_path or ()),
             valid_data_path=tuple(args.valid_data_path) if args.valid_data_path else None,
             num_workers=args.data_num_workers, shuffle_buffer=args.data_shuffle_buffer,
             condition=args.data_condition, max_text_tokens=args.max_text_tokens,
@@ -90,7 +92,8 @@ class VideoWdsConfig:
 
     def validate(self) -> None:
         if not self.data_path:
-            raise UserError("--dataset video-wds needs --data-path")
+            raise UserError("--dataset video-wds needs --data-path (Megatron-LM: --data-path, "
+                            "or --train-data-path with --valid-data-path)")
         if not 0.0 <= self.null_condition_prob <= 1.0:
             raise UserError(f"--null-condition-prob {self.null_condition_prob} is not in "
                             f"[0, 1]")
