@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data, end to end on 2 CPU ranks (or GPUs):
-#   procedural class-conditional videos -> embedded fsq-video tokenizer -> webdataset shards
-#   -> Local Optimization + ReCo training under DeepSpeed (2 ranks, ZeRO-1)
-#   -> full-context generation (GIF/mp4 + grid) -> validation NLL per frame, flow consistency
-#   -> report (runs/main/report.md + PNGs).
-# Sizes are environment variables; the defaults finish well within 20 minutes on 2 CPU cores.
+#   procedural class-conditional videos (the calm-background variant: 12 classes = 3 shapes x
+#   4 motions) -> embedded fsq-video tokenizer -> webdataset shards
+#   -> Local Optimization + ReCo training under DeepSpeed (2 ranks, ZeRO-1), with 10% of the
+#      conditions dropped for classifier-free guidance
+#   -> full-context generation with guidance, two videos per class (mp4/GIF + grid)
+#   -> class accuracy and Frechet distance by the embedded classifier, validation NLL per
+#      frame, flow consistency -> report (runs/main/report.md + PNGs).
+# Sizes are environment variables; the defaults finish within 15 minutes on 2 CPU cores.
 # Extra arguments go to localopt-train (after the defaults, so they override them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +17,9 @@ VIDEOS=${VIDEOS:-960}              # training videos (17 frames, 64x64, 12 class
 VALID_VIDEOS=${VALID_VIDEOS:-96}
 VIDEOS_PER_SHARD=${VIDEOS_PER_SHARD:-64}
 TRAIN_ITERS=${TRAIN_ITERS:-400}
-GEN_LABELS=${GEN_LABELS:-"0 1 2 3 4 5 6 7 8 9 10 11"}  # one generated video per class
+GEN_LABELS=${GEN_LABELS:-"0 1 2 3 4 5 6 7 8 9 10 11"}
+GEN_PER_CLASS=${GEN_PER_CLASS:-2}  # generated videos per class
+CFG_SCALE=${CFG_SCALE:-3}          # classifier-free guidance at generation
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
@@ -22,9 +27,9 @@ step() { printf '\n=== [%s/5] %s (%s)\n' "$1" "$2" "$(date +%T)"; }
 last_shard() { printf '%06d' $(( ($1 + VIDEOS_PER_SHARD - 1) / VIDEOS_PER_SHARD - 1 )); }
 
 step 1 "procedural videos -> fsq-video tokens -> shards"
-"$PY" -m localopt_plugin.commands.preprocess "procedural:${VIDEOS}:0" --output "$OUT/shards/train" \
+"$PY" -m localopt_plugin.commands.preprocess "procedural-calm:${VIDEOS}:0" --output "$OUT/shards/train" \
   --videos-per-shard "$VIDEOS_PER_SHARD"
-"$PY" -m localopt_plugin.commands.preprocess "procedural:${VALID_VIDEOS}:500000" \
+"$PY" -m localopt_plugin.commands.preprocess "procedural-calm:${VALID_VIDEOS}:500000" \
   --output "$OUT/shards/valid" --videos-per-shard "$VIDEOS_PER_SHARD"
 TRAIN_DATA="$OUT/shards/train/train-{000000..$(last_shard "$VIDEOS")}.tar"
 VALID_DATA="$OUT/shards/valid/train-{000000..$(last_shard "$VALID_VIDEOS")}.tar"
@@ -36,20 +41,24 @@ rm -f "$OUT/metrics.jsonl"
   --preset main \
   --micro-batch-size 4 --global-batch-size 8 --train-iters "$TRAIN_ITERS" \
   --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 30 --weight-decay 0.05 \
-  --log-interval 20 --eval-interval 100 --eval-iters 4 \
-  --save "$OUT/checkpoints" --save-interval 200 \
+  --log-interval 50 --eval-interval 200 --eval-iters 4 \
+  --save "$OUT/checkpoints" --save-interval 400 \
   --tensorboard-dir "$OUT/tensorboard" --metrics-file "$OUT/metrics.jsonl" \
   --dataset video-wds --data-path "$TRAIN_DATA" --valid-data-path "$VALID_DATA" \
-  --data-num-workers 1 \
+  --data-num-workers 1 --null-condition-prob 0.1 \
   --objective local-opt --local-opt-window-frames 2 --local-opt-stride-frames 1 \
   --local-opt-first-window-prob 0.5 --regularizer reco --reco-weight 0.1 --reco-reduction mean \
   "$@"
 
-step 3 "generation: one video per class, full context"
+step 3 "generation: $GEN_PER_CLASS videos per class, full context, guidance $CFG_SCALE"
+rm -rf "$OUT/samples"
 "$PY" -m localopt_plugin.commands.generate --checkpoint "$OUT/checkpoints" --out "$OUT/samples" \
-  --class-labels $GEN_LABELS --top-k 50 --temperature 1.0 --seed 0
+  --class-labels $GEN_LABELS --samples-per-condition "$GEN_PER_CLASS" --cfg-scale "$CFG_SCALE" \
+  --top-k 50 --temperature 1.0 --seed 0
 
-step 4 "evaluation: NLL per frame on validation shards, flow consistency of the samples"
+step 4 "evaluation: classes of the samples, NLL per frame on validation shards, flow"
+"$PY" -m localopt_plugin.commands.evaluate classes "$OUT/samples" --background calm \
+  --tokenizer fsq-video --out "$OUT/eval/classes.json"
 "$PY" -m localopt_plugin.commands.evaluate nll --checkpoint "$OUT/checkpoints" \
   --data-path "$VALID_DATA" --num-samples 32 --out "$OUT/eval/nll.json" --plot "$OUT/eval/nll.png"
 "$PY" -m localopt_plugin.commands.evaluate flow "$OUT/samples" --out "$OUT/eval/flow.json"

@@ -50,6 +50,7 @@ from localopt_plugin.model import (
     ModelConfig,
     ParallelConfig,
     build_gpt_model,
+    final_norm_input,
     forward_hidden,
     padded_vocab_size,
     token_losses,
@@ -272,13 +273,15 @@ class LocalOptForwardStep:
         plan = objective.plan(tokens, iteration, micro_batch)
         if pipelined:
             self._check_pipelined(plan, inner)
-        hidden = plan_hidden(inner, plan)
+        with final_norm_input(inner) as pre_norm:
+            hidden = plan_hidden(inner, plan)
         if not inner.post_process:
             return hidden, None
         hidden = hidden[plan.loss_from:]
         losses = token_losses(inner, hidden, plan.labels)
         loss_func = self.eval_loss_func if evaluating else self.loss_func
-        return losses, functools.partial(loss_func, plan, hidden, iteration)
+        return losses, functools.partial(loss_func, plan, hidden,
+                                         pre_norm["hidden"][plan.loss_from:], iteration)
 
     def _check_pipelined(self, plan: ForwardPlan, model: GPTModel) -> None:
         positions = plan.positions
@@ -294,14 +297,14 @@ class LocalOptForwardStep:
                                f"{self.args.seq_length}: set --seq-length {len(positions)} "
                                f"or add --variable-seq-lengths")
 
-    def loss_func(self, plan: ForwardPlan, hidden: torch.Tensor, iteration: int,
-                  output_tensor: torch.Tensor):
+    def loss_func(self, plan: ForwardPlan, hidden: torch.Tensor, pre_norm_hidden: torch.Tensor,
+                  iteration: int, output_tensor: torch.Tensor):
         """``(summed_loss, num_tokens, report)``: the objective's mean loss plus regularizers,
         times the token count, so Megatron's division by ``num_tokens`` (or, with
         ``--calculate-per-token-loss``, by the global token count) recovers the plugin's loss."""
         lm_loss = output_tensor.float().mean()
         out = ObjectiveOutput(lm_loss, hidden, plan.labels.numel(), plan.first_frame,
-                              plan.num_frames, plan.metrics)
+                              plan.num_frames, plan.metrics, pre_norm_hidden=pre_norm_hidden)
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=lm_loss.device)
         total, metrics = apply_regularizers(out, self._regularizers, iteration)
         if self.args is not None:
@@ -311,7 +314,8 @@ class LocalOptForwardStep:
                        if k.endswith("loss")})
         return total * out.num_tokens, num_tokens, report
 
-    def eval_loss_func(self, plan: ForwardPlan, hidden: torch.Tensor, iteration: int,
+    def eval_loss_func(self, plan: ForwardPlan, hidden: torch.Tensor,
+                       pre_norm_hidden: torch.Tensor, iteration: int,
                        output_tensor: torch.Tensor):
         """Evaluation: the full-sequence cross-entropy alone, in the same contract."""
         lm_loss = output_tensor.float().mean()

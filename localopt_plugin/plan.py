@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from localopt_plugin.model import context_memory, forward_hidden, token_losses
+from localopt_plugin.model import (
+    context_memory,
+    final_norm_input,
+    forward_hidden,
+    token_losses,
+)
 
 
 @dataclass
@@ -44,6 +49,8 @@ class ObjectiveOutput:
 
     hidden: final hidden states ``[s, b, h]`` of the optimized positions (frames x tokens in
     raster order), which regularizers such as ReCo act on.
+    pre_norm_hidden: the same positions' residual stream before the final norm, where the
+    executor can provide it (None on the DeepSpeed pipeline's last stage).
     """
 
     loss: torch.Tensor
@@ -52,6 +59,7 @@ class ObjectiveOutput:
     first_frame: int
     num_frames: int
     metrics: dict[str, float] = field(default_factory=dict)
+    pre_norm_hidden: torch.Tensor | None = None
 
 
 def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
@@ -72,7 +80,9 @@ def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
 
 def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
     """Execute a plan on a whole (non-pipelined) GPTModel."""
-    hidden = plan_hidden(model, plan)[plan.loss_from:]
+    with final_norm_input(model) as pre_norm:
+        hidden = plan_hidden(model, plan)[plan.loss_from:]
     loss = token_losses(model, hidden, plan.labels).float().mean()
     return ObjectiveOutput(loss, hidden, plan.labels.numel(), plan.first_frame,
-                           plan.num_frames, plan.metrics)
+                           plan.num_frames, plan.metrics,
+                           pre_norm_hidden=pre_norm["hidden"][plan.loss_from:])

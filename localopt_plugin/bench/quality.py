@@ -1,13 +1,26 @@
-"""``localopt-bench quality``: the paper's ablation on one dataset and one model.
+"""``localopt-bench quality``: the paper's ablation at equal compute, on one dataset and one model.
 
-Trains full-sequence, fewer-frames, local-opt (uniform windows), local-opt + first-frame
-balancing, and local-opt + balancing + ReCo, each (a) for the same number of steps and (b) for
-the training time full-sequence needed (equal measured compute), with the real trainer
-(``localopt-train``, DeepSpeed). Then, for every run: training cost (time, video tokens seen,
-peak memory), validation full-sequence NLL overall, on late frames and per frame (the
-error-accumulation curve), and the temporal consistency of generated videos (optical-flow
-warping error) when the data has a decodable tokenizer. Writes ``results.json`` and a markdown
-table.
+Every variant trains with the real trainer (``localopt-train``, DeepSpeed, a subprocess as a
+user launches it) on the same data and model until the same compute budget is spent: the
+analytic training FLOPs (``localopt_plugin.bench.flops``) of full-sequence training for the
+preset's steps. Window draws are a pure function of the seed, so the steps that fit the budget
+are known before a run starts (its LR schedule then completes); after the run the draws the
+trainer logged are checked against the ones counted. Measured train time stands beside the FLOPs
+to validate the FLOP model. Variants (the paper's ablation):
+
+* full-sequence; fewer-frames (W-frame clips without context, generated chunk by chunk);
+* local-opt without the first-frame window (``--local-opt-first-window-prob 0``);
+* + first-frame window (uniform over all windows); + balanced (p = 0.5); + ReCo.
+
+``--sweep reco`` runs ReCo's forms instead (which states, reduction, weight, pairs) on
+local-opt + balanced (writing ``reco-results.*``; in the ablation's ``--out`` the runs both
+share are reused). Every run is evaluated the same way: validation NLL per latent frame
+(full-sequence, the error-accumulation curve), then videos generated for every class (two per
+class by default), scored by the shipped classifier of the embedded data (class accuracy on the
+whole video and on its first and last frames, Frechet distance to held-out real clips) and by
+optical-flow warping error. Several seeds give mean and spread. Writes ``results.json``,
+``results.md`` and ``nll_vs_compute.png`` (validation NLL against FLOPs spent, every variant).
+Each finished run leaves ``row.json``: a rerun of an interrupted bench reuses those.
 """
 
 from __future__ import annotations
@@ -18,177 +31,409 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from localopt_plugin.bench.flops import plan_flops
+from localopt_plugin.data.procedural import NUM_CLASSES
 
 PRESETS = {
-    # minutes on 2 CPU cores
-    "cpu": {"model": ["--preset", "tiny"],
-            "micro_batch": 4, "iters": 150, "window": 2, "eval_samples": 48, "generate": 4},
-    # one GPU, about an hour
-    "gpu": {"model": ["--preset", "110m", "--bf16"],
-            "micro_batch": 16, "iters": 3000, "window": 2, "eval_samples": 512, "generate": 12},
+    # about 40 minutes on 2 CPU cores (2 seeds, 6 variants)
+    "cpu": {"model": "tiny", "model_flags": "", "micro_batch": 4, "full_steps": 200,
+            "window": 2, "videos": 600, "valid_videos": 48, "background": "calm",
+            "eval_samples": 48, "eval_points": 4, "generate_per_class": 2, "lr": 2e-3},
+    # one GPU (an H100), under 8 minutes for one seed of the ablation
+    "gpu": {"model": "110m", "model_flags": "--bf16", "micro_batch": 16, "full_steps": 300,
+            "window": 2, "videos": 2400, "valid_videos": 96, "background": "calm",
+            "eval_samples": 96, "eval_points": 4, "generate_per_class": 2, "lr": 6e-4},
 }
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    flags: tuple[str, ...]
+    objective: str
+    first_window_prob: float | None = None  # None: uniform over all candidate windows
+    reco: tuple[str, ...] = field(default_factory=tuple)  # --reco-* flags; set: ReCo on
+
+    def flags(self) -> list[str]:
+        flags = ["--objective", self.objective]
+        if self.objective != "full-sequence":
+            if self.first_window_prob is None:
+                flags += ["--window-sampler", "uniform"]
+            else:
+                flags += ["--window-sampler", "first-frame-balanced",
+                          "--local-opt-first-window-prob", str(self.first_window_prob)]
+        if self.reco:
+            flags += ["--regularizer", "reco", *self.reco]
+        return flags
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "-" for c in self.name).strip("-")
 
 
-VARIANTS = (
-    Variant("full-sequence", ("--objective", "full-sequence")),
-    Variant("fewer-frames", ("--objective", "fewer-frames", "--window-sampler", "uniform")),
-    Variant("local-opt (uniform)", ("--objective", "local-opt", "--window-sampler", "uniform")),
-    Variant("local-opt + balance", ("--objective", "local-opt", "--window-sampler",
-                                    "first-frame-balanced",
-                                    "--local-opt-first-window-prob", "0.5")),
-    Variant("local-opt + balance + ReCo", ("--objective", "local-opt", "--window-sampler",
-                                           "first-frame-balanced",
-                                           "--local-opt-first-window-prob", "0.5",
-                                           "--regularizer", "reco", "--reco-weight", "0.1",
-                                           "--reco-reduction", "mean")),
+RECO = ("--reco-weight", "0.1", "--reco-reduction", "mean")
+ABLATION = (
+    Variant("full-sequence", "full-sequence"),
+    Variant("fewer-frames", "fewer-frames"),
+    Variant("local-opt, no first-frame window", "local-opt", first_window_prob=0.0),
+    Variant("+ first-frame window (uniform)", "local-opt"),
+    Variant("+ balanced (p=0.5)", "local-opt", first_window_prob=0.5),
+    Variant("+ balanced + ReCo", "local-opt", first_window_prob=0.5, reco=RECO),
 )
+RECO_SWEEP = (  # the first three are the ablation's runs (reused in the same --out)
+    ABLATION[0],
+    ABLATION[4],
+    ABLATION[5],
+    Variant("ReCo final, sum, 0.1 (paper)", "local-opt", first_window_prob=0.5,
+            reco=("--reco-weight", "0.1", "--reco-reduction", "sum")),
+    Variant("ReCo final, mean, 1.0", "local-opt", first_window_prob=0.5,
+            reco=("--reco-weight", "1.0", "--reco-reduction", "mean")),
+    Variant("ReCo pre-norm, sum, 0.1", "local-opt", first_window_prob=0.5,
+            reco=("--reco-weight", "0.1", "--reco-reduction", "sum", "--reco-states",
+                  "pre-norm")),
+    Variant("ReCo final, mean, 0.1, frame pairs", "local-opt", first_window_prob=0.5,
+            reco=(*RECO, "--reco-pairs", "adjacent-frame")),
+)
+SWEEPS = {"ablation": ABLATION, "reco": RECO_SWEEP}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--data-path", nargs="+", required=True, help="training shards")
-    parser.add_argument("--valid-data-path", nargs="+", required=True,
-                        help="validation shards (NLL curve)")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default="ablation",
+                        help="ablation: the paper's variants; reco: ReCo's forms")
+    parser.add_argument("--data-path", nargs="+", default=None,
+                        help="training shards (default: made by localopt-preprocess from the "
+                        "preset's procedural videos into OUT/data)")
+    parser.add_argument("--valid-data-path", nargs="+", default=None,
+                        help="validation shards (with --data-path)")
+    parser.add_argument("--background", choices=("textured", "calm", "none"), default=None,
+                        help="the procedural variant of the data, for class accuracy and "
+                        "Frechet distance (default: the preset's with its own data, none "
+                        "with --data-path)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--iters", type=int, default=None, help="override the preset's steps")
+    parser.add_argument("--full-steps", type=int, default=None,
+                        help="full-sequence steps that set the FLOP budget (default: preset's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="run only these (full-sequence always runs: it sets the budget)")
+    parser.add_argument("--generate-per-class", type=int, default=None)
     parser.add_argument("--i3d", default=None, help="TorchScript I3D file: adds FVD")
     parser.add_argument("--real-videos", default=None,
                         help="directory of real videos for FVD (with --i3d)")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--variants", nargs="+", default=None,
-                        choices=[v.name for v in VARIANTS],
-                        help="run only these (full-sequence is always run: it sets the budget)")
 
 
-def _train(args: argparse.Namespace, preset: dict, variant: Variant, tag: str,
-           extra: list[str]) -> dict:
-    """One trainer run (a subprocess, like a user's launch); returns its cost figures."""
-    run_dir = os.path.join(args.out, tag)
+def _run(cmd: list[str], log: str | None = None) -> None:
+    """A subprocess as a user runs it; its output goes to ``log`` (shown on failure)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+    if log is None:
+        subprocess.run(cmd, check=True, env=env)
+        return
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        with open(log) as f:
+            tail = f.read()[-4000:]
+        raise SystemExit(f"error: {' '.join(cmd[:4])} ... failed (exit {proc.returncode}); "
+                         f"the end of {log}:\n{tail}")
+
+
+def make_data(out: str, preset: dict) -> tuple[list[str], list[str]]:
+    """The preset's procedural shards (train seeds from 0, validation from 500000)."""
+    kind = "procedural-calm" if preset["background"] == "calm" else "procedural"
+    paths = []
+    for split, count, seed in (("train", preset["videos"], 0),
+                               ("valid", preset["valid_videos"], 500000)):
+        directory = os.path.join(out, "data", split)
+        if not os.path.exists(os.path.join(directory, "manifest.json")):
+            _run([sys.executable, "-m", "localopt_plugin.commands.preprocess",
+                  f"{kind}:{count}:{seed}", "--output", directory, "--videos-per-shard", "64",
+                  "--no-progress"], os.path.join(out, "data", f"{split}.log"))
+        paths.append(sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                            if f.endswith(".tar")))
+    return paths[0], paths[1]
+
+
+class FlopCounter:
+    """Training FLOPs of every step of a variant, from the window draws of its seed."""
+
+    def __init__(self, data_path: list[str], preset: dict) -> None:
+        from localopt_plugin.data.wds import VideoWdsConfig
+        from localopt_plugin.model import padded_vocab_size
+        from localopt_plugin.model.presets import config_with_flags
+        from localopt_plugin.training.config import build_dataset
+
+        source = build_dataset("video-wds", VideoWdsConfig(data_path=tuple(data_path),
+                                                           num_workers=0), seed=0)
+        self.layout = source.layout
+        self.model = config_with_flags(preset["model"], preset["model_flags"])
+        self.vocab = padded_vocab_size(source.vocab.size, self.model.make_vocab_size_divisible_by,
+                                       1)
+        self.tokens = torch.zeros(preset["micro_batch"], self.layout.seq_length,
+                                  dtype=torch.long)
+        self.window = preset["window"]
+
+    def objective(self, variant: Variant, seed: int):
+        from localopt_plugin.objectives import WindowConfig, build_objective
+
+        prob = 0.5 if variant.first_window_prob is None else variant.first_window_prob
+        sampler = "uniform" if variant.first_window_prob is None else "first-frame-balanced"
+        return build_objective(variant.objective, self.layout, sampler=sampler,
+                               window=WindowConfig(window_frames=self.window,
+                                                   first_window_prob=prob), seed=seed)
+
+    def steps(self, variant: Variant, seed: int, count: int) -> tuple[list[float], list[float]]:
+        """FLOPs and window starts of the first ``count`` steps (one micro-batch each)."""
+        objective = self.objective(variant, seed)
+        flops, starts = [], []
+        for iteration in range(count):
+            plan = objective.plan(self.tokens, iteration, 0)
+            flops.append(plan_flops(plan, self.model, self.vocab))
+            starts.append(float(plan.first_frame))
+        return flops, starts
+
+    def steps_within(self, variant: Variant, seed: int, budget: float) -> int:
+        """The most steps whose FLOPs sum to at most ``budget``."""
+        objective, spent, steps = self.objective(variant, seed), 0.0, 0
+        while True:
+            spent += plan_flops(objective.plan(self.tokens, steps, 0), self.model, self.vocab)
+            if spent > budget * (1 + 1e-9):
+                return steps
+            steps += 1
+
+
+def train(args: argparse.Namespace, preset: dict, variant: Variant, seed: int, steps: int,
+          data: tuple[list[str], list[str]], counter: FlopCounter) -> dict:
+    """One trainer run; its cost (FLOPs from the logged draws, time, memory) and NLL curve."""
+    run_dir = os.path.join(args.out, f"seed{seed}", variant.slug)
     os.makedirs(run_dir, exist_ok=True)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
-    cmd = [sys.executable, "-m", "localopt_plugin.commands.train", *preset["model"],
-           "--dataset", "video-wds", "--data-path", *args.data_path,
-           "--micro-batch-size", str(preset["micro_batch"]), "--lr", "1e-3", "--min-lr", "1e-4",
-           "--lr-warmup-iters", "10", "--lr-decay-style", "cosine", "--seed", str(args.seed),
+    interval = max(1, steps // preset["eval_points"])
+    cmd = [sys.executable, "-m", "localopt_plugin.commands.train", "--preset", preset["model"],
+           *preset["model_flags"].split(), "--dataset", "video-wds", "--data-path", *data[0],
+           "--valid-data-path", *data[1], "--data-num-workers", "0",
+           "--micro-batch-size", str(preset["micro_batch"]), "--train-iters", str(steps),
+           "--lr", str(preset["lr"]), "--min-lr", str(preset["lr"] / 10),
+           "--lr-warmup-iters", str(max(1, steps // 20)), "--lr-decay-style", "cosine",
+           "--weight-decay", "0.05", "--seed", str(seed),
            "--local-opt-window-frames", str(preset["window"]), "--log-interval", "50",
+           "--eval-interval", str(interval), "--eval-iters",
+           str(max(1, preset["eval_samples"] // preset["micro_batch"])),
            "--save", os.path.join(run_dir, "checkpoint"), "--metrics-file", metrics,
-           "--progress", "off", *variant.flags, *extra]
+           "--progress", "off", *variant.flags()]
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
+    _run(cmd, os.path.join(run_dir, "train.log"))
     wall = time.perf_counter() - started
-    records = [json.loads(line) for line in open(metrics)]
-    train_seconds = sum(r["step time (s)"] for r in records)
+    with open(metrics) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in records if "iteration" in r and "step time (s)" in r]
+    flops, starts = counter.steps(variant, seed, len(records))
+    logged = [r.get("window start", r.get("clip start")) for r in records]
+    if variant.objective != "full-sequence" and logged != starts:
+        raise SystemExit(f"error: {variant.name}: the trainer drew other windows than the "
+                         f"FLOP count assumed ({logged[:8]} vs {starts[:8]})")
+    spent = np.cumsum(flops)
+    curve = [(float(spent[r["iteration"] - 1]), r["valid full-sequence loss"])
+             for r in records if "valid full-sequence loss" in r]
     return {
-        "variant": variant.name,
-        "steps": len(records),
-        "train time (s)": train_seconds,
-        "wall time (s)": wall,
-        "video tokens seen": sum(r["video tokens/s"] * r["step time (s)"] for r in records),
+        "variant": variant.name, "seed": seed, "steps": len(records),
+        "compute (PFLOP)": float(spent[-1]) / 1e15,
+        "train time (s)": sum(r["step time (s)"] for r in records), "wall time (s)": wall,
         "peak memory (MB)": max(r["memory (MB)"] for r in records),
         "final lm loss": records[-1]["lm loss"],
+        "valid loss vs compute": curve,
         "checkpoint": os.path.join(run_dir, "checkpoint"),
     }
+
+
+def evaluate(args: argparse.Namespace, preset: dict, variant: Variant, row: dict,
+             valid: list[str], background: str) -> dict:
+    """NLL per frame, then generated videos: class accuracy, Frechet distance, flow error.
+
+    Every model generates the way it must: full context, except fewer-frames, which can only
+    generate chunk by chunk (each W-frame chunk conditioned on the previous one).
+    """
+    checkpoint = row["checkpoint"]
+    run_dir = os.path.dirname(checkpoint)
+    py = [sys.executable, "-m"]
+    nll_file = os.path.join(run_dir, "nll.json")
+    _run([*py, "localopt_plugin.commands.evaluate", "nll", "--checkpoint", checkpoint,
+          "--data-path", *valid, "--num-samples", str(preset["eval_samples"]),
+          "--out", nll_file], os.path.join(run_dir, "nll.log"))
+    with open(nll_file) as f:
+        per_frame = json.load(f)["per_frame_nll"]
+    result = {"valid NLL": float(np.mean(per_frame)), "NLL per frame": per_frame,
+              "first-frame NLL": per_frame[0], "last-frame NLL": per_frame[-1]}
+    samples = os.path.join(run_dir, "samples")
+    mode = (["--mode", "chunked", "--chunk-frames", str(preset["window"])]
+            if variant.objective == "fewer-frames" else ["--mode", "full"])
+    per_class = args.generate_per_class or preset["generate_per_class"]
+    _run([*py, "localopt_plugin.commands.generate", "--checkpoint", checkpoint, "--out", samples,
+          "--class-labels", *map(str, range(NUM_CLASSES)), "--samples-per-condition",
+          str(per_class), "--top-k", "50", "--seed", str(row["seed"]), "--no-progress", *mode],
+         os.path.join(run_dir, "generate.log"))
+    flow_file = os.path.join(run_dir, "flow.json")
+    _run([*py, "localopt_plugin.commands.evaluate", "flow", samples, "--out", flow_file],
+         os.path.join(run_dir, "flow.log"))
+    with open(flow_file) as f:
+        result["flow warp error"] = json.load(f)["mean"]
+    if background != "none":
+        classes_file = os.path.join(run_dir, "classes.json")
+        _run([*py, "localopt_plugin.commands.evaluate", "classes", samples, "--background",
+              background, "--out", classes_file], os.path.join(run_dir, "classes.log"))
+        with open(classes_file) as f:
+            classes = json.load(f)
+        for key in ("accuracy", "first frames accuracy", "last frames accuracy",
+                    "frechet distance", "frechet distance of real clips"):
+            result[key] = classes.get(key)
+    if args.i3d:
+        fvd_file = os.path.join(run_dir, "fvd.json")
+        _run([*py, "localopt_plugin.commands.evaluate", "fvd", "--i3d", args.i3d,
+              "--real", args.real_videos, "--generated", samples, "--out", fvd_file],
+             os.path.join(run_dir, "fvd.log"))
+        with open(fvd_file) as f:
+            result["FVD"] = json.load(f)["fvd"]
+    return result
+
+
+METRICS = ("steps", "compute (PFLOP)", "train time (s)", "peak memory (MB)", "valid NLL",
+           "first-frame NLL", "last-frame NLL", "accuracy", "first frames accuracy",
+           "last frames accuracy", "frechet distance", "flow warp error", "FVD")
+
+
+def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
+    """Per variant: mean and spread (min, max) over seeds of every metric, and the compute
+    ratio to full-sequence."""
+    table = []
+    for variant in variants:
+        runs = [r for r in rows if r["variant"] == variant.name]
+        if not runs:
+            continue
+        entry = {"variant": variant.name, "seeds": [r["seed"] for r in runs]}
+        for metric in METRICS:
+            values = [r[metric] for r in runs if r.get(metric) is not None]
+            if values:
+                entry[metric] = {"mean": float(np.mean(values)), "min": float(np.min(values)),
+                                 "max": float(np.max(values))}
+        table.append(entry)
+    full = table[0]["train time (s)"]["mean"]
+    for entry in table:
+        entry["time / full-sequence time"] = entry["train time (s)"]["mean"] / full
+    return table
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.i3d and not args.real_videos:
         raise SystemExit("error: --i3d needs --real-videos (the reference set for FVD)")
+    if bool(args.data_path) != bool(args.valid_data_path):
+        raise SystemExit("error: --data-path and --valid-data-path go together")
     preset = dict(PRESETS[args.preset])
-    iters = args.iters or preset["iters"]
+    if args.full_steps:
+        preset["full_steps"] = args.full_steps
+    variants = list(SWEEPS[args.sweep])
+    if args.variants:
+        unknown = set(args.variants) - {v.name for v in variants}
+        if unknown:
+            raise SystemExit(f"error: unknown --variants {sorted(unknown)}; this sweep has: "
+                             f"{[v.name for v in variants]}")
+        variants = [v for v in variants if v is variants[0] or v.name in args.variants]
     os.makedirs(args.out, exist_ok=True)
-    variants = [v for v in VARIANTS
-                if args.variants is None or v.name in args.variants or v is VARIANTS[0]]
-    same_steps, equal_compute = [], []
-    for variant in variants:
-        slug = variant.name.replace(" ", "").replace("+", "_").replace("(", "").replace(")", "")
-        same_steps.append(_train(args, preset, variant, f"steps-{slug}",
-                                 ["--train-iters", str(iters)]))
-    budget = same_steps[0]["train time (s)"]  # what full-sequence needed
-    for variant, measured in zip(variants[1:], same_steps[1:], strict=True):
-        slug = variant.name.replace(" ", "").replace("+", "_").replace("(", "").replace(")", "")
-        # the steps this variant fits in the budget at its measured speed: the LR schedule
-        # then completes, as full-sequence's did; the time limit still caps the run
-        steps = int(budget / (measured["train time (s)"] / measured["steps"]))
-        equal_compute.append(_train(args, preset, variant, f"compute-{slug}",
-                                    ["--train-iters", str(steps),
-                                     "--exit-duration-in-mins", f"{budget / 60:.6f}"]))
-    equal_compute.insert(0, same_steps[0])
-    for row in same_steps + equal_compute[1:]:
-        row.update(evaluate_checkpoint(row["checkpoint"], args, preset, row["variant"]))
-    return {"preset": args.preset, "iters": iters, "same steps": same_steps,
-            "equal compute": equal_compute}
+    if args.data_path:
+        data = (args.data_path, args.valid_data_path)
+        background = args.background or "none"
+    else:
+        data = make_data(args.out, preset)
+        background = args.background or preset["background"]
+    counter = FlopCounter(data[0], preset)
+    rows = []
+    for seed in args.seeds:
+        full_flops, _ = counter.steps(variants[0], seed, preset["full_steps"])
+        budget = float(np.sum(full_flops))
+        for variant in variants:
+            steps = (preset["full_steps"] if variant is variants[0]
+                     else counter.steps_within(variant, seed, budget))
+            row_file = os.path.join(args.out, f"seed{seed}", variant.slug, "row.json")
+            if os.path.exists(row_file):  # a finished run of an interrupted bench
+                with open(row_file) as f:
+                    row = json.load(f)
+                if row["steps"] == steps and row.get("background") == background:
+                    print(f"[quality] seed {seed}: {variant.name}: reusing {row_file}")
+                    rows.append(row)
+                    continue
+            print(f"[quality] seed {seed}: {variant.name}: {steps} steps within "
+                  f"{budget / 1e15:.4f} PFLOP", flush=True)
+            row = train(args, preset, variant, seed, steps, data, counter)
+            row.update(evaluate(args, preset, variant, row, data[1], background))
+            row["background"] = background
+            with open(row_file, "w") as f:
+                json.dump(row, f, indent=2)
+            rows.append(row)
+    return {"preset": args.preset, "sweep": args.sweep, "settings": preset,
+            "seeds": args.seeds, "background": background,
+            "machine": {"cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.is_available()},
+            "runs": rows, "summary": summarize(rows, variants)}
 
 
-def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, preset: dict,
-                        variant: str) -> dict:
-    """Validation NLL (overall, late frames, per frame) and generated-video consistency.
-
-    Every model generates the way it must: full context, except fewer-frames, which can only
-    generate chunk by chunk (each W-frame chunk conditioned on the previous one).
-    """
-    run_dir = os.path.dirname(checkpoint)
-    py = [sys.executable, "-m"]
-    nll_file = os.path.join(run_dir, "nll.json")
-    subprocess.run([*py, "localopt_plugin.commands.evaluate", "nll", "--checkpoint", checkpoint,
-                    "--data-path", *args.valid_data_path, "--num-samples",
-                    str(preset["eval_samples"]), "--out", nll_file], check=True)
-    with open(nll_file) as f:
-        nll = json.load(f)
-    samples = os.path.join(run_dir, "samples")
-    mode = ["--mode", "chunked", "--chunk-frames", str(preset["window"])] if (
-        variant == "fewer-frames") else ["--mode", "full"]
-    labels = [str(i) for i in range(preset["generate"])]
-    subprocess.run([*py, "localopt_plugin.commands.generate", "--checkpoint", checkpoint,
-                    "--out", samples, "--class-labels", *labels, "--top-k", "50",
-                    "--seed", str(args.seed), "--no-progress", *mode], check=True)
-    flow_file = os.path.join(run_dir, "flow.json")
-    subprocess.run([*py, "localopt_plugin.commands.evaluate", "flow", samples, "--out", flow_file],
-                   check=True)
-    with open(flow_file) as f:
-        flow = json.load(f)
-    per_frame = nll["per_frame_nll"]
-    row = {"valid NLL": nll["mean_nll"], "late-frame NLL": per_frame[-1],
-           "NLL per frame": per_frame, "flow warp error": flow["mean"]}
-    if args.i3d:
-        fvd_file = os.path.join(run_dir, "fvd.json")
-        subprocess.run([*py, "localopt_plugin.commands.evaluate", "fvd", "--i3d", args.i3d,
-                        "--real", args.real_videos, "--generated", samples, "--out", fvd_file],
-                       check=True)
-        with open(fvd_file) as f:
-            row["FVD"] = json.load(f)["fvd"]
-    return row
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        mean, low, high = value["mean"], value["min"], value["max"]
+        return f"{mean:.4g}" if low == high else f"{mean:.4g} ({low:.3g}-{high:.3g})"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def format_tables(result: dict) -> str:
-    columns = ["variant", "steps", "train time (s)", "video tokens seen", "peak memory (MB)",
-               "valid NLL", "late-frame NLL", "flow warp error", "FVD"]
-    out = []
-    for title in ("same steps", "equal compute"):
-        out += [f"### {title}", "", "| " + " | ".join(columns) + " |",
-                "|" + "---|" * len(columns)]
-        for row in result[title]:
-            cells = [row.get(c, "n/a") for c in columns]
-            out.append("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c)
-                                         for c in cells) + " |")
-        out.append("")
-    return "\n".join(out)
+def format_table(result: dict) -> str:
+    columns = ["variant", *METRICS, "time / full-sequence time"]
+    columns = [c for c in columns if any(c in e for e in result["summary"])]
+    out = [f"{result['sweep']} at equal training FLOPs, seeds {result['seeds']}: mean "
+           "(min-max over seeds)", "", "| " + " | ".join(columns) + " |",
+           "|" + "---|" * len(columns)]
+    for entry in result["summary"]:
+        out.append("| " + " | ".join(_cell(entry.get(c, "n/a")) for c in columns) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_nll_vs_compute(result: dict, path: str) -> str:
+    """Validation NLL (full-sequence) against FLOPs spent: one line per variant and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colours = {}
+    for row in result["runs"]:
+        if not row["valid loss vs compute"]:
+            continue
+        x, y = zip(*row["valid loss vs compute"], strict=True)
+        colour = colours.setdefault(row["variant"], f"C{len(colours)}")
+        label = row["variant"] if row["seed"] == result["seeds"][0] else None
+        ax.plot(np.array(x) * 1e3, y, marker="o", color=colour, label=label, alpha=0.85)
+    ax.set_xlabel("training compute (TFLOP, analytic)")
+    ax.set_ylabel("validation full-sequence NLL (nats/token)")
+    ax.set_title(f"{result['sweep']}: validation NLL against compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    prefix = os.path.join(args.out, "" if args.sweep == "ablation" else f"{args.sweep}-")
+    with open(f"{prefix}results.json", "w") as f:
         json.dump(result, f, indent=2)
-    table = format_tables(result)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    table = format_table(result)
+    with open(f"{prefix}results.md", "w") as f:
         f.write(table)
+    plot_nll_vs_compute(result, f"{prefix}nll_vs_compute.png")
     print(table)
     return 0
+

@@ -1,4 +1,4 @@
-"""``localopt-eval``: error-accumulation curves of checkpoints, consistency and FVD of videos.
+"""``localopt-eval``: error-accumulation curves of checkpoints, consistency, classes and FVD.
 
 Subcommands::
 
@@ -6,6 +6,7 @@ Subcommands::
     localopt-eval plot a.json b.json --labels local-opt full --out compare.png
     localopt-eval flow VIDEO_OR_DIR... --out flow.json
     localopt-eval fvd  --i3d i3d_torchscript.pt --real DIR... --generated DIR... --out fvd.json
+    localopt-eval classes GENERATED_DIR... --background calm --out classes.json
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,6 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first frames of every clip used (StyleGAN-V: 16)")
     fvd.add_argument("--batch-size", type=int, default=8)
     fvd.add_argument("--out", default=None, help="JSON file (default: print only)")
+
+    classes = sub.add_parser(
+        "classes", help="embedded data: class accuracy of generated videos and the Frechet "
+        "distance of the shipped classifier's features to held-out real clips")
+    classes.add_argument("videos", nargs="+",
+                         help="video files or directories (labels from names classNN_*)")
+    classes.add_argument("--labels", type=int, nargs="+", default=None,
+                         help="conditioning class per video, in file order (default: parsed "
+                         "from the file names, as localopt-generate writes them)")
+    classes.add_argument("--background", choices=("textured", "calm"), default="textured",
+                         help="the procedural variant the model was trained on (the real "
+                         "reference clips are rendered with it)")
+    classes.add_argument("--real-count", type=int, default=256,
+                         help="held-out real clips rendered for the Frechet distance")
+    classes.add_argument("--tokenizer", default=None,
+                         help="also report the floor: the distance of real clips after this "
+                         "tokenizer's encode/decode (e.g. fsq-video)")
+    classes.add_argument("--weights", default=None,
+                         help="classifier weights (default: the shipped ones)")
+    classes.add_argument("--out", default=None, help="JSON file (default: print only)")
     return p
 
 
@@ -159,10 +181,41 @@ def _fvd(args: argparse.Namespace) -> None:
             "num_frames": args.num_frames, "i3d": str(args.i3d)}, args.out)
 
 
+def labels_from_names(files: Sequence[Path]) -> list[int]:
+    """Conditioning classes from ``classNN_*`` file names (localopt-generate's naming)."""
+    labels = []
+    for path in files:
+        match = re.match(r"class(\d+)_", path.name)
+        if not match:
+            raise SystemExit(f"error: {path.name} is not named classNN_*: pass --labels")
+        labels.append(int(match.group(1)))
+    return labels
+
+
+def _classes(args: argparse.Namespace) -> None:
+    from localopt_plugin.evaluation.classifier import class_report
+    from localopt_plugin.video.io import read_video
+
+    files = video_files(args.videos)
+    labels = args.labels if args.labels is not None else labels_from_names(files)
+    if len(labels) != len(files):
+        raise SystemExit(f"error: {len(labels)} --labels for {len(files)} videos")
+    videos = [read_video(f) for f in files]
+    if len({v.shape for v in videos}) != 1:
+        raise SystemExit("error: the videos differ in frames or size: "
+                         f"{sorted({v.shape for v in videos})}")
+    result = class_report(np.stack(videos), np.asarray(labels), background=args.background,
+                          real_count=args.real_count, tokenizer=args.tokenizer,
+                          weights=args.weights)
+    result["videos"] = {str(f): int(label) for f, label in zip(files, labels, strict=True)}
+    _write(result, args.out)
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    {"nll": _nll, "plot": _plot, "flow": _flow, "fvd": _fvd}[args.command](args)
+    commands = {"nll": _nll, "plot": _plot, "flow": _flow, "fvd": _fvd, "classes": _classes}
+    commands[args.command](args)
     return 0
 
 

@@ -86,7 +86,12 @@ def _conditions(args: argparse.Namespace, context) -> tuple[torch.Tensor, list[s
         ids = class_conditions(vocab, labels)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    return ids, [f"class{label:02d}_{i % n:02d}" for i, label in enumerate(labels)]
+    seen: dict[int, int] = {}
+    names = []
+    for label in labels:  # classNN_KK: the K-th sample of class NN (labels may repeat)
+        names.append(f"class{label:02d}_{seen.get(label, 0):02d}")
+        seen[label] = seen.get(label, 0) + 1
+    return ids, names
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 
 Reads what the main job's steps left in ``RUN_DIR`` — ``metrics.jsonl`` (trainer),
 ``eval/nll.json`` (per-frame validation NLL), ``samples/`` (generated GIFs/mp4s and grid),
-``eval/flow.json`` (temporal consistency) and the shards' manifests — and writes
-``loss_curves.png`` and ``report.md``. Missing pieces are reported as missing, not skipped.
+``eval/classes.json`` (class accuracy and Frechet distance by the embedded classifier) and
+``eval/flow.json`` (temporal consistency) — and writes ``loss_curves.png``,
+``real_vs_generated.png`` and ``report.md``. Missing pieces are reported as missing, not
+skipped.
 """
 
 from __future__ import annotations
@@ -49,9 +51,78 @@ def plot_losses(records: list[dict], out: str) -> None:
     plt.close(fig)
 
 
+def side_by_side(samples: str, background: str, out: str, frames: int = 6) -> str | None:
+    """Per class: a held-out real clip's frames above the first generated video's."""
+    import numpy as np
+
+    from localopt_plugin.data.procedural import NUM_CLASSES, render_video
+    from localopt_plugin.evaluation.classifier import REFERENCE_SEED_START
+    from localopt_plugin.video.io import read_video, save_grid_png
+
+    rows = []
+    for label in range(NUM_CLASSES):
+        path = os.path.join(samples, f"class{label:02d}_00.mp4")
+        if not os.path.exists(path):
+            continue
+        generated = read_video(path)
+        picks = np.linspace(0, len(generated) - 1, frames).round().astype(int)
+        real = render_video(label, REFERENCE_SEED_START + label, len(generated),
+                            generated.shape[1], background=background)
+        rows += [real[picks], generated[picks]]
+    return str(save_grid_png(out, rows)) if rows else None
+
+
+def _classes_section(run_dir: str, samples: str) -> list[str]:
+    path = os.path.join(run_dir, "eval", "classes.json")
+    if not os.path.exists(path):
+        return ["## Classes of the generated videos", "", f"missing: {path}", ""]
+    with open(path) as f:
+        classes = json.load(f)
+    keys = [k for k, v in classes.items() if isinstance(v, int | float) and k != "frames"]
+    lines = ["## Classes of the generated videos (the embedded classifier)", "",
+             f"{classes['num videos']} generated videos scored against their conditioning "
+             f"class (chance: 1/12 = 0.083); Frechet distance of the classifier's features to "
+             f"{classes['num real reference clips']} held-out real {classes['background']} "
+             "clips, beside the same distance for as many real clips (the floor at this "
+             "count) and for real clips through the tokenizer.", "",
+             "| metric | value |", "|---|---|",
+             *(f"| {k} | {classes[k]:.4g} |" for k in keys), ""]
+    grid = side_by_side(samples, classes["background"],
+                        os.path.join(run_dir, "real_vs_generated.png"))
+    if grid:
+        lines += ["Per class, a held-out real clip (odd rows) above the first generated video "
+                  "(even rows), 6 frames spread over the clip:", "",
+                  "![real vs generated](real_vs_generated.png)", ""]
+    return lines
+
+
+def _data_section(run_dir: str) -> list[str]:
+    """What the run trained on, from the shards' manifests (and the classes report's variant)."""
+    lines = ["## Data", ""]
+    for split in ("train", "valid"):
+        path = os.path.join(run_dir, "shards", split, "manifest.json")
+        if not os.path.exists(path):
+            lines.append(f"missing: {path}")
+            continue
+        with open(path) as f:
+            manifest = json.load(f)
+        source = manifest.get("source", {})
+        resolution = "x".join(map(str, source.get("resolution", [])))
+        lines.append(
+            f"- {split}: {sum(s['samples'] for s in manifest['shards'])} clips of "
+            f"{source.get('frames')} frames at {resolution}, "
+            f"{manifest.get('num_classes')} classes, tokenizer {manifest['tokenizer']['name']} "
+            f"(latent grid {manifest['latent_grid']}, {manifest['video_vocab_size']} codes)")
+    classes = os.path.join(run_dir, "eval", "classes.json")
+    if os.path.exists(classes):
+        with open(classes) as f:
+            lines.append(f"- procedural variant: {json.load(f)['background']} background")
+    return [*lines, ""]
+
+
 def write_report(run_dir: str) -> str:
     """Write ``report.md`` and ``loss_curves.png`` into ``run_dir``; return the report path."""
-    lines = ["# Main job report", ""]
+    lines = ["# Main job report", "", *_data_section(run_dir)]
     metrics_file = os.path.join(run_dir, "metrics.jsonl")
     records = _read_jsonl(metrics_file) if os.path.exists(metrics_file) else []
     if records:
@@ -93,6 +164,7 @@ def write_report(run_dir: str) -> str:
         lines += ["", " ".join(f"![{g}](samples/{g})" for g in gifs), ""]
     else:
         lines += ["## Generated videos", "", f"missing: {samples}", ""]
+    lines += _classes_section(run_dir, samples)
     flow_file = os.path.join(run_dir, "eval", "flow.json")
     if os.path.exists(flow_file):
         with open(flow_file) as f:

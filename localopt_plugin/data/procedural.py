@@ -12,6 +12,9 @@ A video shows one anti-aliased shape moving over a textured background:
 * the seed picks everything else: background gradient colours and direction, two sinusoidal
   texture layers drifting slowly (a gentle camera pan), the shape's colour, size, speed, phase
   and rotation.
+* ``background="calm"`` is an easier variant of the same classes: the gradient without the
+  drifting texture, larger shapes that start near the centre (what a small model learns to draw
+  within minutes: the main job's data).
 
 Motions are periodic in time, so any number of frames works, and a shorter clip is a prefix of
 a longer one. Rendering is vectorised over ``[T, H, W]`` in numpy (a 17-frame 64x64 clip takes
@@ -24,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = ("textured", "calm")
 MOTIONS = ("horizontal", "vertical", "orbit", "pulse")
 NUM_CLASSES = len(SHAPES) * len(MOTIONS)
 
@@ -48,12 +52,14 @@ def _bounce(start: float, velocity: float, t: np.ndarray, lo: float, hi: float) 
 
 
 def _background(rng: np.random.Generator, t: np.ndarray, u: np.ndarray,
-                v: np.ndarray) -> np.ndarray:
-    """A colour gradient plus two drifting sinusoid layers: ``[T, H, W, 3]`` in [0, 1]."""
+                v: np.ndarray, textured: bool = True) -> np.ndarray:
+    """A colour gradient plus (textured) two drifting sinusoid layers: ``[T, H, W, 3]``."""
     c0, c1 = rng.uniform(0.1, 0.9, size=(2, 3))
     angle = rng.uniform(0, 2 * np.pi)
     ramp = np.clip(0.5 + (u - 0.5) * np.cos(angle) + (v - 0.5) * np.sin(angle), 0, 1)
     image = c0 + (c1 - c0) * ramp[None, :, :, None]  # [1, H, W, 3]
+    if not textured:
+        return np.broadcast_to(image, (len(t), *image.shape[1:]))
     for _ in range(2):
         freq = rng.uniform(1.0, 4.0)  # cycles per frame width
         direction = rng.uniform(0, 2 * np.pi)
@@ -79,24 +85,30 @@ def _shape_distance(shape: int, dx: np.ndarray, dy: np.ndarray, radius: np.ndarr
     return np.maximum(np.maximum(dots[0], dots[1]), dots[2]) - 0.5 * radius
 
 
-def render_video(class_id: int, seed: int, num_frames: int, size: int = 64) -> np.ndarray:
+def render_video(class_id: int, seed: int, num_frames: int, size: int = 64,
+                 background: str = "textured") -> np.ndarray:
     """The video of ``class_id`` drawn with ``seed``: uint8 ``[num_frames, size, size, 3]``.
 
     Deterministic: the same arguments give the same pixels on every machine (numpy's PCG64).
     """
     if num_frames < 1 or size < 4:
         raise ValueError(f"need num_frames >= 1 and size >= 4, got {num_frames}, {size}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got "
+                         f"{background!r}")
     shape, motion = _split_class(class_id)
     rng = np.random.default_rng([int(seed), int(class_id)])
     t = np.arange(num_frames, dtype=np.float64)
     grid = (np.arange(size, dtype=np.float64) + 0.5) / size
     v, u = np.meshgrid(grid, grid, indexing="ij")  # v: rows (down), u: columns (right)
-    frames = _background(rng, t, u, v)
+    calm = background == "calm"
+    frames = _background(rng, t, u, v, textured=not calm)
 
-    radius = np.full(num_frames, rng.uniform(0.12, 0.2))
+    radius = np.full(num_frames, rng.uniform(0.24, 0.32) if calm else rng.uniform(0.12, 0.2))
     speed = rng.uniform(0.02, 0.05) * rng.choice([-1.0, 1.0])  # frame widths per frame
     lo, hi = radius[0] + 0.02, 1 - radius[0] - 0.02
-    x0, y0 = rng.uniform(lo, hi, size=2)
+    # calm: the shape starts near the centre (it still moves anywhere)
+    x0, y0 = rng.uniform(0.42, 0.58, size=2) if calm else rng.uniform(lo, hi, size=2)
     if motion == 0:
         cx, cy = _bounce(x0, speed, t, lo, hi), np.full_like(t, y0)
     elif motion == 1:

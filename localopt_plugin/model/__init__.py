@@ -23,6 +23,7 @@ from localopt_plugin.model.config import (
 from localopt_plugin.model.gpt import (
     build_gpt_model,
     compute_logits,
+    final_norm_input,
     forward_hidden,
     layer_spec,
     token_losses,
@@ -38,6 +39,7 @@ __all__ = [
     "build_gpt_model",
     "compute_logits",
     "context_memory",
+    "final_norm_input",
     "forward_hidden",
     "layer_spec",
     "padded_vocab_size",

@@ -11,7 +11,9 @@ vocab-parallel cross-entropy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -132,6 +134,23 @@ def forward_hidden(
         rotary = model.rotary_pos_emb(int(positions.max()) + 1)[positions]
     return model.decoder(hidden_states=embedded, attention_mask=None, rotary_pos_emb=rotary,
                          packed_seq_params=plan_for(positions, memory, store_from))
+
+
+@contextlib.contextmanager
+def final_norm_input(model: GPTModel) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, ``captured["hidden"]`` is the input of the decoder's final norm (the
+    residual stream ``[s, b, h]``) of the latest forward: what ReCo's ``pre-norm`` form acts
+    on. Nothing is captured on a model without a final norm (a pipeline stage before the last).
+    Free: autograd keeps that tensor for the norm's backward anyway."""
+    captured: dict[str, torch.Tensor] = {}
+    norm = getattr(model.decoder, "final_layernorm", None)
+    handle = None if norm is None else norm.register_forward_hook(
+        lambda module, args, output: captured.__setitem__("hidden", args[0]))
+    try:
+        yield captured
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def compute_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:

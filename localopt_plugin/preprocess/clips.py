@@ -116,7 +116,8 @@ def _render(video: VideoInput, spec: ClipSpec) -> tuple[np.ndarray, float]:
     """A procedural video long enough for ``clips_per_video`` back-to-back clips."""
     cls, seed = video.procedural
     total = spec.clips_per_video * spec.span(PROCEDURAL_FPS)
-    frames = render_video(cls, seed, total, size=max(spec.height, spec.width))
+    frames = render_video(cls, seed, total, size=max(spec.height, spec.width),
+                          background=video.background)
     top, left = (frames.shape[1] - spec.height) // 2, (frames.shape[2] - spec.width) // 2
     return frames[:, top:top + spec.height, left:left + spec.width], PROCEDURAL_FPS
 

@@ -21,6 +21,7 @@ from localopt_plugin.errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 PROCEDURAL = "procedural"
+PROCEDURAL_CALM = "procedural-calm"  # the calm-background variant of the same classes
 UNLABELLED_CLASS = "video"
 _MOTION_PHRASES = {"horizontal": "bounces left and right", "vertical": "bounces up and down",
                    "orbit": "moves in a circle", "pulse": "grows and shrinks"}
@@ -28,7 +29,8 @@ _MOTION_PHRASES = {"horizontal": "bounces left and right", "vertical": "bounces 
 
 @dataclass(frozen=True)
 class VideoInput:
-    """One video: a file path or ``procedural:<class>:<seed>``; ``key`` prefixes its samples."""
+    """One video: a file path or ``procedural[-calm]:<class>:<seed>``; ``key`` prefixes its
+    samples."""
 
     source: str
     key: str
@@ -38,10 +40,15 @@ class VideoInput:
     @property
     def procedural(self) -> tuple[int, int] | None:
         """``(class_id, seed)`` of a procedural video, else None."""
-        if not self.source.startswith(PROCEDURAL + ":"):
+        if not self.source.startswith((PROCEDURAL + ":", PROCEDURAL_CALM + ":")):
             return None
         _, cls, seed = self.source.split(":")
         return int(cls), int(seed)
+
+    @property
+    def background(self) -> str:
+        """The procedural background variant (``textured`` or ``calm``)."""
+        return "calm" if self.source.startswith(PROCEDURAL_CALM + ":") else "textured"
 
 
 def procedural_caption(class_id: int) -> str:
@@ -58,17 +65,18 @@ def _key(index: int, name: str, source: str) -> str:
 
 
 def _procedural(spec: str) -> list[tuple[str, str, str, str]]:
-    """``procedural:N[:SEED]``: video ``j`` has class ``j % NUM_CLASSES`` and seed ``SEED + j``."""
+    """``procedural[-calm]:N[:SEED]``: video ``j`` has class ``j % NUM_CLASSES`` and seed
+    ``SEED + j``."""
     parts = spec.split(":")
+    kind = parts[0]
     try:
         count, first_seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
     except (IndexError, ValueError):
-        raise UserError(f"bad input {spec!r}: use procedural:N or procedural:N:SEED"
-                         ) from None
+        raise UserError(f"bad input {spec!r}: use {kind}:N or {kind}:N:SEED") from None
     out = []
     for j in range(count):
         cls, seed = j % NUM_CLASSES, first_seed + j
-        out.append((f"{PROCEDURAL}:{cls}:{seed}", f"{PROCEDURAL}-c{cls:02d}-s{seed}",
+        out.append((f"{kind}:{cls}:{seed}", f"{kind}-c{cls:02d}-s{seed}",
                     class_name(cls), procedural_caption(cls)))
     return out
 
@@ -102,7 +110,7 @@ def list_inputs(specs: list[str], labels_from_dirs: bool = False) -> list[VideoI
     """Expand input specs in command-line order; see ``localopt-preprocess --help``."""
     rows: list[tuple[str, str, object, str | None]] = []
     for spec in specs:
-        if spec.startswith(PROCEDURAL + ":"):
+        if spec.startswith((PROCEDURAL + ":", PROCEDURAL_CALM + ":")):
             rows += _procedural(spec)
         elif os.path.isdir(spec):
             found = sorted(str(p) for p in Path(spec).rglob("*")

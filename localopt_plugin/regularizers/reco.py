@@ -4,10 +4,12 @@ hidden states of neighbouring video tokens.
     L = lambda * mean over pairs (i, j) and batch of ||h_j - h_i||^2
 
 where ``h`` is the objective's ``ObjectiveOutput.hidden`` (``[s, b, h]``, the optimized frames'
-tokens in raster order) and the pairs lie inside it: ``adjacent-token`` pairs positions
-``(i, i + 1)``, ``adjacent-frame`` pairs the same spatial token in consecutive frames
-``(i, i + P)`` with ``P`` tokens per frame. Under Local Optimization ``hidden`` holds only the
-window, so no pair reaches into the (detached) context frames.
+tokens in raster order, after the final norm; ``--reco-states pre-norm``: the residual stream
+before it, ``ObjectiveOutput.pre_norm_hidden``) and the pairs lie inside it:
+``adjacent-token`` pairs positions ``(i, i + 1)``, ``adjacent-frame`` pairs the same spatial
+token in consecutive frames ``(i, i + P)`` with ``P`` tokens per frame. Under Local
+Optimization ``hidden`` holds only the window, so no pair reaches into the (detached) context
+frames.
 
 Parallelism. The regularizer needs only ``out.hidden``, so it runs wherever the loss is computed,
 i.e. on the last pipeline stage. Under tensor parallelism (without sequence parallelism, which
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from localopt_plugin.plan import ObjectiveOutput
 
 PAIR_MODES = ("adjacent-token", "adjacent-frame")
+STATES = ("final", "pre-norm")
 SCHEDULES = ("constant", "linear-warmup", "cosine", "adaptive")
 REDUCTIONS = ("sum", "mean")
 ADAPTIVE_CAP = 10.0  # the adaptive weight never exceeds ADAPTIVE_CAP x --reco-weight
@@ -103,7 +106,7 @@ class ReCo:
     def __init__(self, weight: float = 0.1, pairs: str = "adjacent-token",
                  schedule: str = "constant", warmup_iters: int = 0,
                  train_iters: int | None = None, target_ratio: float = 0.1,
-                 reduction: str = "sum") -> None:
+                 reduction: str = "sum", states: str = "final") -> None:
         if not (math.isfinite(weight) and weight >= 0):
             raise UserError(f"--reco-weight must be >= 0, got {weight}")
         if pairs not in PAIR_MODES:
@@ -122,8 +125,10 @@ class ReCo:
         if reduction not in REDUCTIONS:
             raise UserError(f"--reco-reduction must be one of {', '.join(REDUCTIONS)}, "
                              f"got {reduction!r}")
+        if states not in STATES:
+            raise UserError(f"--reco-states must be one of {', '.join(STATES)}, got {states!r}")
         self.weight, self.pairs, self.schedule = weight, pairs, schedule
-        self.reduction = reduction
+        self.reduction, self.states = reduction, states
         self.warmup_iters, self.train_iters, self.target_ratio = (warmup_iters, train_iters,
                                                                    target_ratio)
 
@@ -159,7 +164,14 @@ class ReCo:
         if self.pairs == "adjacent-frame" and out.num_frames < 2:
             raise UserError("--reco-pairs adjacent-frame needs at least 2 optimized frames "
                              "(e.g. --local-opt-window-frames >= 2)")
-        raw = reco_penalty(out.hidden, frame_tokens, self.pairs, self.reduction)
+        hidden = out.hidden
+        if self.states == "pre-norm":
+            if out.pre_norm_hidden is None:
+                raise UserError("--reco-states pre-norm needs the residual stream before the "
+                                "final norm, which DeepSpeed pipeline stages do not expose: use "
+                                "--reco-states final or --pipeline-model-parallel-size 1")
+            hidden = out.pre_norm_hidden
+        raw = reco_penalty(hidden, frame_tokens, self.pairs, self.reduction)
         if self.schedule == "adaptive":
             weight = self.adaptive_weight(out.loss, raw)
         loss = weight * raw
@@ -177,6 +189,7 @@ class ReCoConfig:
     schedule: str = "constant"
     warmup_iters: int = 0
     target_ratio: float = 0.1
+    states: str = "final"
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +203,9 @@ class ReCoConfig:
         g.add_argument("--reco-reduction", default="sum", choices=REDUCTIONS,
                        help="over the hidden dimension: sum (the paper's squared L2 norm; its "
                        "scale grows with the hidden size) or mean (scale-free)")
+        g.add_argument("--reco-states", default="final", choices=STATES,
+                       help="hidden states ReCo compares: final (after the final norm, what "
+                       "the output layer reads) or pre-norm (the residual stream before it)")
         g.add_argument("--reco-weight-schedule", default="constant", choices=SCHEDULES,
                        help="ReCo weight over training: constant lambda; linear-warmup 0 -> "
                        "lambda over --reco-warmup-iters; cosine lambda -> 0 over --train-iters; "
@@ -204,7 +220,8 @@ class ReCoConfig:
     def from_args(cls, args: argparse.Namespace) -> ReCoConfig:
         return cls(weight=args.reco_weight, pairs=args.reco_pairs,
                    reduction=args.reco_reduction, schedule=args.reco_weight_schedule,
-                   warmup_iters=args.reco_warmup_iters, target_ratio=args.reco_target_ratio)
+                   warmup_iters=args.reco_warmup_iters, target_ratio=args.reco_target_ratio,
+                   states=args.reco_states)
 
 
 @register("regularizer", "reco", config=ReCoConfig)
@@ -213,4 +230,5 @@ def build_reco(config: ReCoConfig, *, train_iters: int | None = None) -> ReCo:
     raises ValueError naming the flag of an invalid setting."""
     return ReCo(weight=config.weight, pairs=config.pairs, schedule=config.schedule,
                 warmup_iters=config.warmup_iters, train_iters=train_iters,
-                target_ratio=config.target_ratio, reduction=config.reduction)
+                target_ratio=config.target_ratio, reduction=config.reduction,
+                states=config.states)

@@ -296,6 +296,11 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
         gradient_accumulation_steps=ds.gradient_accumulation_steps, deepspeed=ds)
     objective = config.build_objective(layout)  # window settings against the video length
     config.build_regularizers()  # the regularizers' own checks
+    if parallel.pipeline_model_parallel_size > 1 and any(
+            getattr(cfg, "states", "final") == "pre-norm" for _, cfg in regularizers):
+        raise UserError("--reco-states pre-norm needs the residual stream before the final "
+                        "norm, which DeepSpeed pipeline stages do not pass on: use --reco-states "
+                        "final or --pipeline-model-parallel-size 1")
     if (getattr(objective, "sampler", None) is not None and window.scope == "micro-batch"
             and ds.config["zero_optimization"]["stage"] == 3 and dp > 1):
         raise UserError("ZeRO-3 gathers parameters module by module on every rank at once, so "

@@ -23,7 +23,8 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
          "--save-interval", "4"],
         cwd=REPO, capture_output=True, text=True, timeout=1200,
         env=subprocess_env(PYTHON=sys.executable, OUT=str(out), VIDEOS="32", VALID_VIDEOS="16",
-                           VIDEOS_PER_SHARD="16", TRAIN_ITERS="6", GEN_LABELS="0 5"))
+                           VIDEOS_PER_SHARD="16", TRAIN_ITERS="6", GEN_LABELS="0 5",
+                           GEN_PER_CLASS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for step in range(1, 6):
         assert f"=== [{step}/5]" in proc.stdout
@@ -58,9 +59,14 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
     assert len(nll["per_frame_nll"]) == 5
     flow = json.loads((out / "eval/flow.json").read_text())
     assert flow["num_videos"] == 2
+    classes = json.loads((out / "eval/classes.json").read_text())
+    assert classes["num videos"] == 2 and classes["background"] == "calm"
+    assert 0.0 <= classes["accuracy"] <= 1.0 and classes["frechet distance"] > 0
     report = (out / "report.md").read_text()
     for section in ("## Training", "## Validation NLL per latent frame",
-                    "## Generated videos", "## Temporal consistency"):
+                    "## Generated videos", "## Classes of the generated videos",
+                    "## Temporal consistency"):
         assert section in report
     assert "missing:" not in report
     assert Image.open(out / "loss_curves.png").format == "PNG"
+    assert Image.open(out / "real_vs_generated.png").format == "PNG"

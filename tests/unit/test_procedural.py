@@ -67,3 +67,19 @@ def test_shape_is_visible_and_background_is_textured():
     video = render_video(0, 1, 1).astype(np.float64)
     assert video.std(axis=(1, 2)).min() > 5  # not flat
     assert len(np.unique(video.reshape(-1, 3), axis=0)) > 200  # gradient + texture
+
+
+def test_calm_variant_keeps_the_classes_without_texture():
+    """calm: a still gradient behind the shape (most pixels never change, where the textured
+    background drifts everywhere), the same motions (measured from the frames, as above)."""
+    def still_fraction(video: np.ndarray) -> float:
+        return float((np.ptp(video.astype(np.int16), axis=0).max(-1) == 0).mean())
+
+    for cls in range(NUM_CLASSES):
+        assert still_fraction(render_video(cls, 3, 17, background="calm")) > 0.3
+        assert still_fraction(render_video(cls, 3, 17)) < 0.05
+    h = _moving_centroids(render_video(0, 5, 17, background="calm"))
+    v = _moving_centroids(render_video(1, 5, 17, background="calm"))
+    assert h[:, 1].std() > 2 * h[:, 0].std() and v[:, 0].std() > 2 * v[:, 1].std()
+    with pytest.raises(ValueError, match="background must be one of"):
+        render_video(0, 0, 4, background="noisy")

@@ -300,6 +300,31 @@ def test_reco_gradient_reaches_transformer_layers(dist_world_of_one, pairs, obje
                                - lr * without[n]) for n in layer_params)
 
 
+def test_pre_norm_states_are_the_final_norms_input(dist_world_of_one):
+    torch.manual_seed(0)
+    model = build_gpt_model(tiny_model(), VOCAB)
+    tokens = torch.randint(0, VOCAB, (2, LAYOUT.seq_length))
+    out = LocalOptimization(LAYOUT, fixed_window(1, 2))(model, tokens)
+    pre = out.pre_norm_hidden
+    assert pre.shape == out.hidden.shape and not torch.allclose(pre, out.hidden)
+    torch.testing.assert_close(model.decoder.final_layernorm(pre), out.hidden)
+    loss, metrics = ReCo(0.1, states="pre-norm")(out, 0)
+    expected = reco_penalty(pre, LAYOUT.frame_tokens)
+    assert float(metrics["reco raw"]) == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()  # the penalty before the norm cannot reach the norm's weight
+    norm_grad = model.decoder.final_layernorm.weight.grad
+    assert norm_grad is None or not norm_grad.any()
+    assert model.decoder.layers[-1].mlp.linear_fc2.weight.grad.abs().max() > 0
+
+
+def test_pre_norm_states_refused_where_the_executor_has_none():
+    out = ObjectiveOutput(torch.tensor(1.0), hand_built_hidden(), FRAMES * P, 0, FRAMES)
+    with pytest.raises(ValueError, match="--reco-states final"):
+        ReCo(0.1, states="pre-norm")(out, 0)
+    with pytest.raises(ValueError, match="--reco-states must be one of"):
+        ReCo(0.1, states="normed")
+
+
 # -- 4./5. the trainer: TP=2 against TP=1, console and TensorBoard -----------------------------
 
 TRAIN = (

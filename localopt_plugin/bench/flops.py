@@ -1,0 +1,60 @@
+"""Analytic training FLOPs of a forward plan: the compute a step costs, independent of the machine.
+
+Why: comparing objectives "at equal compute" by wall-clock time depends on whatever else the
+machine runs; counting the multiply-adds of each step does not. A plan's cost is
+
+* the context pass (``no_grad``: forward only): every layer over the context tokens, causal
+  attention among them;
+* the autograd pass, forward and backward (backward = 2 x forward): every layer over the
+  pass's tokens, the head (re-run prefix) attending causally to itself and the tail (window)
+  attending to the head, the kept context and causally to itself; and the output layer over
+  the loss-carrying positions.
+
+A multiply-add counts 2 FLOPs; embeddings, norms, activations and the softmax are left out
+(a few percent of a layer). Megatron-LM's ``num_floating_point_operations`` uses the same
+conventions for full sequences.
+"""
+
+from __future__ import annotations
+
+from localopt_plugin.model import ModelConfig
+from localopt_plugin.plan import ForwardPlan
+
+
+def _layer_flops(config: ModelConfig, tokens: int, attended_pairs: int) -> float:
+    """Forward FLOPs of one transformer layer over ``tokens`` queries that attend to
+    ``attended_pairs`` (query, key) pairs in total."""
+    h = config.hidden_size
+    head_dim = config.kv_channels or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = config.query_groups * head_dim
+    ffn = config.ffn_hidden_size or 4 * h
+    linear = h * (q + 2 * kv) + q * h + h * ffn * (2 if config.swiglu else 1) + ffn * h
+    attention = 2 * q * attended_pairs  # scores and the weighted sum of values
+    return 2.0 * (tokens * linear + attention)
+
+
+def _causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def plan_flops(plan: ForwardPlan, config: ModelConfig, vocab_size: int) -> float:
+    """Training FLOPs of one micro-batch's plan (forward, backward, the no-grad context)."""
+    batch = plan.ids.shape[0]
+    layers = config.num_layers
+    context = 0 if plan.context_ids is None else plan.context_ids.shape[1]
+    total = 0.0
+    if context:
+        total += layers * _layer_flops(config, context, _causal_pairs(context))
+    tokens = plan.ids.shape[1]
+    if context:
+        head = plan.context_keep_from  # the re-run prefix, at positions [0, head)
+        kept = context - plan.context_keep_from
+        tail = tokens - head
+        pairs = _causal_pairs(head) + tail * (head + kept) + _causal_pairs(tail)
+    else:
+        pairs = _causal_pairs(tokens)
+    forward = layers * _layer_flops(config, tokens, pairs)
+    forward += 2.0 * plan.labels.shape[1] * config.hidden_size * vocab_size  # output layer
+    total += 3.0 * forward  # forward + backward (2x)
+    return batch * total
