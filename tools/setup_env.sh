@@ -28,3 +28,10 @@ pip install -q -e ".[dev,eval,mpi-runtime]"
 "$VENV/bin/python" -W ignore -c "import torch, deepspeed, megatron.core, webdataset, sentencepiece; \
 print(f'localopt-plugin env ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, \
 megatron-core {megatron.core.__version__}')"
+# DeepSpeed's CPU shared-memory collective op, built once here (where the plugin's platform module
+# points TORCH_EXTENSIONS_DIR), not by two ranks at once in the first distributed run.
+if [ -z "${CUDA_VISIBLE_DEVICES:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(cd "$VENV" && pwd)/torch_extensions}" "$VENV/bin/python" -W ignore -c \
+    "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+    >/dev/null 2>&1 || echo "note: DeepSpeed's shm op was not prebuilt; the first run builds it"
+fi
