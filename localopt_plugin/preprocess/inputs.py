@@ -22,6 +22,7 @@ from localopt_plugin.errors import UserError
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 PROCEDURAL = "procedural"
 PROCEDURAL_CALM = "procedural-calm"  # the calm-background variant of the same classes
+PROCEDURAL_PREFIXES = (PROCEDURAL + ":", PROCEDURAL_CALM + ":")
 UNLABELLED_CLASS = "video"
 _MOTION_PHRASES = {"horizontal": "bounces left and right", "vertical": "bounces up and down",
                    "orbit": "moves in a circle", "pulse": "grows and shrinks"}
@@ -40,7 +41,7 @@ class VideoInput:
     @property
     def procedural(self) -> tuple[int, int] | None:
         """``(class_id, seed)`` of a procedural video, else None."""
-        if not self.source.startswith((PROCEDURAL + ":", PROCEDURAL_CALM + ":")):
+        if not self.source.startswith(PROCEDURAL_PREFIXES):
             return None
         _, cls, seed = self.source.split(":")
         return int(cls), int(seed)
@@ -110,7 +111,7 @@ def list_inputs(specs: list[str], labels_from_dirs: bool = False) -> list[VideoI
     """Expand input specs in command-line order; see ``localopt-preprocess --help``."""
     rows: list[tuple[str, str, object, str | None]] = []
     for spec in specs:
-        if spec.startswith((PROCEDURAL + ":", PROCEDURAL_CALM + ":")):
+        if spec.startswith(PROCEDURAL_PREFIXES):
             rows += _procedural(spec)
         elif os.path.isdir(spec):
             found = sorted(str(p) for p in Path(spec).rglob("*")
