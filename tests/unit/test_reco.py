@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers.configs import TINY_TRAIN_FLAGS, tiny_args, tiny_model
+from helpers.configs import TINY_TRAIN_FLAGS, preset_model, tiny_args, tiny_model
 from helpers.launch import REPO, TRAIN_MODULE, run_train, subprocess_env
 
 from localopt_plugin import registry
@@ -301,8 +301,8 @@ def test_reco_gradient_reaches_transformer_layers(dist_world_of_one, pairs, obje
 
 
 def test_pre_norm_states_are_the_final_norms_input(dist_world_of_one):
-    torch.manual_seed(0)
-    model = build_gpt_model(tiny_model(), VOCAB)
+    torch.manual_seed(0)  # the shipped architecture: RMSNorm is the final norm
+    model = build_gpt_model(preset_model("test"), VOCAB)
     tokens = torch.randint(0, VOCAB, (2, LAYOUT.seq_length))
     out = LocalOptimization(LAYOUT, fixed_window(1, 2))(model, tokens)
     pre = out.pre_norm_hidden
