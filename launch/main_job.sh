@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data, end to end on 2 CPU ranks (or GPUs):
-#   procedural class-conditional videos (the calm-background variant: 12 classes = 3 shapes x
-#   4 motions) -> embedded fsq-video tokenizer -> webdataset shards
+#   procedural class-conditional videos (the plain variant: 12 classes = 3 shapes x 4 motions,
+#   two fixed colours on a flat ground) -> embedded fsq-video tokenizer -> webdataset shards
 #   -> Local Optimization + ReCo training under DeepSpeed (2 ranks, ZeRO-1), with 10% of the
 #      conditions dropped for classifier-free guidance
 #   -> full-context generation with guidance, two videos per class (mp4/GIF + grid)
@@ -13,23 +13,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/main}
+VARIANT=${VARIANT:-plain}          # procedural variant: plain, calm or textured
 VIDEOS=${VIDEOS:-960}              # training videos (17 frames, 64x64, 12 classes)
 VALID_VIDEOS=${VALID_VIDEOS:-96}
 VIDEOS_PER_SHARD=${VIDEOS_PER_SHARD:-64}
-TRAIN_ITERS=${TRAIN_ITERS:-400}
+TRAIN_ITERS=${TRAIN_ITERS:-330}
 GEN_LABELS=${GEN_LABELS:-"0 1 2 3 4 5 6 7 8 9 10 11"}
 GEN_PER_CLASS=${GEN_PER_CLASS:-2}  # generated videos per class
 CFG_SCALE=${CFG_SCALE:-3}          # classifier-free guidance at generation
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
+KIND=procedural; [ "$VARIANT" = textured ] || KIND="procedural-$VARIANT"
 step() { printf '\n=== [%s/5] %s (%s)\n' "$1" "$2" "$(date +%T)"; }
 last_shard() { printf '%06d' $(( ($1 + VIDEOS_PER_SHARD - 1) / VIDEOS_PER_SHARD - 1 )); }
 
 step 1 "procedural videos -> fsq-video tokens -> shards"
-"$PY" -m localopt_plugin.commands.preprocess "procedural-calm:${VIDEOS}:0" --output "$OUT/shards/train" \
+"$PY" -m localopt_plugin.commands.preprocess "$KIND:${VIDEOS}:0" --output "$OUT/shards/train" \
   --videos-per-shard "$VIDEOS_PER_SHARD"
-"$PY" -m localopt_plugin.commands.preprocess "procedural-calm:${VALID_VIDEOS}:500000" \
+"$PY" -m localopt_plugin.commands.preprocess "$KIND:${VALID_VIDEOS}:500000" \
   --output "$OUT/shards/valid" --videos-per-shard "$VIDEOS_PER_SHARD"
 TRAIN_DATA="$OUT/shards/train/train-{000000..$(last_shard "$VIDEOS")}.tar"
 VALID_DATA="$OUT/shards/valid/train-{000000..$(last_shard "$VALID_VIDEOS")}.tar"
@@ -42,7 +44,7 @@ rm -f "$OUT/metrics.jsonl"
   --micro-batch-size 4 --global-batch-size 8 --train-iters "$TRAIN_ITERS" \
   --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 30 --weight-decay 0.05 \
   --log-interval 50 --eval-interval 200 --eval-iters 4 \
-  --save "$OUT/checkpoints" --save-interval 400 \
+  --save "$OUT/checkpoints" --save-interval "$TRAIN_ITERS" \
   --tensorboard-dir "$OUT/tensorboard" --metrics-file "$OUT/metrics.jsonl" \
   --dataset video-wds --data-path "$TRAIN_DATA" --valid-data-path "$VALID_DATA" \
   --data-num-workers 1 --null-condition-prob 0.1 \
@@ -54,10 +56,10 @@ step 3 "generation: $GEN_PER_CLASS videos per class, full context, guidance $CFG
 rm -rf "$OUT/samples"
 "$PY" -m localopt_plugin.commands.generate --checkpoint "$OUT/checkpoints" --out "$OUT/samples" \
   --class-labels $GEN_LABELS --samples-per-condition "$GEN_PER_CLASS" --cfg-scale "$CFG_SCALE" \
-  --top-k 50 --temperature 1.0 --seed 0
+  --top-k 50 --temperature 1.0 --seed 0 --batch-size 24
 
 step 4 "evaluation: classes of the samples, NLL per frame on validation shards, flow"
-"$PY" -m localopt_plugin.commands.evaluate classes "$OUT/samples" --background calm \
+"$PY" -m localopt_plugin.commands.evaluate classes "$OUT/samples" --background "$VARIANT" \
   --tokenizer fsq-video --out "$OUT/eval/classes.json"
 "$PY" -m localopt_plugin.commands.evaluate nll --checkpoint "$OUT/checkpoints" \
   --data-path "$VALID_DATA" --num-samples 32 --out "$OUT/eval/nll.json" --plot "$OUT/eval/nll.png"

@@ -4,7 +4,7 @@
     python tools/train_classifier.py --steps 200 --out /tmp/classifier.pt   # a quick check
 
 Prints and writes (next to the weights, ``.json``) the training record and the accuracy on
-held-out clips of both backgrounds, crisp and through the embedded tokenizer.
+held-out clips of every background, crisp and through the embedded tokenizer.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from localopt_plugin.evaluation.classifier import default_weights_path, train_cl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_weights_path())
-    parser.add_argument("--steps", type=int, default=2500)
-    parser.add_argument("--clips", type=int, default=4800)
+    parser.add_argument("--steps", type=int, default=3600)
+    parser.add_argument("--clips", type=int, default=5760)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from localopt_plugin.bench.flops import plan_flops
-from localopt_plugin.data.procedural import NUM_CLASSES
+from localopt_plugin.data.procedural import BACKGROUNDS, NUM_CLASSES
 
 PRESETS = {
     # 27 minutes per seed for the 6 variants on a 2-core CPU (measured, with evaluation)
@@ -110,7 +110,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "preset's procedural videos into OUT/data)")
     parser.add_argument("--valid-data-path", nargs="+", default=None,
                         help="validation shards (with --data-path)")
-    parser.add_argument("--background", choices=("textured", "calm", "none"), default=None,
+    parser.add_argument("--background", choices=(*BACKGROUNDS, "none"), default=None,
                         help="the procedural variant of the data, for class accuracy and "
                         "Frechet distance (default: the preset's with its own data, none "
                         "with --data-path)")
@@ -143,7 +143,8 @@ def _run(cmd: list[str], log: str | None = None) -> None:
 
 def make_data(out: str, preset: dict) -> tuple[list[str], list[str]]:
     """The preset's procedural shards (train seeds from 0, validation from 500000)."""
-    kind = "procedural-calm" if preset["background"] == "calm" else "procedural"
+    background = preset["background"]
+    kind = "procedural" if background == "textured" else f"procedural-{background}"
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     paths = []
     for split, count, seed in (("train", preset["videos"], 0),
@@ -252,6 +253,27 @@ def train(args: argparse.Namespace, preset: dict, variant: Variant, seed: int, s
     }
 
 
+def classifier_digest() -> str:
+    """The shipped classifier's weights digest: which evaluator scored a row."""
+    from localopt_plugin.evaluation.classifier import default_weights_path
+
+    with open(default_weights_path().with_suffix(".json")) as f:
+        return json.load(f)["sha256"]
+
+
+def score_classes(run_dir: str, background: str) -> dict:
+    """Class accuracy and Frechet distance of a run's samples by the shipped classifier."""
+    classes_file = os.path.join(run_dir, "classes.json")
+    _run([sys.executable, "-m", "localopt_plugin.commands.evaluate", "classes",
+          os.path.join(run_dir, "samples"), "--background", background, "--out", classes_file],
+         os.path.join(run_dir, "classes.log"))
+    with open(classes_file) as f:
+        classes = json.load(f)
+    keys = ("accuracy", "first frames accuracy", "last frames accuracy", "frechet distance",
+            "frechet distance of real clips")
+    return {"classifier": classifier_digest(), **{key: classes.get(key) for key in keys}}
+
+
 def evaluate(args: argparse.Namespace, preset: dict, variant: Variant, row: dict,
              valid: list[str], background: str) -> dict:
     """NLL per frame, then generated videos: class accuracy, Frechet distance, flow error.
@@ -284,14 +306,7 @@ def evaluate(args: argparse.Namespace, preset: dict, variant: Variant, row: dict
     with open(flow_file) as f:
         result["flow warp error"] = json.load(f)["mean"]
     if background != "none":
-        classes_file = os.path.join(run_dir, "classes.json")
-        _run([*py, "localopt_plugin.commands.evaluate", "classes", samples, "--background",
-              background, "--out", classes_file], os.path.join(run_dir, "classes.log"))
-        with open(classes_file) as f:
-            classes = json.load(f)
-        for key in ("accuracy", "first frames accuracy", "last frames accuracy",
-                    "frechet distance", "frechet distance of real clips"):
-            result[key] = classes.get(key)
+        result.update(score_classes(run_dir, background))
     if args.i3d:
         fvd_file = os.path.join(run_dir, "fvd.json")
         _run([*py, "localopt_plugin.commands.evaluate", "fvd", "--i3d", args.i3d,
@@ -364,6 +379,12 @@ def run(args: argparse.Namespace) -> dict:
                     row = json.load(f)
                 if row["steps"] == steps and row.get("background") == background:
                     print(f"[quality] seed {seed}: {variant.name}: reusing {row_file}")
+                    if background != "none" and row.get("classifier") != classifier_digest():
+                        print(f"[quality] seed {seed}: {variant.name}: new classifier weights: "
+                              "scoring its samples again", flush=True)
+                        row.update(score_classes(os.path.dirname(row_file), background))
+                        with open(row_file, "w") as f:
+                            json.dump(row, f, indent=2)
                     rows.append(row)
                     continue
             print(f"[quality] seed {seed}: {variant.name}: {steps} steps within "
@@ -414,7 +435,7 @@ def plot_nll_vs_compute(result: dict, path: str) -> str:
         x, y = zip(*row["valid loss vs compute"], strict=True)
         colour = colours.setdefault(row["variant"], f"C{len(colours)}")
         label = row["variant"] if row["seed"] == result["seeds"][0] else None
-        ax.plot(np.array(x) * 1e3, y, marker="o", color=colour, label=label, alpha=0.85)
+        ax.plot(np.array(x) / 1e12, y, marker="o", color=colour, label=label, alpha=0.85)
     ax.set_xlabel("training compute (TFLOP, analytic)")
     ax.set_ylabel("validation full-sequence NLL (nats/token)")
     ax.set_title(f"{result['sweep']}: validation NLL against compute")

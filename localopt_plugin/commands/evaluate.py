@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from localopt_plugin.data.procedural import BACKGROUNDS
+
 log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".gif", ".avi", ".mov", ".webm", ".mkv")
 
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     classes.add_argument("--labels", type=int, nargs="+", default=None,
                          help="conditioning class per video, in file order (default: parsed "
                          "from the file names, as localopt-generate writes them)")
-    classes.add_argument("--background", choices=("textured", "calm"), default="textured",
+    classes.add_argument("--background", choices=BACKGROUNDS, default="textured",
                          help="the procedural variant the model was trained on (the real "
                          "reference clips are rendered with it)")
     classes.add_argument("--real-count", type=int, default=256,

@@ -14,7 +14,11 @@ A video shows one anti-aliased shape moving over a textured background:
   and rotation.
 * ``background="calm"`` is an easier variant of the same classes: the gradient without the
   drifting texture, larger shapes that start near the centre (what a small model learns to draw
-  within minutes: the main job's data).
+  within minutes).
+* ``background="plain"`` draws the calm video's geometry (same seed: same size and motion) with
+  upright shapes in two fixed colours on a flat ground, colours that the embedded tokenizer
+  codes with one id each (a clip uses about 130 token ids): the variant on which a small model
+  gets furthest within the main job's 15 CPU minutes (the main job's data; docs/RESULTS.md).
 
 Motions are periodic in time, so any number of frames works, and a shorter clip is a prefix of
 a longer one. Rendering is vectorised over ``[T, H, W]`` in numpy (a 17-frame 64x64 clip takes
@@ -27,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = ("textured", "calm")
+BACKGROUNDS = ("textured", "calm", "plain")
+PLAIN_GROUND, PLAIN_SHAPE = (0.3, 0.2, 0.5), (0.9, 0.9, 0.3)  # the plain variant's colours
 MOTIONS = ("horizontal", "vertical", "orbit", "pulse")
 NUM_CLASSES = len(SHAPES) * len(MOTIONS)
 
@@ -101,7 +106,7 @@ def render_video(class_id: int, seed: int, num_frames: int, size: int = 64,
     t = np.arange(num_frames, dtype=np.float64)
     grid = (np.arange(size, dtype=np.float64) + 0.5) / size
     v, u = np.meshgrid(grid, grid, indexing="ij")  # v: rows (down), u: columns (right)
-    calm = background == "calm"
+    calm = background != "textured"
     frames = _background(rng, t, u, v, textured=not calm)
 
     radius = np.full(num_frames, rng.uniform(0.24, 0.32) if calm else rng.uniform(0.12, 0.2))
@@ -123,6 +128,9 @@ def render_video(class_id: int, seed: int, num_frames: int, size: int = 64,
     rotation = rng.uniform(0, 2 * np.pi)
     colour = rng.uniform(0, 1, size=3)
     colour[rng.integers(3)] = rng.choice([0.05, 0.95])  # saturated: stands out from the ground
+    if background == "plain":
+        frames = np.broadcast_to(np.asarray(PLAIN_GROUND), frames.shape)
+        colour, rotation = np.asarray(PLAIN_SHAPE), 0.0
 
     # Distances in pixels so that the anti-aliasing ramp is one pixel wide at any size.
     dx = (u[None] - cx[:, None, None]) * size

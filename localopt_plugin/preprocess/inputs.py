@@ -16,13 +16,22 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from localopt_plugin.data.procedural import MOTIONS, NUM_CLASSES, SHAPES, class_name, render_video
+from localopt_plugin.data.procedural import (
+    BACKGROUNDS,
+    MOTIONS,
+    NUM_CLASSES,
+    SHAPES,
+    class_name,
+    render_video,
+)
 from localopt_plugin.errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 PROCEDURAL = "procedural"
-PROCEDURAL_CALM = "procedural-calm"  # the calm-background variant of the same classes
-PROCEDURAL_PREFIXES = (PROCEDURAL + ":", PROCEDURAL_CALM + ":")
+# ``procedural:`` renders the textured default; ``procedural-<variant>:`` the other backgrounds
+PROCEDURAL_KINDS = {PROCEDURAL: "textured"} | {
+    f"{PROCEDURAL}-{b}": b for b in BACKGROUNDS if b != "textured"}
+PROCEDURAL_PREFIXES = tuple(kind + ":" for kind in PROCEDURAL_KINDS)
 UNLABELLED_CLASS = "video"
 _MOTION_PHRASES = {"horizontal": "bounces left and right", "vertical": "bounces up and down",
                    "orbit": "moves in a circle", "pulse": "grows and shrinks"}
@@ -30,8 +39,8 @@ _MOTION_PHRASES = {"horizontal": "bounces left and right", "vertical": "bounces 
 
 @dataclass(frozen=True)
 class VideoInput:
-    """One video: a file path or ``procedural[-calm]:<class>:<seed>``; ``key`` prefixes its
-    samples."""
+    """One video: a file path or ``procedural[-<variant>]:<class>:<seed>``; ``key`` prefixes
+    its samples."""
 
     source: str
     key: str
@@ -48,8 +57,8 @@ class VideoInput:
 
     @property
     def background(self) -> str:
-        """The procedural background variant (``textured`` or ``calm``)."""
-        return "calm" if self.source.startswith(PROCEDURAL_CALM + ":") else "textured"
+        """The procedural background variant (one of ``BACKGROUNDS``)."""
+        return PROCEDURAL_KINDS.get(self.source.split(":")[0], "textured")
 
 
 def procedural_caption(class_id: int) -> str:
@@ -66,7 +75,7 @@ def _key(index: int, name: str, source: str) -> str:
 
 
 def _procedural(spec: str) -> list[tuple[str, str, str, str]]:
-    """``procedural[-calm]:N[:SEED]``: video ``j`` has class ``j % NUM_CLASSES`` and seed
+    """``procedural[-<variant>]:N[:SEED]``: video ``j`` has class ``j % NUM_CLASSES`` and seed
     ``SEED + j``."""
     parts = spec.split(":")
     kind = parts[0]

@@ -6,6 +6,7 @@ through mpi4py) and as a single process with no launcher at all.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -42,6 +43,9 @@ def init_distributed(
         backend = backend or ("nccl" if cuda_available() else "gloo")
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
                                    verbose=False)
+        # Gloo's worker threads outlive an undestroyed group and abort the process at
+        # interpreter exit ("terminate called without an active exception", pytorch#190489).
+        atexit.register(destroy_distributed)
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     world = dist.get_world_size()
@@ -59,6 +63,7 @@ def init_distributed(
 
 
 def destroy_distributed() -> None:
+    """Tear down Megatron's groups and the default group; a no-op when none exist."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():

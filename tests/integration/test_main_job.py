@@ -60,7 +60,7 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
     flow = json.loads((out / "eval/flow.json").read_text())
     assert flow["num_videos"] == 2
     classes = json.loads((out / "eval/classes.json").read_text())
-    assert classes["num videos"] == 2 and classes["background"] == "calm"
+    assert classes["num videos"] == 2 and classes["background"] == "plain"
     assert 0.0 <= classes["accuracy"] <= 1.0 and classes["frechet distance"] > 0
     report = (out / "report.md").read_text()
     for section in ("## Training", "## Validation NLL per latent frame",

@@ -25,8 +25,12 @@ from localopt_plugin.commands.preprocess import main
 from localopt_plugin.data.manifest import fingerprint_file, load_manifest
 from localopt_plugin.data.procedural import NUM_CLASSES, class_name, render_video
 from localopt_plugin.data.wds import VideoWdsConfig, video_wds
-from localopt_plugin.preprocess.clips import ClipSpec
-from localopt_plugin.preprocess.inputs import procedural_caption, write_procedural_mp4s
+from localopt_plugin.preprocess.clips import ClipSpec, load_clips
+from localopt_plugin.preprocess.inputs import (
+    list_inputs,
+    procedural_caption,
+    write_procedural_mp4s,
+)
 from localopt_plugin.tokenizers.fsq import DEFAULT_CONFIG, FSQVideoTokenizer, build_model
 from localopt_plugin.video.io import write_mp4
 
@@ -113,6 +117,18 @@ def test_clip_sampling_rules():
     by_fps = ClipSpec(frames=4, fps=8.0)  # 30000/1001 fps -> every 3.746 frames, nearest
     assert by_fps.indices(0, 30000 / 1001) == [0, 4, 7, 11]
     assert by_fps.step(24.0) == 3.0
+
+
+def test_procedural_variants_render_their_background():
+    """procedural-<variant>:N inputs render that variant's pixels (the renderer is the
+    reference), every variant of the same classes and seeds."""
+    spec = ClipSpec(frames=5)
+    for kind, background in (("procedural", "textured"), ("procedural-calm", "calm"),
+                             ("procedural-plain", "plain")):
+        inputs = list_inputs([f"{kind}:3:40"])
+        assert [v.procedural for v in inputs] == [(0, 40), (1, 41), (2, 42)]
+        clip = load_clips(inputs[2], spec)[0]
+        np.testing.assert_array_equal(clip.frames, render_video(2, 42, 5, background=background))
 
 
 def test_real_mp4s_end_to_end_with_rejects(tmp_path, weights):

@@ -22,13 +22,13 @@ def test_quality_bench_spends_equal_flops(tmp_path):
                         "--videos-per-shard", "8", "--no-progress"],
                        check=True, cwd=REPO, env=subprocess_env(), capture_output=True)
     out = tmp_path / "quality"
-    proc = subprocess.run(
-        [sys.executable, "-m", "localopt_plugin.commands.bench", "quality", "--preset", "cpu",
-         "--full-steps", "3", "--seeds", "7", "--generate-per-class", "1",
-         "--data-path", str(shards / "train/train-{000000..000001}.tar"),
-         "--valid-data-path", str(shards / "valid/train-000000.tar"), "--background", "calm",
-         "--out", str(out), "--variants", "fewer-frames", "+ balanced + ReCo"],
-        cwd=REPO, capture_output=True, text=True, timeout=1500, env=subprocess_env())
+    command = [sys.executable, "-m", "localopt_plugin.commands.bench", "quality", "--preset",
+               "cpu", "--full-steps", "3", "--seeds", "7", "--generate-per-class", "1",
+               "--data-path", str(shards / "train/train-{000000..000001}.tar"),
+               "--valid-data-path", str(shards / "valid/train-000000.tar"), "--background",
+               "calm", "--out", str(out), "--variants", "fewer-frames", "+ balanced + ReCo"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500,
+                          env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads((out / "results.json").read_text())
     runs = {r["variant"]: r for r in result["runs"]}
@@ -50,6 +50,17 @@ def test_quality_bench_spends_equal_flops(tmp_path):
     table = (out / "results.md").read_text()
     assert "| fewer-frames |" in table and "compute (PFLOP)" in table
     assert (out / "nll_vs_compute.png").stat().st_size > 0
+    # resumed: finished runs are reused; a run scored by other classifier weights is re-scored
+    row_file = out / "seed7/balanced---ReCo/row.json"
+    row = json.loads(row_file.read_text())
+    row_file.write_text(json.dumps({**row, "classifier": "stale", "accuracy": -1.0}))
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                           env=subprocess_env())
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert again.stdout.count("reusing") == 3 and "steps within" not in again.stdout
+    assert again.stdout.count("scoring its samples again") == 1
+    rescored = json.loads(row_file.read_text())
+    assert rescored["classifier"] == row["classifier"] and rescored["accuracy"] == row["accuracy"]
     bad = subprocess.run(
         [sys.executable, "-m", "localopt_plugin.commands.bench", "quality", "--out",
          str(tmp_path / "bad"), "--variants", "local-opt + typo"],

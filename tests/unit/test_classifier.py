@@ -32,12 +32,11 @@ def reference_features():
     return video_features(clips)
 
 
-# calm: the issue's bar (98%); textured: 96.3% on 600 held-out clips with the shipped
-# weights (circles and squares over a drifting texture), below that bar: recorded, not hidden.
-@pytest.mark.parametrize("background,bar", [("textured", 0.95), ("calm", 0.98)])
-def test_held_out_accuracy(background, bar):
+@pytest.mark.parametrize("background", ["textured", "calm", "plain"])
+def test_held_out_accuracy(background):
+    """The issue's bar, 98%, on every variant the project renders."""
     clips, labels = procedural_clips(240, HELDOUT_SEED_START, background=background)
-    assert (classify_videos(clips) == labels).mean() >= bar
+    assert (classify_videos(clips) == labels).mean() >= 0.98
 
 
 def test_recognises_clips_decoded_by_the_embedded_tokenizer():
@@ -64,7 +63,8 @@ def test_frechet_distance_real_near_zero_shuffled_and_wrong_class_clearly_worse(
     report = class_report(clips, (labels + 1) % NUM_CLASSES, background="calm", real_count=96)
     assert report["accuracy"] <= 0.05
     assert report["real clips accuracy"] >= 0.95
-    assert report["frechet distance of real clips"] < min(worse.values()) / 5
+    # 96 against 96 clips: the small-count bias is larger than above's 96 against 192
+    assert report["frechet distance of real clips"] < min(worse.values()) / 3
 
 
 def test_accuracy_parts_and_shape_motion_split():

@@ -8,6 +8,8 @@ import pytest
 from localopt_plugin.data.procedural import (
     MOTIONS,
     NUM_CLASSES,
+    PLAIN_GROUND,
+    PLAIN_SHAPE,
     SHAPES,
     class_name,
     render_video,
@@ -83,3 +85,23 @@ def test_calm_variant_keeps_the_classes_without_texture():
     assert h[:, 1].std() > 2 * h[:, 0].std() and v[:, 0].std() > 2 * v[:, 1].std()
     with pytest.raises(ValueError, match="background must be one of"):
         render_video(0, 0, 4, background="noisy")
+
+
+def test_plain_variant_draws_upright_shapes_in_two_colours():
+    """plain: every pixel is the ground colour, the shape colour or an anti-aliased mix of them
+    (no gradient), the class's motion (measured as above), and an upright square (its bounding box
+    is filled, unlike a rotated one)."""
+    ground, shape = (np.round(np.array(c) * 255) for c in (PLAIN_GROUND, PLAIN_SHAPE))
+    for cls in range(NUM_CLASSES):
+        video = render_video(cls, 4, 17, background="plain").astype(np.float64)
+        mix = ((video - ground) @ (shape - ground)) / ((shape - ground) @ (shape - ground))
+        mixed = ground + np.clip(mix, 0, 1)[..., None] * (shape - ground)
+        assert np.abs(video - mixed).max() <= 1.0
+        assert (mix > 0.99).mean() > 0.05  # the shape is drawn
+    h = _moving_centroids(render_video(0, 5, 17, background="plain"))
+    v = _moving_centroids(render_video(1, 5, 17, background="plain"))
+    assert h[:, 1].std() > 2 * h[:, 0].std() and v[:, 0].std() > 2 * v[:, 1].std()
+    square = render_video(SHAPES.index("square") * 4 + 3, 0, 1, background="plain")[0]
+    inside = np.argwhere(np.abs(square.astype(np.float64) - shape).max(-1) < 2)
+    (r0, c0), (r1, c1) = inside.min(0), inside.max(0)
+    assert len(inside) > 0.9 * (r1 - r0 + 1) * (c1 - c0 + 1)
