@@ -24,7 +24,11 @@ CFG_SCALE=${CFG_SCALE:-3}          # classifier-free guidance at generation
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
-KIND=procedural; [ "$VARIANT" = textured ] || KIND="procedural-$VARIANT"
+case "$VARIANT" in
+  textured) KIND=procedural ;;
+  calm|plain) KIND="procedural-$VARIANT" ;;
+  *) echo "error: VARIANT=$VARIANT: use plain, calm or textured" >&2; exit 2 ;;
+esac
 step() { printf '\n=== [%s/5] %s (%s)\n' "$1" "$2" "$(date +%T)"; }
 last_shard() { printf '%06d' $(( ($1 + VIDEOS_PER_SHARD - 1) / VIDEOS_PER_SHARD - 1 )); }
 

@@ -26,6 +26,7 @@ Each finished run leaves ``row.json``: a rerun of an interrupted bench reuses th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -38,6 +39,7 @@ import torch
 
 from localopt_plugin.bench.flops import plan_flops
 from localopt_plugin.data.procedural import BACKGROUNDS, NUM_CLASSES
+from localopt_plugin.preprocess.inputs import procedural_kind
 
 PRESETS = {
     # 27 minutes per seed for the 6 variants on a 2-core CPU (measured, with evaluation)
@@ -143,8 +145,7 @@ def _run(cmd: list[str], log: str | None = None) -> None:
 
 def make_data(out: str, preset: dict) -> tuple[list[str], list[str]]:
     """The preset's procedural shards (train seeds from 0, validation from 500000)."""
-    background = preset["background"]
-    kind = "procedural" if background == "textured" else f"procedural-{background}"
+    kind = procedural_kind(preset["background"])
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     paths = []
     for split, count, seed in (("train", preset["videos"], 0),
@@ -253,6 +254,7 @@ def train(args: argparse.Namespace, preset: dict, variant: Variant, seed: int, s
     }
 
 
+@functools.cache
 def classifier_digest() -> str:
     """The shipped classifier's weights digest: which evaluator scored a row."""
     from localopt_plugin.evaluation.classifier import default_weights_path

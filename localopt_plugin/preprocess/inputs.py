@@ -28,9 +28,15 @@ from localopt_plugin.errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 PROCEDURAL = "procedural"
-# ``procedural:`` renders the textured default; ``procedural-<variant>:`` the other backgrounds
-PROCEDURAL_KINDS = {PROCEDURAL: "textured"} | {
-    f"{PROCEDURAL}-{b}": b for b in BACKGROUNDS if b != "textured"}
+
+
+def procedural_kind(background: str) -> str:
+    """The input prefix of a variant: ``procedural`` (textured, the default) or
+    ``procedural-<variant>``."""
+    return PROCEDURAL if background == "textured" else f"{PROCEDURAL}-{background}"
+
+
+PROCEDURAL_KINDS = {procedural_kind(b): b for b in BACKGROUNDS}
 PROCEDURAL_PREFIXES = tuple(kind + ":" for kind in PROCEDURAL_KINDS)
 UNLABELLED_CLASS = "video"
 _MOTION_PHRASES = {"horizontal": "bounces left and right", "vertical": "bounces up and down",

@@ -70,3 +70,11 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
     assert "missing:" not in report
     assert Image.open(out / "loss_curves.png").format == "PNG"
     assert Image.open(out / "real_vs_generated.png").format == "PNG"
+
+
+def test_main_job_refuses_an_unknown_variant(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "launch/main_job.sh")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60,
+                          env=subprocess_env(OUT=str(tmp_path / "main"), VARIANT="noisy"))
+    assert proc.returncode == 2 and "use plain, calm or textured" in proc.stderr
+    assert "=== [1/5]" not in proc.stdout
