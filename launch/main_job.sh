@@ -3,10 +3,13 @@
 #   procedural class-conditional videos (the plain variant: 12 classes = 3 shapes x 4 motions,
 #   two fixed colours on a flat ground) -> embedded fsq-video tokenizer -> webdataset shards
 #   -> Local Optimization + ReCo training under DeepSpeed (2 ranks, ZeRO-1), with 10% of the
-#      conditions dropped for classifier-free guidance
+#      conditions dropped for classifier-free guidance; ReCo in the paper's form (squared L2
+#      summed over the hidden size, lambda 0.1) on the residual stream before the final norm,
+#      the form that kept NLL and smoothed the videos in the ReCo sweep (docs/RESULTS.md)
 #   -> full-context generation with guidance, two videos per class (mp4/GIF + grid)
 #   -> class accuracy and Frechet distance by the embedded classifier, validation NLL per
-#      frame, flow consistency -> report (runs/main/report.md + PNGs).
+#      frame (and with the null condition: does the model use its class?), flow consistency
+#      -> report (runs/main/report.md + PNGs).
 # Sizes are environment variables; the defaults finish within 15 minutes on 2 CPU cores.
 # Extra arguments go to localopt-train (after the defaults, so they override them).
 set -euo pipefail
@@ -53,7 +56,8 @@ rm -f "$OUT/metrics.jsonl"
   --dataset video-wds --data-path "$TRAIN_DATA" --valid-data-path "$VALID_DATA" \
   --data-num-workers 1 --null-condition-prob 0.1 \
   --objective local-opt --local-opt-window-frames 2 --local-opt-stride-frames 1 \
-  --local-opt-first-window-prob 0.5 --regularizer reco --reco-weight 0.1 --reco-reduction mean \
+  --local-opt-first-window-prob 0.5 --regularizer reco --reco-weight 0.1 --reco-reduction sum \
+  --reco-states pre-norm \
   "$@"
 
 step 3 "generation: $GEN_PER_CLASS videos per class, full context, guidance $CFG_SCALE"
@@ -66,7 +70,7 @@ step 4 "evaluation: classes of the samples, NLL per frame on validation shards, 
 "$PY" -m localopt_plugin.commands.evaluate classes "$OUT/samples" --background "$VARIANT" \
   --tokenizer fsq-video --out "$OUT/eval/classes.json"
 "$PY" -m localopt_plugin.commands.evaluate nll --checkpoint "$OUT/checkpoints" \
-  --data-path "$VALID_DATA" --num-samples 32 --out "$OUT/eval/nll.json" --plot "$OUT/eval/nll.png"
+  --data-path "$VALID_DATA" --num-samples 32 --condition-check --out "$OUT/eval/nll.json" --plot "$OUT/eval/nll.png"
 "$PY" -m localopt_plugin.commands.evaluate flow "$OUT/samples" --out "$OUT/eval/flow.json"
 
 step 5 "report"

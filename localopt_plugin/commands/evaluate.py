@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     nll.add_argument("--seed", type=int, default=0)
     nll.add_argument("--out", required=True, help="JSON file")
     nll.add_argument("--plot", default=None, help="PNG of the per-frame curve")
+    nll.add_argument("--condition-check", action="store_true",
+                     help="also score the same videos with the null condition: what the model "
+                     "takes from its condition, in nats per video")
 
     plot = sub.add_parser("plot", help="overlay the per-frame curves of several nll JSONs")
     plot.add_argument("results", nargs="+")
@@ -114,17 +117,25 @@ def _write(result: dict, out: str | None) -> None:
 
 
 def _nll(args: argparse.Namespace) -> None:
-    from localopt_plugin.evaluation.nll import nll_per_position, plot_curves, validation_tokens
+    from localopt_plugin.data.layout import SampleLayout, Vocabulary
+    from localopt_plugin.evaluation.nll import (
+        condition_check,
+        nll_per_position,
+        plot_curves,
+        validation_tokens,
+    )
     from localopt_plugin.training.convert import load_trained_model
     from localopt_plugin.training.distributed import init_distributed
 
     init_distributed(seed=args.seed)
     model, meta = load_trained_model(args.checkpoint, args.tag)
-    batches = validation_tokens(meta, args.data_path, args.micro_batch_size, args.num_samples,
-                                args.seed)
-    from localopt_plugin.data.layout import SampleLayout
-
-    result = nll_per_position(model, SampleLayout(**meta["layout"]), batches)
+    batches = list(validation_tokens(meta, args.data_path, args.micro_batch_size,
+                                     args.num_samples, args.seed))
+    vocab, layout = Vocabulary(**meta["vocabulary"]), SampleLayout(**meta["layout"])
+    result = nll_per_position(model, layout, batches)
+    if args.condition_check:
+        result["null_condition"] = condition_check(model, vocab, layout, batches,
+                                                   result["mean_nll"])
     result = {"checkpoint": str(args.checkpoint), "iteration": meta.get("iteration"),
               "objective": meta["config"].get("objective"),
               "data": args.data_path or f"validation split of {meta['config'].get('dataset')}",

@@ -150,7 +150,16 @@ def write_report(run_dir: str) -> str:
                   "validation samples.", "",
                   "| frame | " + " | ".join(str(i) for i in range(len(per_frame))) + " |",
                   "|---|" + "---|" * len(per_frame),
-                  "| NLL | " + " | ".join(f"{v:.3f}" for v in per_frame) + " |", ""]
+                  "| NLL | " + " | ".join(f"{v:.3f}" for v in per_frame) + " |"]
+        null = nll.get("null_condition")
+        if null:
+            lines += ["| NLL, null condition | "
+                      + " | ".join(f"{v:.3f}" for v in null["per_frame_nll"]) + " |", "",
+                      f"The condition is worth {null['condition_nats_per_video']:.2f} nats per "
+                      "video: the same videos with the null condition instead of their own "
+                      "(0: the model ignores its condition; a label of C classes carries at "
+                      "most log C nats about a video)."]
+        lines += [""]
         if os.path.exists(os.path.join(run_dir, "eval", "nll.png")):
             lines += ["![NLL per frame](eval/nll.png)", ""]
     else:

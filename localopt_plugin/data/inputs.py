@@ -20,6 +20,16 @@ def caption_ids(processor, caption: str, vocab: Vocabulary, length: int) -> np.n
     return ids
 
 
+def null_condition(vocab: Vocabulary, layout: SampleLayout) -> np.ndarray:
+    """The unconditional condition's ids: ``[null]``, or ``[null, pad, ...]`` (a fixed-length
+    null caption) for captions. The loader's condition drops, classifier-free guidance and the
+    NLL condition check must all use the same ids."""
+    ids = np.full(layout.video_start - 2, vocab.null_condition, dtype=np.int64)
+    if vocab.text_vocab_size:
+        ids[1:] = vocab.pad
+    return ids
+
+
 class InputBuilder:
     """Token sequences of samples in the shared id space.
 
@@ -29,9 +39,7 @@ class InputBuilder:
 
     def __init__(self, vocab: Vocabulary, layout: SampleLayout, text_processor=None) -> None:
         self.vocab, self.layout, self.text = vocab, layout, text_processor
-        self.null = np.full(layout.video_start - 2, vocab.null_condition, dtype=np.int64)
-        if text_processor is not None:
-            self.null[1:] = vocab.pad  # [null, pad, ...]: a fixed-length null caption
+        self.null = null_condition(vocab, layout)
 
     def condition(self, label: int, caption: str | None, null: bool) -> np.ndarray:
         """Condition ids of a class label or caption (the null condition when ``null``)."""

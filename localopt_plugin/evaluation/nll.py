@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from localopt_plugin.data.inputs import null_condition
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
 from localopt_plugin.errors import UserError
 from localopt_plugin.model import forward_hidden, token_losses
@@ -42,6 +43,30 @@ def nll_per_position(model, layout: SampleLayout, batches: Iterable[torch.Tensor
     per_frame = per_position.reshape(layout.num_frames, layout.frame_tokens).mean(1)
     return {"num_samples": samples, "mean_nll": per_position.mean().item(),
             "per_frame_nll": per_frame.tolist(), "per_position_nll": per_position.tolist()}
+
+
+def with_null_condition(tokens: torch.Tensor, vocab: Vocabulary,
+                        layout: SampleLayout) -> torch.Tensor:
+    """``tokens`` ``[b, seq_length]`` with every sample's condition replaced by the null one."""
+    out = tokens.clone()
+    out[:, 1:layout.video_start - 1] = torch.from_numpy(null_condition(vocab, layout))
+    return out
+
+
+def condition_check(model, vocab: Vocabulary, layout: SampleLayout,
+                    batches: list[torch.Tensor], mean_nll: float) -> dict:
+    """Does the model use its condition? The same videos' NLL with the null condition, beside
+    their ``mean_nll`` with their own (:func:`nll_per_position` of ``batches``).
+
+    ``condition_nats_per_video`` is what the condition saves on a whole video (summed over its
+    tokens): near 0 for a model that ignores it, whatever sampling settings are used; a label
+    of C classes carries at most log C nats about a video.
+    """
+    null = nll_per_position(model, layout, [with_null_condition(b, vocab, layout)
+                                             for b in batches])
+    gain = (null["mean_nll"] - mean_nll) * layout.num_frames * layout.frame_tokens
+    return {"mean_nll": null["mean_nll"], "per_frame_nll": null["per_frame_nll"],
+            "condition_nats_per_video": gain}
 
 
 def validation_tokens(meta: dict, data_path: list[str] | None, micro_batch_size: int,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from localopt_plugin.data.inputs import null_condition
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
 from localopt_plugin.model import KVMemory, compute_logits, forward_hidden
 
@@ -83,11 +84,8 @@ def condition_prefix(vocab: Vocabulary, conditions: torch.Tensor) -> torch.Tenso
 
 
 def null_conditions(vocab: Vocabulary, layout: SampleLayout, batch: int) -> torch.Tensor:
-    """The loader's unconditional condition: ``[null]``, or ``[null, pad, ...]`` for captions."""
-    ids = torch.full((batch, layout.video_start - 2), vocab.null_condition, dtype=torch.long)
-    if layout.video_start > 3:
-        ids[:, 1:] = vocab.pad
-    return ids
+    """The loader's unconditional condition (:func:`null_condition`) for ``batch`` rows."""
+    return torch.from_numpy(null_condition(vocab, layout)).repeat(batch, 1)
 
 
 class _Stepper:

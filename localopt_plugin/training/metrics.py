@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 
@@ -34,6 +35,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if run.metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(run.metrics_file)), exist_ok=True)
             self.jsonl = open(run.metrics_file, "a")  # noqa: SIM115 (closed in close())
         if run.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter

@@ -29,7 +29,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def run_train(tmp_path: Path, *flags: str, nproc: int = 1, name: str = "run",
               timeout: int = 600) -> list[dict]:
     """Run localopt-train (under torchrun when nproc > 1); return its per-iteration metrics."""
-    metrics = tmp_path / f"{name}.jsonl"
+    metrics = tmp_path / "metrics" / f"{name}.jsonl"  # the trainer creates the directory
     cmd = [sys.executable, "-m", TRAIN_MODULE, "--metrics-file", str(metrics), *flags]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

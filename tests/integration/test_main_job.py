@@ -57,6 +57,7 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
     # evaluation outputs and the report
     nll = json.loads((out / "eval/nll.json").read_text())
     assert len(nll["per_frame_nll"]) == 5
+    assert len(nll["null_condition"]["per_frame_nll"]) == 5  # the condition check ran
     flow = json.loads((out / "eval/flow.json").read_text())
     assert flow["num_videos"] == 2
     classes = json.loads((out / "eval/classes.json").read_text())
@@ -67,7 +68,7 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
                     "## Generated videos", "## Classes of the generated videos",
                     "## Temporal consistency"):
         assert section in report
-    assert "missing:" not in report
+    assert "missing:" not in report and "| NLL, null condition |" in report
     assert Image.open(out / "loss_curves.png").format == "PNG"
     assert Image.open(out / "real_vs_generated.png").format == "PNG"
 

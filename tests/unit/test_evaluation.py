@@ -169,3 +169,36 @@ def test_eval_cli_nll_flow_and_plot_on_trained_checkpoint(tmp_path_factory, dist
     flow = json.loads((out / "flow.json").read_text())
     assert flow["num_videos"] == 1 and len(flow["videos"][str(out / "videos" / "v.mp4")]
                                            ["per_pair"]) == 8
+
+
+def test_condition_check_scores_the_same_videos_with_the_null_condition(dist_world_of_one):
+    """Against an independent computation: the loss of the batches with their condition slot
+    overwritten by hand with the null id."""
+    from localopt_plugin import registry
+    from localopt_plugin.evaluation.nll import condition_check, nll_per_position
+    from localopt_plugin.model import build_gpt_model
+    from localopt_plugin.objectives.sequence import FullSequence
+
+    args = tiny_args()
+    source = registry.build("dataset", "synthetic-video-tokens",
+                            registry.config_from_args("dataset", args.dataset, args),
+                            seed=args.seed)
+    vocab, layout = source.vocab, source.layout
+    model = build_gpt_model(tiny_model(), vocab.size).eval()
+    batches = [b["tokens"] for b, _ in zip(source.valid.batches(3, 0, 1, seed=0), range(2),
+                                           strict=False)]
+    originals = [b.clone() for b in batches]
+    true = nll_per_position(model, layout, batches)
+    check = condition_check(model, vocab, layout, batches, true["mean_nll"])
+    assert all(torch.equal(a, b) for a, b in zip(batches, originals, strict=True))
+    nulled = [b.clone() for b in batches]
+    for b in nulled:
+        assert layout.video_start == 3 and (b[:, 1] != vocab.null_condition).all()
+        b[:, 1] = vocab.null_condition
+    with torch.no_grad():
+        null_loss = np.mean([FullSequence(layout)(model, t).loss.item() for t in nulled])
+    assert check["mean_nll"] == pytest.approx(null_loss, rel=1e-5)
+    video_tokens = layout.num_frames * layout.frame_tokens
+    assert check["condition_nats_per_video"] == pytest.approx(
+        (null_loss - true["mean_nll"]) * video_tokens, rel=1e-4, abs=1e-4)
+    assert check["condition_nats_per_video"] != 0  # an untrained model reads the condition too
