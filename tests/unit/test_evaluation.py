@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.configs import tiny_args, tiny_model
+from helpers.configs import preset_model, tiny_args, tiny_model
 from helpers.fsq_checkpoint import train_fsq_checkpoint
 
 from localopt_plugin.data.procedural import render_video
@@ -173,7 +173,8 @@ def test_eval_cli_nll_flow_and_plot_on_trained_checkpoint(tmp_path_factory, dist
 
 def test_condition_check_scores_the_same_videos_with_the_null_condition(dist_world_of_one):
     """Against an independent computation: the loss of the batches with their condition slot
-    overwritten by hand with the null id."""
+    overwritten by hand with the null id, on preset "test" (RoPE, RMSNorm, SwiGLU, GQA,
+    untied)."""
     from localopt_plugin import registry
     from localopt_plugin.evaluation.nll import condition_check, nll_per_position
     from localopt_plugin.model import build_gpt_model
@@ -184,7 +185,7 @@ def test_condition_check_scores_the_same_videos_with_the_null_condition(dist_wor
                             registry.config_from_args("dataset", args.dataset, args),
                             seed=args.seed)
     vocab, layout = source.vocab, source.layout
-    model = build_gpt_model(tiny_model(), vocab.size).eval()
+    model = build_gpt_model(preset_model(), vocab.size).eval()  # the shipped architecture
     batches = [b["tokens"] for b, _ in zip(source.valid.batches(3, 0, 1, seed=0), range(2),
                                            strict=False)]
     originals = [b.clone() for b in batches]
