@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/main}
-VARIANT=${VARIANT:-plain}          # procedural variant: plain, calm or textured
+VARIANT=${VARIANT:-plain}          # procedural variant: plain, simple, calm or textured
 VIDEOS=${VIDEOS:-960}              # training videos (17 frames, 64x64, 12 classes)
 VALID_VIDEOS=${VALID_VIDEOS:-96}
 VIDEOS_PER_SHARD=${VIDEOS_PER_SHARD:-64}
@@ -24,13 +24,15 @@ TRAIN_ITERS=${TRAIN_ITERS:-330}
 GEN_LABELS=${GEN_LABELS:-"0 1 2 3 4 5 6 7 8 9 10 11"}
 GEN_PER_CLASS=${GEN_PER_CLASS:-2}  # generated videos per class
 CFG_SCALE=${CFG_SCALE:-3}          # classifier-free guidance at generation
+TEMPERATURE=${TEMPERATURE:-1.0}    # sampling temperature and top-k at generation
+TOP_K=${TOP_K:-50}
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 case "$VARIANT" in
   textured) KIND=procedural ;;
-  calm|plain) KIND="procedural-$VARIANT" ;;
-  *) echo "error: VARIANT=$VARIANT: use plain, calm or textured" >&2; exit 2 ;;
+  calm|plain|simple) KIND="procedural-$VARIANT" ;;
+  *) echo "error: VARIANT=$VARIANT: use plain, simple, calm or textured" >&2; exit 2 ;;
 esac
 step() { printf '\n=== [%s/5] %s (%s)\n' "$1" "$2" "$(date +%T)"; }
 last_shard() { printf '%06d' $(( ($1 + VIDEOS_PER_SHARD - 1) / VIDEOS_PER_SHARD - 1 )); }
@@ -60,11 +62,11 @@ rm -f "$OUT/metrics.jsonl"
   --reco-states pre-norm \
   "$@"
 
-step 3 "generation: $GEN_PER_CLASS videos per class, full context, guidance $CFG_SCALE"
+step 3 "generation: $GEN_PER_CLASS videos per class, full context, guidance $CFG_SCALE, temperature $TEMPERATURE, top-k $TOP_K"
 rm -rf "$OUT/samples"
 "$PY" -m localopt_plugin.commands.generate --checkpoint "$OUT/checkpoints" --out "$OUT/samples" \
   --class-labels $GEN_LABELS --samples-per-condition "$GEN_PER_CLASS" --cfg-scale "$CFG_SCALE" \
-  --top-k 50 --temperature 1.0 --seed 0 --batch-size 24
+  --top-k "$TOP_K" --temperature "$TEMPERATURE" --seed 0 --batch-size 24
 
 step 4 "evaluation: classes of the samples, NLL per frame on validation shards, flow"
 "$PY" -m localopt_plugin.commands.evaluate classes "$OUT/samples" --background "$VARIANT" \

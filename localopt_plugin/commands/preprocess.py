@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video files, directories (searched recursively), globs, CSV/JSONL lists "
                    "(columns path, label, caption; paths relative to the list), or "
                    "procedural:N[:SEED] (N embedded procedural videos, no files; "
-                   "procedural-calm:N[:SEED], procedural-plain:N[:SEED]: their calm-background "
-                   "and plain variants)")
+                   "procedural-calm:N[:SEED], procedural-plain:N[:SEED], "
+                   "procedural-simple:N[:SEED]: its easier variants)")
     p.add_argument("--output", required=True, help="directory of shards and manifest.json")
     g = p.add_argument_group("clips")
     g.add_argument("--frames", type=int, default=17, help="frames per clip")

@@ -17,8 +17,13 @@ A video shows one anti-aliased shape moving over a textured background:
   within minutes).
 * ``background="plain"`` draws the calm video's geometry (same seed: same size and motion) with
   upright shapes in two fixed colours on a flat ground, colours that the embedded tokenizer
-  codes with one id each (a clip uses about 130 token ids): the variant on which a small model
-  gets furthest within the main job's 15 CPU minutes (the main job's data; docs/RESULTS.md).
+  codes with one id each (a clip uses about 130 token ids): the main job's data.
+* ``background="simple"`` draws plain's colours with few trajectories: a fixed size, each
+  motion starting from its own place (horizontal at the left or right wall, vertical at the top
+  or bottom wall, orbit on a diagonal, pulse in the centre) and moving inwards at 2 or 3 pixels
+  per frame (at 64x64: whole token-grid steps per latent frame), so the first frame shows the
+  class and a seed picks one of 4 clips of it (48 distinct clips): on it the main job's model
+  generates the shape and motion of its class after 1000 iterations (docs/RESULTS.md).
 
 Motions are periodic in time, so any number of frames works, and a shorter clip is a prefix of
 a longer one. Rendering is vectorised over ``[T, H, W]`` in numpy (a 17-frame 64x64 clip takes
@@ -31,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = ("textured", "calm", "plain")
+BACKGROUNDS = ("textured", "calm", "plain", "simple")
 PLAIN_GROUND, PLAIN_SHAPE = (0.3, 0.2, 0.5), (0.9, 0.9, 0.3)  # the plain variant's colours
 MOTIONS = ("horizontal", "vertical", "orbit", "pulse")
 NUM_CLASSES = len(SHAPES) * len(MOTIONS)
@@ -90,6 +95,25 @@ def _shape_distance(shape: int, dx: np.ndarray, dy: np.ndarray, radius: np.ndarr
     return np.maximum(np.maximum(dots[0], dots[1]), dots[2]) - 0.5 * radius
 
 
+def _simple_geometry(motion: int, rng: np.random.Generator,
+                     t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The simple variant's centre and radius per frame: each motion starts from its own place
+    (so the first frame tells the motion), the seed picks the side and the speed."""
+    side = rng.choice([-1.0, 1.0])
+    speed = -side * rng.choice([2.0, 3.0]) / 64  # inwards, whole pixels per frame at 64x64
+    radius = np.full_like(t, 0.28)
+    lo, hi = 20 / 64, 44 / 64  # walls on the 4-pixel token grid at 64x64
+    still = np.full_like(t, 0.5)
+    if motion == 0:
+        return _bounce(0.5 + 0.1875 * side, speed, t, lo, hi), still, radius
+    if motion == 1:
+        return still, _bounce(0.5 + 0.1875 * side, speed, t, lo, hi), radius
+    if motion == 2:
+        theta = np.pi / 4 + np.pi * (side > 0) + t * speed / 0.17
+        return 0.5 + 0.17 * np.cos(theta), 0.5 + 0.17 * np.sin(theta), radius
+    return still, still, radius * (1 + 0.35 * np.sin(12.8 * speed * t))
+
+
 def render_video(class_id: int, seed: int, num_frames: int, size: int = 64,
                  background: str = "textured") -> np.ndarray:
     """The video of ``class_id`` drawn with ``seed``: uint8 ``[num_frames, size, size, 3]``.
@@ -128,7 +152,9 @@ def render_video(class_id: int, seed: int, num_frames: int, size: int = 64,
     rotation = rng.uniform(0, 2 * np.pi)
     colour = rng.uniform(0, 1, size=3)
     colour[rng.integers(3)] = rng.choice([0.05, 0.95])  # saturated: stands out from the ground
-    if background == "plain":  # after the calm draws, so a seed keeps its calm geometry
+    if background == "simple":  # after the calm draws, as plain
+        cx, cy, radius = _simple_geometry(motion, rng, t)
+    if background in ("plain", "simple"):  # after the calm draws: a seed keeps its calm geometry
         frames = np.broadcast_to(np.asarray(PLAIN_GROUND), frames.shape)
         colour, rotation = np.asarray(PLAIN_SHAPE), 0.0
 

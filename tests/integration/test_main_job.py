@@ -24,7 +24,7 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
         cwd=REPO, capture_output=True, text=True, timeout=1200,
         env=subprocess_env(PYTHON=sys.executable, OUT=str(out), VIDEOS="32", VALID_VIDEOS="16",
                            VIDEOS_PER_SHARD="16", TRAIN_ITERS="6", GEN_LABELS="0 5",
-                           GEN_PER_CLASS="1"))
+                           GEN_PER_CLASS="1", TEMPERATURE="0.7", TOP_K="5"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for step in range(1, 6):
         assert f"=== [{step}/5]" in proc.stdout
@@ -53,6 +53,8 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert len(frames) == 17 and frames[0].shape == (64, 64, 3)
     assert Image.open(out / "samples/grid.png").size[0] > 64
+    settings = json.loads((out / "samples/samples.json").read_text())["settings"]
+    assert (settings["temperature"], settings["top_k"]) == (0.7, 5)  # the job's sampling env
 
     # evaluation outputs and the report
     nll = json.loads((out / "eval/nll.json").read_text())
@@ -77,5 +79,5 @@ def test_main_job_refuses_an_unknown_variant(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "launch/main_job.sh")], cwd=REPO,
                           capture_output=True, text=True, timeout=60,
                           env=subprocess_env(OUT=str(tmp_path / "main"), VARIANT="noisy"))
-    assert proc.returncode == 2 and "use plain, calm or textured" in proc.stderr
+    assert proc.returncode == 2 and "use plain, simple, calm or textured" in proc.stderr
     assert "=== [1/5]" not in proc.stdout

@@ -124,7 +124,7 @@ def test_procedural_variants_render_their_background():
     reference), every variant of the same classes and seeds."""
     spec = ClipSpec(frames=5)
     for kind, background in (("procedural", "textured"), ("procedural-calm", "calm"),
-                             ("procedural-plain", "plain")):
+                             ("procedural-plain", "plain"), ("procedural-simple", "simple")):
         inputs = list_inputs([f"{kind}:3:40"])
         assert [v.procedural for v in inputs] == [(0, 40), (1, 41), (2, 42)]
         clip = load_clips(inputs[2], spec)[0]

@@ -105,3 +105,36 @@ def test_plain_variant_draws_upright_shapes_in_two_colours():
     inside = np.argwhere(np.abs(square.astype(np.float64) - shape).max(-1) < 2)
     (r0, c0), (r1, c1) = inside.min(0), inside.max(0)
     assert len(inside) > 0.9 * (r1 - r0 + 1) * (c1 - c0 + 1)
+
+
+def _shape_centroid(frame: np.ndarray) -> np.ndarray:
+    """(row, col) centroid of the plain shape colour's pixels."""
+    shape = np.round(np.array(PLAIN_SHAPE) * 255)
+    rows, cols = np.nonzero(np.abs(frame.astype(np.float64) - shape).max(-1) < 2)
+    return np.array([rows.mean(), cols.mean()])
+
+
+def test_simple_variant_has_four_clips_per_class_whose_first_frame_tells_the_motion():
+    """simple: plain's colours; a seed picks one of 4 clips of its class; the first frames of
+    different motions differ (horizontal starts at a side wall, vertical at the top or bottom,
+    orbit on a diagonal, pulse in the centre); motion measured as above, whole pixels per
+    frame."""
+    firsts = {}
+    for cls in range(NUM_CLASSES):
+        clips = {render_video(cls, seed, 17, background="simple").tobytes()
+                 for seed in range(40)}
+        assert len(clips) == 4
+        firsts[cls] = {render_video(cls, seed, 1, background="simple").tobytes()
+                       for seed in range(40)}
+    for shape in range(len(SHAPES)):
+        motions = [firsts[shape * 4 + m] for m in range(len(MOTIONS))]
+        assert all(not a & b for i, a in enumerate(motions) for b in motions[i + 1:])
+    h = _moving_centroids(render_video(0, 5, 17, background="simple"))
+    v = _moving_centroids(render_video(1, 5, 17, background="simple"))
+    assert h[:, 1].std() > 2 * h[:, 0].std() and v[:, 0].std() > 2 * v[:, 1].std()
+    start = _shape_centroid(render_video(0, 5, 1, background="simple")[0])
+    assert abs(start[1] - 32) > 10 and abs(start[0] - 31.5) < 1  # at a side wall
+    step = np.diff([_shape_centroid(f) for f in render_video(0, 5, 4, background="simple")],
+                   axis=0)
+    assert np.allclose(np.abs(step[:, 1]), np.round(np.abs(step[:, 1])), atol=0.05)
+    assert np.abs(step[:, 1]).min() >= 2
