@@ -34,6 +34,12 @@ case "$VARIANT" in
   calm|plain|simple) KIND="procedural-$VARIANT" ;;
   *) echo "error: VARIANT=$VARIANT: use plain, simple, calm or textured" >&2; exit 2 ;;
 esac
+# sampling settings are checked now, by generation's own SamplingConfig, not after training
+if ! err=$("$PY" -c "from localopt_plugin.generation.sampling import SamplingConfig
+SamplingConfig(float('$TEMPERATURE'), int('$TOP_K'), 1.0, float('$CFG_SCALE'))" 2>&1); then
+  echo "error: TEMPERATURE=$TEMPERATURE TOP_K=$TOP_K CFG_SCALE=$CFG_SCALE: ${err##*$'\n'}" >&2
+  exit 2
+fi
 step() { printf '\n=== [%s/5] %s (%s)\n' "$1" "$2" "$(date +%T)"; }
 last_shard() { printf '%06d' $(( ($1 + VIDEOS_PER_SHARD - 1) / VIDEOS_PER_SHARD - 1 )); }
 

@@ -152,9 +152,9 @@ def render_video(class_id: int, seed: int, num_frames: int, size: int = 64,
     rotation = rng.uniform(0, 2 * np.pi)
     colour = rng.uniform(0, 1, size=3)
     colour[rng.integers(3)] = rng.choice([0.05, 0.95])  # saturated: stands out from the ground
-    if background == "simple":  # after the calm draws, as plain
+    if background == "simple":  # its own geometry, drawn after the calm draws
         cx, cy, radius = _simple_geometry(motion, rng, t)
-    if background in ("plain", "simple"):  # after the calm draws: a seed keeps its calm geometry
+    if background in ("plain", "simple"):  # plain keeps its seed's calm geometry
         frames = np.broadcast_to(np.asarray(PLAIN_GROUND), frames.shape)
         colour, rotation = np.asarray(PLAIN_SHAPE), 0.0
 

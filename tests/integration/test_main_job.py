@@ -81,3 +81,12 @@ def test_main_job_refuses_an_unknown_variant(tmp_path):
                           env=subprocess_env(OUT=str(tmp_path / "main"), VARIANT="noisy"))
     assert proc.returncode == 2 and "use plain, simple, calm or textured" in proc.stderr
     assert "=== [1/5]" not in proc.stdout
+
+
+def test_main_job_refuses_bad_sampling_settings_before_any_work(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "launch/main_job.sh")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(PYTHON=sys.executable, OUT=str(tmp_path / "main"),
+                                             TEMPERATURE="-1"))
+    assert proc.returncode == 2 and "TEMPERATURE=-1" in proc.stderr
+    assert "need temperature >= 0" in proc.stderr and "=== [1/5]" not in proc.stdout
