@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "770m": _preset(24, 1536, 5120, 16, 4),
     # CPU-sized models
     "tiny": _preset(2, 128, 384, 4, 2),       # smoke runs
-    "main": _preset(4, 192, 512, 6, 3),       # the main job on the embedded data
+    "main": _preset(4, 128, 384, 4, 2),       # the main job on the embedded data
     "bench": _preset(4, 256, 704, 4, 2),      # localopt-bench speed on CPU
     "test": _preset(2, 64, 128, 4, 2),        # the test suite
 }

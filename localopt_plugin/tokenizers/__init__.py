@@ -1,4 +1,5 @@
-"""Video tokenizers (registered kind ``tokenizer``): ``fsq-video`` (embedded) and ``torchscript``.
+"""Video tokenizers (registered kind ``tokenizer``): ``fsq-video`` (embedded), ``torchscript``
+and ``fsq-video-simple`` (fsq-video with the codebook of the procedural simple clips).
 
 ``build_tokenizer("fsq-video")`` loads the shipped weights and ``build_tokenizer("torchscript",
 path=FOLDER)`` a pretrained TorchScript folder such as a Cosmos DV tokenizer. Options are the

@@ -13,11 +13,17 @@ latent position from a finite scalar quantizer (no codebook to collapse, no comm
 * FSQ (Mentzer et al., 2023): ``len(levels)`` channels are bounded with tanh and rounded to
   ``levels[i]`` values (straight-through gradients); the id is their mixed-radix number.
 * The decoder mirrors the encoder and predicts 4x4 patches (pixel shuffle) per path.
+
+``fsq-video-simple`` is the same model with its codebook cut to the ids that the procedural
+``simple`` variant uses (``weights/fsq_video_simple_codes.json``, made by
+``tools/build_codebook.py``): a GPT over its ids needs an output layer of ~150 instead of ~5000
+rows, which makes the main job's steps cheaper. A clip that needs any other id is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from importlib.resources import files
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localopt_plugin.errors import UserError
 from localopt_plugin.registry import register
 from localopt_plugin.tokenizers.base import VideoTokenizer, frames_to_tensor, tensor_to_frames
 
@@ -40,11 +47,17 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "spatial_compression": 4,
 }
 WEIGHTS_NAME = "fsq_video.pt"
+SIMPLE_CODES_NAME = "fsq_video_simple_codes.json"
+
+
+def shipped_path(name: str) -> Path:
+    """A file shipped in the package data ``localopt_plugin/tokenizers/weights/``."""
+    return Path(str(files("localopt_plugin.tokenizers") / "weights" / name))
 
 
 def default_weights_path() -> Path:
-    """The shipped weights (package data ``localopt_plugin/tokenizers/weights/``)."""
-    return Path(str(files("localopt_plugin.tokenizers") / "weights" / WEIGHTS_NAME))
+    """The shipped weights."""
+    return shipped_path(WEIGHTS_NAME)
 
 
 class FSQ(nn.Module):
@@ -162,9 +175,14 @@ class FSQConfig:
 
 
 class FSQVideoTokenizer(VideoTokenizer):
-    """The embedded tokenizer; ``weights`` defaults to the file shipped with the package."""
+    """The embedded tokenizer; ``weights`` defaults to the file shipped with the package.
 
-    def __init__(self, weights: str | Path | None = None) -> None:
+    ``codes`` (a JSON file with a ``codes`` list): keep only these FSQ ids, renumbered
+    ``0..len-1`` in ascending order; encoding a clip that needs another id raises UserError.
+    """
+
+    def __init__(self, weights: str | Path | None = None, codes: str | Path | None = None,
+                 name: str = "fsq-video") -> None:
         path = Path(weights) if weights is not None else default_weights_path()
         if not path.is_file():
             raise FileNotFoundError(f"fsq-video weights not found: {path} (train them with "
@@ -175,11 +193,23 @@ class FSQVideoTokenizer(VideoTokenizer):
         self.model = build_model(self.config)
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.eval()
-        self._fingerprint = "fsq-video-" + hashlib.sha256(blob).hexdigest()[:16]
+        self.name = name
+        self.codes: np.ndarray | None = None  # kept FSQ ids, ascending; None: all
+        if codes is not None:
+            text = Path(codes).read_bytes()
+            self.codes = np.asarray(json.loads(text)["codes"], dtype=np.int64)
+            full = math.prod(self.config["levels"])
+            if (self.codes.ndim != 1 or not self.codes.size or np.any(np.diff(self.codes) <= 0)
+                    or self.codes[0] < 0 or self.codes[-1] >= full):
+                raise ValueError(f"{codes}: codes must be ascending distinct ids in [0, {full})")
+            self._compact = np.full(full, -1, dtype=np.int64)
+            self._compact[self.codes] = np.arange(self.codes.size)
+            blob += text
+        self._fingerprint = f"{name}-" + hashlib.sha256(blob).hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:
-        return math.prod(self.config["levels"])
+        return math.prod(self.config["levels"]) if self.codes is None else self.codes.size
 
     @property
     def temporal_compression(self) -> int:
@@ -196,14 +226,31 @@ class FSQVideoTokenizer(VideoTokenizer):
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> np.ndarray:
         _, ids = self.model.encode(frames_to_tensor(self._check_frames(frames)))
-        return ids[0].numpy()
+        ids = ids[0].numpy()
+        if self.codes is None:
+            return ids
+        compact = self._compact[ids]
+        if np.any(compact < 0):
+            raise UserError(
+                f"tokenizer {self.name}: {int(np.sum(compact < 0))} of {ids.size} tokens of this "
+                f"clip fall outside its {self.codes.size}-id codebook (made for the procedural "
+                f"simple variant); tokenize other videos with fsq-video")
+        return compact
 
     @torch.no_grad()
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(self._check_ids(ids)).unsqueeze(0)
-        return tensor_to_frames(self.model.decode_ids(ids))
+        ids = self._check_ids(ids)
+        if self.codes is not None:
+            ids = self.codes[ids]
+        return tensor_to_frames(self.model.decode_ids(torch.from_numpy(ids).unsqueeze(0)))
 
 
 @register("tokenizer", "fsq-video", config=FSQConfig)
 def build_fsq_video(config: FSQConfig | None = None) -> FSQVideoTokenizer:
     return FSQVideoTokenizer((config or FSQConfig()).path)
+
+
+@register("tokenizer", "fsq-video-simple", config=FSQConfig)
+def build_fsq_video_simple(config: FSQConfig | None = None) -> FSQVideoTokenizer:
+    return FSQVideoTokenizer((config or FSQConfig()).path, shipped_path(SIMPLE_CODES_NAME),
+                             name="fsq-video-simple")

@@ -10,6 +10,7 @@ below it (clip ``i`` is class ``i % NUM_CLASSES`` with seed ``i``), so the two n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -140,3 +141,27 @@ def real_video_psnr(tokenizer: VideoTokenizer, paths: Sequence[Path], num_frames
         clip = center_crop_resize(read_video(path, max_frames=num_frames), size)
         scores[Path(path).name] = psnr(clip, tokenizer.decode(tokenizer.encode(clip)))
     return scores
+
+
+def variant_codebook(tokenizer: VideoTokenizer, background: str, seeds_per_class: int,
+                     num_frames: int = 17, size: int = 64) -> dict[str, Any]:
+    """The ids ``tokenizer`` gives the distinct clips of a procedural variant.
+
+    Renders seeds ``0..seeds_per_class-1`` of every class, encodes each distinct clip once and
+    returns the sorted union of their ids with the distinct clips per class (the ``simple``
+    variant has 4 per class, so a few dozen seeds find them all).
+    """
+    codes: set[int] = set()
+    distinct = []
+    for label in range(NUM_CLASSES):
+        seen = set()
+        for seed in range(seeds_per_class):
+            clip = render_video(label, seed, num_frames, size, background=background)
+            digest = hashlib.sha256(clip.tobytes()).hexdigest()
+            if digest not in seen:
+                seen.add(digest)
+                codes.update(np.unique(tokenizer.encode(clip)).tolist())
+        distinct.append(len(seen))
+    return {"codes": sorted(codes), "background": background, "frames": num_frames,
+            "size": size, "seeds_per_class": seeds_per_class,
+            "distinct_clips_per_class": distinct, "tokenizer": tokenizer.fingerprint}

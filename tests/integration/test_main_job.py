@@ -37,6 +37,12 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
     batch = next(source.train.batches(2, 0, 1, seed=0))
     assert batch["tokens"].shape == (2, source.layout.seq_length)
     assert source.layout.num_frames == 5 and source.layout.frame_tokens == 256
+    # the simple variant's tokenizer: fsq-video's ids cut to the simple clips' codebook
+    from localopt_plugin.tokenizers import build_tokenizer
+
+    manifest = source.info["manifest"]
+    assert manifest.tokenizer == "fsq-video-simple"
+    assert source.vocab.video_vocab_size == build_tokenizer("fsq-video-simple").vocab_size < 200
 
     # the checkpoint loads into a plain GPTModel
     from localopt_plugin.training.convert import load_trained_model
@@ -63,7 +69,7 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
     flow = json.loads((out / "eval/flow.json").read_text())
     assert flow["num_videos"] == 2
     classes = json.loads((out / "eval/classes.json").read_text())
-    assert classes["num videos"] == 2 and classes["background"] == "plain"
+    assert classes["num videos"] == 2 and classes["background"] == "simple"
     assert 0.0 <= classes["accuracy"] <= 1.0 and classes["frechet distance"] > 0
     report = (out / "report.md").read_text()
     for section in ("## Training", "## Validation NLL per latent frame",

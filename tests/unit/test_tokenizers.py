@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from localopt_plugin import registry
 from localopt_plugin.data.procedural import NUM_CLASSES, render_video
+from localopt_plugin.errors import UserError
 from localopt_plugin.tokenizers import FSQVideoTokenizer, TorchScriptTokenizer, build_tokenizer
 from localopt_plugin.tokenizers.fsq import FSQ, default_weights_path
 from localopt_plugin.tokenizers.training import TRAIN_SEED_START, psnr
@@ -33,6 +34,25 @@ def test_registered_and_weights_shipped(fsq):
     assert fsq.temporal_compression == 4 and fsq.spatial_compression == 4
     assert fsq.fingerprint == FSQVideoTokenizer().fingerprint
     assert fsq.fingerprint.startswith("fsq-video-")
+
+
+def test_simple_codebook_renumbers_fsq_ids_and_covers_the_simple_variant(fsq):
+    """fsq-video-simple against fsq-video itself: the same pixels from 136 instead of 5000 ids,
+    on simple clips of seeds the codebook was not built from; other videos are refused."""
+    simple = build_tokenizer("fsq-video-simple")
+    assert simple.fingerprint.startswith("fsq-video-simple-")
+    assert simple.fingerprint != fsq.fingerprint and simple.vocab_size < 200
+    rng = np.random.default_rng(0)
+    for label in range(NUM_CLASSES):
+        video = render_video(label, int(rng.integers(10**5, 10**9)), 17, background="simple")
+        full, compact = fsq.encode(video), simple.encode(video)
+        assert compact.max() < simple.vocab_size
+        assert np.array_equal(simple.codes[compact], full)  # order kept: codes ascending
+        assert np.array_equal(simple.decode(compact), fsq.decode(full))
+    with pytest.raises(UserError, match="tokenize other videos with fsq-video"):
+        simple.encode(render_video(0, 1, 17, background="textured"))
+    with pytest.raises(ValueError, match="outside"):
+        simple.decode(np.full((1, 16, 16), simple.vocab_size))
 
 
 @pytest.mark.parametrize("num_frames", [1, 5, 9, 17])
