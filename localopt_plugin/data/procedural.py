@@ -17,13 +17,13 @@ A video shows one anti-aliased shape moving over a textured background:
   within minutes).
 * ``background="plain"`` draws the calm video's geometry (same seed: same size and motion) with
   upright shapes in two fixed colours on a flat ground, colours that the embedded tokenizer
-  codes with one id each (a clip uses about 130 token ids): the main job's data.
+  codes with one id each (a clip uses about 130 token ids).
 * ``background="simple"`` draws plain's colours with few trajectories: a fixed size, each
   motion starting from its own place (horizontal at the left or right wall, vertical at the top
   or bottom wall, orbit on a diagonal, pulse in the centre) and moving inwards at 2 or 3 pixels
   per frame (at 64x64: whole token-grid steps per latent frame), so the first frame shows the
-  class and a seed picks one of 4 clips of it (48 distinct clips): on it the main job's model
-  generates the shape and motion of its class after 1000 iterations (docs/RESULTS.md).
+  class and a seed picks one of 4 clips of it (48 distinct clips, 136 fsq-video ids in all:
+  the ``fsq-video-simple`` tokenizer keeps just those): the main job's data (docs/RESULTS.md).
 
 Motions are periodic in time, so any number of frames works, and a shorter clip is a prefix of
 a longer one. Rendering is vectorised over ``[T, H, W]`` in numpy (a 17-frame 64x64 clip takes

@@ -197,7 +197,13 @@ class FSQVideoTokenizer(VideoTokenizer):
         self.codes: np.ndarray | None = None  # kept FSQ ids, ascending; None: all
         if codes is not None:
             text = Path(codes).read_bytes()
-            self.codes = np.asarray(json.loads(text)["codes"], dtype=np.int64)
+            record = json.loads(text)
+            made_with = record.get("tokenizer")
+            weights_id = "fsq-video-" + hashlib.sha256(blob).hexdigest()[:16]
+            if made_with != weights_id:  # the ids a clip gets depend on the weights
+                raise UserError(f"{codes} lists the ids of weights {made_with}, not of {path} "
+                                f"({weights_id}); rebuild it with tools/build_codebook.py")
+            self.codes = np.asarray(record["codes"], dtype=np.int64)
             full = math.prod(self.config["levels"])
             if (self.codes.ndim != 1 or not self.codes.size or np.any(np.diff(self.codes) <= 0)
                     or self.codes[0] < 0 or self.codes[-1] >= full):

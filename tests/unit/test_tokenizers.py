@@ -55,6 +55,16 @@ def test_simple_codebook_renumbers_fsq_ids_and_covers_the_simple_variant(fsq):
         simple.decode(np.full((1, 16, 16), simple.vocab_size))
 
 
+def test_simple_codebook_refuses_other_weights(tmp_path):
+    """The codebook lists ids of the shipped weights; other weights give other ids."""
+    checkpoint = torch.load(default_weights_path(), weights_only=True)
+    checkpoint["state_dict"] = {k: v + 0.01 for k, v in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, tmp_path / "other.pt")
+    assert FSQVideoTokenizer(tmp_path / "other.pt").vocab_size == 5000  # full codebook: fine
+    with pytest.raises(UserError, match="rebuild it with tools/build_codebook.py"):
+        build_tokenizer("fsq-video-simple", path=str(tmp_path / "other.pt"))
+
+
 @pytest.mark.parametrize("num_frames", [1, 5, 9, 17])
 def test_encode_decode_shapes_and_id_range(fsq, num_frames):
     video = render_video(2, 5, num_frames)
