@@ -22,8 +22,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--background", default="simple", choices=BACKGROUNDS)
     parser.add_argument("--seeds-per-class", type=int, default=100)
-    parser.add_argument("--output", type=Path, default=shipped_path(SIMPLE_CODES_NAME))
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON file (default for --background simple: the shipped "
+                        "codebook of fsq-video-simple)")
     args = parser.parse_args(argv)
+    if args.output is None:
+        if args.background != "simple":
+            parser.error("--output is needed for a background other than simple")
+        args.output = shipped_path(SIMPLE_CODES_NAME)
     record = variant_codebook(build_tokenizer("fsq-video"), args.background,
                               args.seeds_per_class)
     record["command"] = shlex.join(["python", "tools/build_codebook.py",

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.launch import REPO
 
 from localopt_plugin import registry
 from localopt_plugin.data.procedural import NUM_CLASSES, render_video
 from localopt_plugin.errors import UserError
 from localopt_plugin.tokenizers import FSQVideoTokenizer, TorchScriptTokenizer, build_tokenizer
-from localopt_plugin.tokenizers.fsq import FSQ, default_weights_path
+from localopt_plugin.tokenizers.fsq import (
+    FSQ,
+    SIMPLE_CODES_NAME,
+    default_weights_path,
+    shipped_path,
+)
 from localopt_plugin.tokenizers.training import TRAIN_SEED_START, psnr
 
 # Held-out reconstruction bound (dB) on 64x64 procedural clips; docs/tokenizers.md has the
@@ -53,6 +64,18 @@ def test_simple_codebook_renumbers_fsq_ids_and_covers_the_simple_variant(fsq):
         simple.encode(render_video(0, 1, 17, background="textured"))
     with pytest.raises(ValueError, match="outside"):
         simple.decode(np.full((1, 16, 16), simple.vocab_size))
+
+
+def test_shipped_simple_codebook_is_what_its_command_makes(tmp_path):
+    """tools/build_codebook.py with the arguments the JSON records reproduces the shipped ids."""
+    shipped = json.loads(shipped_path(SIMPLE_CODES_NAME).read_text())
+    argv = shlex.split(shipped["command"])[1:] + ["--output", str(tmp_path / "codes.json")]
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    made = json.loads((tmp_path / "codes.json").read_text())
+    assert made["codes"] == shipped["codes"] and made["distinct_clips_per_class"] == [4] * 12
+    assert made["tokenizer"] == FSQVideoTokenizer().fingerprint
 
 
 def test_simple_codebook_refuses_other_weights(tmp_path):
