@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -174,6 +173,10 @@ class FSQConfig:
     path: str | None = None
 
 
+def _short_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 class FSQVideoTokenizer(VideoTokenizer):
     """The embedded tokenizer; ``weights`` defaults to the file shipped with the package.
 
@@ -194,28 +197,27 @@ class FSQVideoTokenizer(VideoTokenizer):
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.eval()
         self.name = name
+        self._fingerprint = "fsq-video-" + _short_digest(blob)
         self.codes: np.ndarray | None = None  # kept FSQ ids, ascending; None: all
         if codes is not None:
             text = Path(codes).read_bytes()
             record = json.loads(text)
-            made_with = record.get("tokenizer")
-            weights_id = "fsq-video-" + hashlib.sha256(blob).hexdigest()[:16]
-            if made_with != weights_id:  # the ids a clip gets depend on the weights
-                raise UserError(f"{codes} lists the ids of weights {made_with}, not of {path} "
-                                f"({weights_id}); rebuild it with tools/build_codebook.py")
+            if record.get("tokenizer") != self._fingerprint:  # ids depend on the weights
+                raise UserError(f"{codes} lists the ids of weights {record.get('tokenizer')}, "
+                                f"not of {path} ({self._fingerprint}); rebuild it with "
+                                f"tools/build_codebook.py")
             self.codes = np.asarray(record["codes"], dtype=np.int64)
-            full = math.prod(self.config["levels"])
+            full = self.model.fsq.vocab_size
             if (self.codes.ndim != 1 or not self.codes.size or np.any(np.diff(self.codes) <= 0)
                     or self.codes[0] < 0 or self.codes[-1] >= full):
                 raise ValueError(f"{codes}: codes must be ascending distinct ids in [0, {full})")
             self._compact = np.full(full, -1, dtype=np.int64)
             self._compact[self.codes] = np.arange(self.codes.size)
-            blob += text
-        self._fingerprint = f"{name}-" + hashlib.sha256(blob).hexdigest()[:16]
+            self._fingerprint = f"{name}-" + _short_digest(blob + text)
 
     @property
     def vocab_size(self) -> int:
-        return math.prod(self.config["levels"]) if self.codes is None else self.codes.size
+        return self.model.fsq.vocab_size if self.codes is None else self.codes.size
 
     @property
     def temporal_compression(self) -> int:
