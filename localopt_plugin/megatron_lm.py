@@ -64,7 +64,7 @@ from localopt_plugin.objectives import (
 from localopt_plugin.plan import ForwardPlan, ObjectiveOutput, plan_hidden
 from localopt_plugin.platform import apply_megatron_lm_shims, cuda_available, default_device
 from localopt_plugin.regularizers import apply_regularizers
-from localopt_plugin.training.config import add_plugin_args
+from localopt_plugin.training.config import add_plugin_args, dataset_name
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ _SOURCES: dict[int, tuple[argparse.Namespace, VideoTokenSource]] = {}
 def video_source(args: argparse.Namespace) -> VideoTokenSource:
     """The registered dataset named by ``--dataset``, built once per argument namespace."""
     if id(args) not in _SOURCES:
+        args.dataset = dataset_name(args)
         config = registry.config_from_args("dataset", args.dataset, args)
         _SOURCES[id(args)] = (args, registry.build("dataset", args.dataset, config,
                                                    seed=args.seed))

@@ -23,11 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
         add_train_args,
         add_trainer_args,
     )
+    from localopt_plugin.training.megatron_flags import add_alias_args, add_megatron_flags
 
     parser = argparse.ArgumentParser(
         prog="localopt-train",
         description="Train a Megatron-Core GPT on video tokens with DeepSpeed "
         "(Local Optimization + ReCo).",
+        epilog="Every other flag of Megatron-LM's parser (and Megatron-DeepSpeed's) is "
+        "recognised too: honoured, mapped from its alias, or refused with one error line "
+        "saying why. --dry-run shows what each became; docs/from-megatron.md has the table.",
         allow_abbrev=False,
     )
     add_preset_arg(parser)
@@ -36,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ParallelConfig.add_args(parser)
     add_plugin_args(parser)
     add_trainer_args(parser)
+    add_alias_args(parser)
+    add_megatron_flags(parser)  # last: every other Megatron-LM flag, to honour or refuse
     return parser
 
 
@@ -54,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, explicit: set[str]) -> int:
     from localopt_plugin.model import ParallelConfig
     from localopt_plugin.training import config as train_config
+    from localopt_plugin.training.megatron_flags import resolve_megatron_flags
 
+    resolve_megatron_flags(args, explicit)  # a refused flag stops before any process group
     if args.dry_run:
         from localopt_plugin.training.dry_run import describe
 
@@ -67,7 +75,8 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
 
     parallel = ParallelConfig.from_args(args)
     init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                     args.seed, parallel.distributed_backend)
+                     args.seed, parallel.distributed_backend,
+                     parallel.distributed_timeout_minutes)
     import torch.distributed as dist
 
     configure_logging()

@@ -75,7 +75,8 @@ class ModelConfig:
         g.add_argument("--hidden-size", type=int, default=128)
         g.add_argument("--num-attention-heads", type=int, default=4)
         g.add_argument("--ffn-hidden-size", type=int, default=None,
-                       help="default: 4 x hidden size")
+                       help="default (Megatron-LM's): 4 x hidden size; with --swiglu "
+                       "int(8 x hidden / 3 / 64) x 64")
         g.add_argument("--kv-channels", type=int, default=None)
         g.add_argument("--group-query-attention", action="store_true")
         g.add_argument("--num-query-groups", type=int, default=1)
@@ -87,7 +88,8 @@ class ModelConfig:
                        choices=["learned_absolute", "rope"])
         g.add_argument("--rotary-percent", type=float, default=1.0)
         g.add_argument("--rotary-base", type=int, default=10000)
-        g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+        g.add_argument("--normalization", default="LayerNorm", type=_normalization,
+                       help="LayerNorm or RMSNorm (any case, as Megatron-DeepSpeed writes it)")
         g.add_argument("--norm-epsilon", type=float, default=1e-5)
         g.add_argument("--swiglu", action="store_true")
         g.add_argument("--disable-bias-linear", action="store_true")
@@ -123,6 +125,9 @@ class ModelConfig:
                                  f"--recompute-granularity is {granularity}")
             granularity = "selective"
         config = cls(**fields_from(cls, args, recompute_granularity=granularity))
+        if config.ffn_hidden_size is None:
+            config = dataclasses.replace(config, ffn_hidden_size=default_ffn_hidden_size(
+                config.hidden_size, config.swiglu))
         config.validate()
         return config
 
@@ -166,6 +171,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     distributed_backend: str | None = None
+    distributed_timeout_minutes: float | None = None
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -175,14 +181,22 @@ class ParallelConfig:
         g.add_argument("--sequence-parallel", action="store_true")
         g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                        help="default: nccl with CUDA, gloo without")
+        g.add_argument("--distributed-timeout-minutes", type=float, default=None,
+                       help="collective timeout (default: DeepSpeed's, 30 minutes)")
         g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int,
                        default=None, help="set by the deepspeed launcher")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ParallelConfig:
         config = cls(**fields_from(cls, args))
+        if config.distributed_backend == "nccl":
+            _check_nccl()
+        if config.sequence_parallel and config.tensor_model_parallel_size == 1:
+            # Megatron-LM's rule: sequence parallelism splits over TP ranks, so TP=1 turns it off
+            return dataclasses.replace(config, sequence_parallel=False)
         if config.sequence_parallel:
-            raise UserError("--sequence-parallel is not supported by the plugin's forward yet")
+            raise UserError("--sequence-parallel (with --tensor-model-parallel-size > 1) is not "
+                            "supported by the plugin's forward yet: drop it")
         return config
 
     @property
@@ -201,6 +215,39 @@ class ParallelConfig:
         if model.num_layers % pp:
             raise UserError(f"--num-layers {model.num_layers} is not divisible by "
                              f"--pipeline-model-parallel-size {pp}")
+
+
+def _check_nccl() -> None:
+    """``--distributed-backend nccl`` needs CUDA GPUs and a torch built with NCCL."""
+    import torch.distributed as dist
+
+    from localopt_plugin.platform import cuda_available
+
+    if not (cuda_available() and dist.is_nccl_available()):
+        raise UserError("--distributed-backend nccl needs CUDA GPUs and a torch built with "
+                        "NCCL, which this machine lacks: use --distributed-backend gloo (or "
+                        "leave it out: nccl with CUDA, gloo without)")
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's default FFN width: 4h, or with SwiGLU two thirds of it (its two input
+    projections keep the parameter count) rounded down to a multiple of 64."""
+    if not swiglu:
+        return 4 * hidden_size
+    size = int((4 * hidden_size * 2 / 3) / 64) * 64
+    if size < 1:
+        raise UserError(f"--swiglu with --hidden-size {hidden_size} gives Megatron-LM's default "
+                        f"FFN size 0 (int(8h/3/64)*64): set --ffn-hidden-size")
+    return size
+
+
+def _normalization(value: str) -> str:
+    names = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
+    try:
+        return names[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from LayerNorm, "
+                                         f"RMSNorm)") from None
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

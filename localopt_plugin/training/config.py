@@ -32,41 +32,131 @@ from localopt_plugin.objectives import WindowConfig, build_objective
 
 CONFIG_VERSION = 2  # 1: the flags as a flat dict under "args" (before typed configs)
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+DEFAULT_TRAIN_ITERS = 100  # Megatron-LM has no default: it needs --train-iters or --train-samples
+OPTIMIZERS = ("adam", "sgd")  # Megatron-LM's others (muon, lion, soap) are refused by name
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW and Megatron's LR/weight-decay schedule (Megatron-LM flags)."""
+    """The optimizer and Megatron's LR/weight-decay schedule (Megatron-LM flags, defaults and
+    meaning: ``--optimizer adam`` is AdamW; a schedule is given in iterations or, with
+    ``--train-samples``, in samples)."""
 
+    optimizer: str = "adam"
     lr: float = 3e-4
     min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
+    lr_decay_style: str = "linear"
     lr_warmup_iters: int = 0
+    lr_warmup_samples: int = 0
+    lr_warmup_fraction: float | None = None
     lr_decay_iters: int | None = None
+    lr_decay_samples: int | None = None
+    lr_wsd_decay_style: str = "exponential"
+    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_samples: int | None = None
+    lr_warmup_tokens: int | None = None
+    lr_decay_tokens: int | None = None
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
     clip_grad: float | None = None
 
     @staticmethod
     def add_args(g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                       help="adam: AdamW (Megatron's adam, decoupled weight decay); sgd: SGD "
+                       "with --sgd-momentum")
         g.add_argument("--lr", type=float, default=3e-4)
         g.add_argument("--min-lr", type=float, default=0.0)
-        g.add_argument("--lr-decay-style", default="cosine", choices=LR_DECAY_STYLES)
+        g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES)
         g.add_argument("--lr-warmup-iters", type=int, default=0)
+        g.add_argument("--lr-warmup-samples", type=int, default=0,
+                       help="warm-up in samples (with --train-samples)")
+        g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                       help="warm-up as a fraction of the decay length")
         g.add_argument("--lr-decay-iters", type=int, default=None,
                        help="default: --train-iters")
+        g.add_argument("--lr-decay-samples", type=int, default=None,
+                       help="decay in samples (with --train-samples; default: --train-samples)")
+        g.add_argument("--lr-wsd-decay-style", default="exponential",
+                       choices=("exponential", "linear", "cosine", "minus_sqrt"))
+        g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                       help="WSD's final decay (default: a tenth of the decay length)")
+        g.add_argument("--lr-wsd-decay-samples", type=int, default=None)
+        g.add_argument("--lr-warmup-tokens", type=int, default=None,
+                       help="Megatron-DeepSpeed: warm-up in tokens (samples x --seq-length)")
+        g.add_argument("--lr-decay-tokens", type=int, default=None,
+                       help="Megatron-DeepSpeed: decay in tokens (samples x --seq-length)")
+        g.add_argument("--override-opt_param-scheduler", action="store_true",
+                       help="on --load, the LR schedule of the flags replaces the checkpoint's")
+        g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                       help="on --load, keep the checkpoint's LR schedule (default: the flags' "
+                       "must match it, as in Megatron-LM)")
         g.add_argument("--weight-decay", type=float, default=0.01)
         g.add_argument("--adam-beta1", type=float, default=0.9)
         g.add_argument("--adam-beta2", type=float, default=0.999)
         g.add_argument("--adam-eps", type=float, default=1e-8)
+        g.add_argument("--sgd-momentum", type=float, default=0.9)
         g.add_argument("--clip-grad", type=float, default=None,
                        help="default: the JSON's gradient_clipping, else 1.0")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OptimizerConfig:
-        return cls(**fields_from(cls, args))
+        config = cls(**fields_from(cls, args))
+        config.validate(sample_based=getattr(args, "train_samples", None) is not None)
+        return config
+
+    def validate(self, sample_based: bool) -> None:
+        """Megatron-LM's rules: a schedule is in iterations or in samples, never both."""
+        if sample_based:
+            given = [flag for flag, value in (("--lr-decay-iters", self.lr_decay_iters),
+                                              ("--lr-warmup-iters", self.lr_warmup_iters),
+                                              ("--lr-wsd-decay-iters", self.lr_wsd_decay_iters))
+                     if value]
+            if given:
+                raise UserError(f"--train-samples makes the schedule sample-based: use the "
+                                f"-samples form of {', '.join(given)}")
+        else:
+            given = [flag for flag, value in (
+                ("--lr-decay-samples", self.lr_decay_samples),
+                ("--lr-warmup-samples", self.lr_warmup_samples),
+                ("--lr-wsd-decay-samples", self.lr_wsd_decay_samples)) if value]
+            if given:
+                raise UserError(f"{', '.join(given)} need sample-based training "
+                                f"(--train-samples instead of --train-iters)")
+        if self.lr_warmup_fraction is not None and (self.lr_warmup_iters
+                                                    or self.lr_warmup_samples):
+            raise UserError("give one of --lr-warmup-fraction and --lr-warmup-iters/-samples")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise UserError("give one of --override-opt_param-scheduler and "
+                            "--use-checkpoint-opt_param-scheduler")
+
+    def schedule_iters(self, train_iters: int, train_samples: int | None, global_batch: int,
+                       seq_length: int) -> tuple[float, float, float | None]:
+        """(warm-up, decay, WSD decay) in iterations, as Megatron-LM derives them: a
+        sample-based schedule divided by the global batch gives the LR Megatron's counting in
+        samples gives at every iteration; Megatron-DeepSpeed's token counts (which take
+        precedence) are samples x ``seq_length``."""
+        if train_samples is not None:
+            decay = (self.lr_decay_samples or train_samples) / global_batch
+            warmup = self.lr_warmup_samples / global_batch
+            wsd = self.lr_wsd_decay_samples
+            wsd = None if wsd is None else wsd / global_batch
+        else:
+            decay, warmup = float(self.lr_decay_iters or train_iters), self.lr_warmup_iters
+            wsd = self.lr_wsd_decay_iters
+        tokens_per_iter = global_batch * seq_length
+        if self.lr_decay_tokens is not None:
+            decay = self.lr_decay_tokens / tokens_per_iter
+        if self.lr_warmup_fraction is not None:
+            warmup = self.lr_warmup_fraction * decay
+        if self.lr_warmup_tokens is not None:
+            warmup = self.lr_warmup_tokens / tokens_per_iter
+        return warmup, decay, wsd
 
 
 @dataclass(frozen=True)
@@ -74,7 +164,9 @@ class RunConfig:
     """Iterations, batch sizes, checkpoints, logging and the DeepSpeed JSON (Megatron-LM flags
     where Megatron has them)."""
 
-    train_iters: int = 100
+    train_iters: int = DEFAULT_TRAIN_ITERS
+    train_samples: int | None = None
+    train_tokens: int | None = None
     exit_duration_in_mins: float | None = None
     seed: int = 1234
     micro_batch_size: int | None = None
@@ -82,7 +174,7 @@ class RunConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
-    log_interval: int = 10
+    log_interval: int = 100
     eval_interval: int | None = None
     eval_iters: int = 10
     tensorboard_dir: str | None = None
@@ -90,10 +182,21 @@ class RunConfig:
     progress: str = "auto"
     deepspeed_config: str | None = None
     zero_stage: int | None = None
+    overlap_grad_reduce: bool = False
+    tensorboard_queue_size: int = 1000
+    fp16_loss_scaling: dict = dataclasses.field(default_factory=dict)  # --hysteresis ... -> JSON
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
-        config = cls(**fields_from(cls, args))
+        train_iters, train_samples = args.train_iters, getattr(args, "train_samples", None)
+        if train_iters is not None and train_samples is not None:
+            raise UserError("give one of --train-iters and --train-samples (Megatron-LM: "
+                            "iteration-based or sample-based training)")
+        if train_samples is not None and train_samples < 1:
+            raise UserError(f"--train-samples must be >= 1, got {train_samples}")
+        # sample-based: the iterations follow once the global batch is known (resolve())
+        config = cls(**fields_from(cls, args, train_iters=(
+            DEFAULT_TRAIN_ITERS if train_iters is None else train_iters)))
         if config.train_iters < 0 or config.eval_iters < 1 or config.log_interval < 1:
             raise UserError("--train-iters must be >= 0, --eval-iters and --log-interval >= 1")
         return config
@@ -106,7 +209,14 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="default: the DeepSpeed JSON's train_micro_batch_size_per_gpu, else 2")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: the JSON's train_batch_size, else micro batch x data-parallel")
-    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--train-iters", type=int, default=None,
+                   help=f"default: --train-samples / global batch, else {DEFAULT_TRAIN_ITERS}")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="sample-based training (Megatron-LM): iterations = samples // global "
+                   "batch, the LR schedule in samples (--lr-*-samples)")
+    g.add_argument("--train-tokens", type=int, default=None,
+                   help="Megatron-DeepSpeed: also stop once this many tokens (samples x "
+                   "--seq-length) are consumed")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="stop (after saving, if --save) once training has run this long")
     OptimizerConfig.add_args(g)
@@ -118,10 +228,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="TensorBoard events buffered before a write (Megatron-LM's default)")
     g.add_argument("--data-path", nargs="*", default=None)
     g.add_argument("--valid-data-path", nargs="*", default=None)
 
@@ -143,8 +255,9 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "full-sequence | local-opt | fewer-frames | ...")
     g.add_argument("--regularizer", nargs="*", default=[],
                    help="registered regularizers added to the loss, e.g. reco")
-    g.add_argument("--dataset", default="synthetic-video-tokens",
-                   help="registered dataset providing video-token samples")
+    g.add_argument("--dataset", default=None,
+                   help="registered dataset providing video-token samples (default: video-wds "
+                   "with --data-path, else synthetic-video-tokens)")
     g.add_argument("--window-sampler", default="first-frame-balanced",
                    help="registered window sampler for local-opt / fewer-frames")
     registry.add_component_args(parser)
@@ -189,6 +302,7 @@ class TrainConfig:
     global_batch_size: int = 2
     gradient_accumulation_steps: int = 1
     deepspeed: Any = None  # the DeepSpeedSetup (JSON merged with the flags)
+    flag_notes: tuple[str, ...] = ()  # Megatron flags mapped from aliases or accepted, and why
 
     def to_dict(self) -> dict:
         """JSON-ready, versioned: what checkpoints store."""
@@ -244,7 +358,10 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
     Raises :class:`UserError` naming the flag, file or JSON key to change.
     """
     from localopt_plugin.training.deepspeed_config import reconcile_deepspeed
+    from localopt_plugin.training.megatron_flags import resolve_megatron_flags
 
+    flag_notes = resolve_megatron_flags(args, explicit)
+    args.dataset = dataset_name(args)
     model = ModelConfig.from_args(args)
     parallel = ParallelConfig.from_args(args)
     parallel.check_model(model)
@@ -284,6 +401,15 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
             seq_length)
     dp = world_size // parallel.model_parallel_size
     ds = reconcile_deepspeed(run, optimizer, model, parallel, dp, explicit)
+    if run.train_samples is not None:  # Megatron-LM: iterations = samples // global batch
+        run = dataclasses.replace(run, train_iters=run.train_samples // ds.global_batch_size)
+        if run.train_iters < 1:
+            raise UserError(f"--train-samples {run.train_samples} is less than one global "
+                            f"batch ({ds.global_batch_size})")
+    if run.train_tokens is not None:  # Megatron-DeepSpeed stops once the tokens are consumed
+        tokens_per_iter = ds.global_batch_size * seq_length
+        run = dataclasses.replace(run, train_iters=min(
+            run.train_iters, -(-run.train_tokens // tokens_per_iter)))
     config = TrainConfig(
         model=dataclasses.replace(model, bf16=ds.bf16, fp16=ds.fp16),
         parallel=parallel,
@@ -293,7 +419,8 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
         objective_config=objective_config, regularizers=regularizers,
         seq_length=seq_length, data_parallel_size=dp,
         micro_batch_size=ds.micro_batch_size, global_batch_size=ds.global_batch_size,
-        gradient_accumulation_steps=ds.gradient_accumulation_steps, deepspeed=ds)
+        gradient_accumulation_steps=ds.gradient_accumulation_steps, deepspeed=ds,
+        flag_notes=tuple(flag_notes))
     objective = config.build_objective(layout)  # window settings against the video length
     config.build_regularizers()  # the regularizers' own checks
     if parallel.pipeline_model_parallel_size > 1 and any(
@@ -308,6 +435,27 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
                         "micro-batch they draw different windows: use "
                         "--local-opt-window-scope step or --zero-stage 1/2")
     return config, source
+
+
+def dataset_name(args: argparse.Namespace) -> str:
+    """``--dataset``, or its default: video-wds when ``--data-path`` is given (Megatron's
+    meaning: data), else the built-in synthetic tokens. A dataset that reads no
+    ``--data-path`` is refused together with one."""
+    name = args.dataset or ("video-wds" if args.data_path else "synthetic-video-tokens")
+    try:
+        config = registry.get("dataset", name).config
+    except registry.UnknownComponentError as err:
+        raise UserError(str(err)) from None
+    reads_paths = config is not None and "data_path" in {
+        f.name for f in dataclasses.fields(config)}
+    if not reads_paths:
+        given = [flag for flag, value in (("--data-path", args.data_path),
+                                          ("--valid-data-path", args.valid_data_path)) if value]
+        if given:
+            raise UserError(f"--dataset {name} does not read {' or '.join(given)}: use "
+                            f"--dataset video-wds (the default with --data-path) or drop "
+                            f"{' and '.join(given)}")
+    return name
 
 
 def _check_tokenizer(name: str | None, source: VideoTokenSource) -> None:

@@ -7,6 +7,7 @@ through mpi4py) and as a single process with no launcher at all.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import socket
 
@@ -28,6 +29,7 @@ def init_distributed(
     pipeline_parallel: int = 1,
     seed: int = 1234,
     backend: str | None = None,
+    timeout_minutes: float | None = None,
 ) -> None:
     """Initialise torch.distributed (if needed), Megatron's parallel state and RNG streams."""
     apply_cpu_shims()
@@ -41,8 +43,10 @@ def init_distributed(
                               MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = backend or ("nccl" if cuda_available() else "gloo")
+        timeout = {} if timeout_minutes is None else {
+            "timeout": datetime.timedelta(minutes=timeout_minutes)}
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
-                                   verbose=False)
+                                   verbose=False, **timeout)
         # Gloo's worker threads outlive an undestroyed group and abort the process at
         # interpreter exit ("terminate called without an active exception", pytorch#190489).
         atexit.register(destroy_distributed)

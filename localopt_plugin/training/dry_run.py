@@ -32,9 +32,50 @@ def parameter_count(model: ModelConfig, vocab_size: int, tensor_parallel: int,
     return layers * per_layer + embeddings + positions + final_norm
 
 
+def architecture(model: ModelConfig) -> dict:
+    """The model the flags build (after aliases and Megatron's defaults)."""
+    return {
+        "layers": model.num_layers, "hidden": model.hidden_size,
+        "ffn hidden": model.ffn_hidden_size, "ffn": "SwiGLU" if model.swiglu else "GELU",
+        "attention heads": model.num_attention_heads, "query groups": model.query_groups,
+        "position embedding": model.position_embedding_type + (
+            f" (rotary percent {model.rotary_percent})" if model.position_embedding_type == "rope"
+            and model.rotary_percent != 1.0 else ""),
+        "normalization": model.normalization,
+        "output layer": "untied" if model.untie_embeddings_and_output_weights else "tied",
+    }
+
+
+def schedule(config: TrainConfig) -> dict:
+    """Optimizer, iterations and the LR schedule in iterations (what the scheduler is given)."""
+    opt, ds, run = config.optimizer, config.deepspeed, config.run
+    if ds.json_optimizer:
+        optimizer = f"DeepSpeed's {ds.config['optimizer'].get('type')} (JSON)"
+    elif ds.offload_optimizer:
+        optimizer = "DeepSpeed CPU Adam (AdamW, ZeRO-Offload)"
+    else:
+        optimizer = {"adam": "AdamW", "sgd": "SGD"}[opt.optimizer]
+    out = {"optimizer": optimizer, "train iters": run.train_iters}
+    if run.train_samples is not None:
+        out["train samples"] = run.train_samples
+    if run.train_tokens is not None:
+        out["train tokens"] = run.train_tokens
+    if ds.json_scheduler:
+        out["lr schedule"] = f"DeepSpeed's {ds.config['scheduler'].get('type')} (JSON)"
+    else:
+        warmup, decay, wsd = opt.schedule_iters(run.train_iters, run.train_samples,
+                                                config.global_batch_size, config.seq_length)
+        out["lr schedule"] = {"style": opt.lr_decay_style, "max lr": ds.schedule_lr or opt.lr,
+                              "min lr": opt.min_lr, "warmup iters": warmup,
+                              "decay iters": decay}
+        if opt.lr_decay_style == "WSD":
+            out["lr schedule"]["wsd decay iters"] = decay / 10 if wsd is None else wsd
+    return out
+
+
 def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> dict:
     """What the run would do, from its resolved configuration."""
-    parallel = config.parallel
+    parallel, model = config.parallel, config.model
     return {
         "world size": world_size,
         "parallel layout (tp, pp, dp)": [parallel.tensor_model_parallel_size,
@@ -44,6 +85,8 @@ def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> 
         "window": dataclasses.asdict(config.window),
         "regularizers": [name for name, _ in config.regularizers],
         "dataset": config.dataset,
+        "dataset config": (dataclasses.asdict(config.dataset_config)
+                           if dataclasses.is_dataclass(config.dataset_config) else None),
         "sample layout": dataclasses.asdict(source.layout),
         "vocabulary": source.vocab.size,
         "seq length": config.seq_length,
@@ -52,7 +95,13 @@ def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> 
                                                     config.gradient_accumulation_steps],
         "parameters": parameter_count(config.model, source.vocab.size,
                                       parallel.tensor_model_parallel_size, config.seq_length),
-        "recomputation": config.model.recompute_granularity,
+        "architecture": architecture(model),
+        "precision": "bf16" if model.bf16 else "fp16" if model.fp16 else "fp32",
+        **schedule(config),
+        "recomputation": {"granularity": model.recompute_granularity,
+                          "method": model.recompute_method,
+                          "layers": model.recompute_num_layers},
         "deepspeed": config.deepspeed.config,
+        "flag notes": list(config.flag_notes),
         "deepspeed notes": config.deepspeed.notes,
     }

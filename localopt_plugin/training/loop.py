@@ -9,6 +9,7 @@ resolved :class:`~localopt_plugin.training.config.TrainConfig`; :func:`train` ru
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -147,12 +148,15 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
             "lr": trainer.scheduler.get_last_lr()[0],
             "grad norm": float("nan") if grad_norm is None else float(grad_norm),
             "step time (s)": step_time,
+            "global batch size": config.global_batch_size,
             "video tokens/s": config.global_batch_size * tokens_per_sample / step_time,
         })
         if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
             record.update(_skip_metrics(skipped_samples(source)))
         if run.eval_interval and state.iteration % run.eval_interval == 0:
             record["valid full-sequence loss"] = evaluate(engine, source, config)
+            record["valid full-sequence ppl"] = math.exp(min(20.0, record[
+                "valid full-sequence loss"]))
         history.append(record)
         logger.log(record)
         if run.save and run.save_interval and state.iteration % run.save_interval == 0:

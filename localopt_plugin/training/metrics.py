@@ -40,7 +40,8 @@ class MetricsLogger:
         if run.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=run.tensorboard_dir)
+            self.writer = SummaryWriter(log_dir=run.tensorboard_dir,
+                                        max_queue=run.tensorboard_queue_size)
         show_bar = run.progress == "on" or (run.progress == "auto" and sys.stderr.isatty())
         if show_bar:
             from tqdm import tqdm

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from localopt_plugin.errors import UserError
 from localopt_plugin.platform import cuda_available
 from localopt_plugin.training.config import TrainConfig
 
@@ -26,10 +27,14 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
 
 
 def build_optimizer(groups: list[dict], config: TrainConfig):
-    """The flags' AdamW for DeepSpeed, or None when the JSON's optimizer section rules."""
+    """The flags' optimizer for DeepSpeed (``--optimizer adam``: AdamW, as Megatron's adam;
+    ``sgd``: SGD with momentum), or None when the JSON's optimizer section rules."""
     ds, opt = config.deepspeed, config.optimizer
     if ds.json_optimizer:
         return None
+    if opt.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum,
+                               weight_decay=opt.weight_decay)
     kwargs = dict(lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
                   weight_decay=opt.weight_decay)
     if ds.offload_optimizer:
@@ -49,22 +54,30 @@ class MegatronLRScheduler:
         lr = ds.schedule_lr if ds.schedule_lr is not None else opt.lr
         weight_decay = (ds.schedule_weight_decay if ds.schedule_weight_decay is not None
                         else opt.weight_decay)
-        decay_iters = opt.lr_decay_iters or config.run.train_iters
+        # in iterations; a sample-based schedule divided by the global batch gives, at every
+        # iteration, the LR Megatron-LM's counting in samples gives
+        warmup, decay, wsd_decay = opt.schedule_iters(
+            config.run.train_iters, config.run.train_samples, config.global_batch_size,
+            config.seq_length)
         wsd = opt.lr_decay_style == "WSD"
+        if wsd and wsd_decay is None:
+            wsd_decay = decay / 10  # Megatron-LM requires --lr-wsd-decay-*; a tenth here
         self.inner = OptimizerParamScheduler(
             optimizer,
-            init_lr=0.0 if opt.lr_warmup_iters else lr,
+            init_lr=0.0 if warmup else lr,
             max_lr=lr,
             min_lr=opt.min_lr,
-            lr_warmup_steps=opt.lr_warmup_iters,
-            lr_decay_steps=max(decay_iters, opt.lr_warmup_iters + 1),
+            lr_warmup_steps=warmup,
+            lr_decay_steps=max(decay, warmup + 1),
             lr_decay_style=opt.lr_decay_style,
             start_wd=weight_decay,
             end_wd=weight_decay,
-            wd_incr_steps=max(decay_iters, 1),
+            wd_incr_steps=max(decay, 1),
             wd_incr_style="constant",
-            wsd_decay_steps=max(decay_iters // 10, 1) if wsd else None,
-            lr_wsd_decay_style="linear" if wsd else None,
+            wsd_decay_steps=wsd_decay if wsd else None,
+            lr_wsd_decay_style=opt.lr_wsd_decay_style if wsd else None,
+            use_checkpoint_opt_param_scheduler=opt.use_checkpoint_opt_param_scheduler,
+            override_opt_param_scheduler=opt.override_opt_param_scheduler,
         )
 
     def step(self, increment: int = 1) -> None:
@@ -77,7 +90,13 @@ class MegatronLRScheduler:
         return self.inner.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
+        try:
+            self.inner.load_state_dict(state)
+        except AssertionError as err:  # Megatron-LM's rule: the flags' schedule must match
+            raise UserError(f"the LR schedule of the flags differs from the checkpoint's "
+                            f"({err}): pass --override-opt_param-scheduler to use the flags', "
+                            f"or --use-checkpoint-opt_param-scheduler to keep the "
+                            f"checkpoint's") from None
 
 
 def build_scheduler(config: TrainConfig):

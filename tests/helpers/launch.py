@@ -15,6 +15,24 @@ TESTS = REPO / "tests"
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                "MASTER_PORT")
 TRAIN_MODULE = "localopt_plugin.commands.train"
+MEGATRON_LM_PYTHON = Path(os.environ.get("LOCALOPT_MEGATRON_LM_PYTHON",
+                                         REPO / ".venv312" / "bin" / "python"))
+
+
+def megatron_lm_python() -> str:
+    """The Python 3.12 environment with Megatron-LM's ``megatron.training``; the calling test
+    is skipped without it, or fails where CI requires it (``LOCALOPT_REQUIRE_MEGATRON_LM``
+    read as a boolean: 1/true/yes)."""
+    import pytest
+
+    if not MEGATRON_LM_PYTHON.exists():
+        reason = (f"no Megatron-LM environment at {MEGATRON_LM_PYTHON}: run "
+                  f"tools/setup_megatron_lm_env.sh")
+        required = os.environ.get("LOCALOPT_REQUIRE_MEGATRON_LM", "").strip().lower()
+        if required in ("1", "true", "yes", "on"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return str(MEGATRON_LM_PYTHON)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -17,13 +17,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import launch
 from helpers.launch import REPO, TRAIN_MODULE, subprocess_env
 
 from localopt_plugin.model.presets import megatron_flags
 
 pytestmark = pytest.mark.slow
 
-PYTHON = Path(os.environ.get("LOCALOPT_MEGATRON_LM_PYTHON", REPO / ".venv312" / "bin" / "python"))
 ITERS = 20
 # the same run for both trainers: the test preset, the embedded data, Local Opt. + ReCo
 COMMON = (
@@ -50,12 +50,7 @@ NUMBER = r"([-+0-9.]+E[-+][0-9]+)"
 
 @pytest.fixture(scope="module")
 def megatron_lm_python():
-    if not PYTHON.exists():
-        reason = f"no Megatron-LM environment at {PYTHON}: run tools/setup_megatron_lm_env.sh"
-        if os.environ.get("LOCALOPT_REQUIRE_MEGATRON_LM"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return str(PYTHON)
+    return launch.megatron_lm_python()
 
 
 @pytest.fixture(scope="module")

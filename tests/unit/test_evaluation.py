@@ -133,7 +133,7 @@ def test_nll_per_frame_matches_the_full_sequence_loss(dist_world_of_one):
 
     args = tiny_args()
     source = registry.build("dataset", "synthetic-video-tokens",
-                            registry.config_from_args("dataset", args.dataset, args),
+                            registry.config_from_args("dataset", "synthetic-video-tokens", args),
                             seed=args.seed)
     model = build_gpt_model(tiny_model(), source.vocab.size).eval()
     batches = [b["tokens"] for b, _ in zip(source.valid.batches(3, 0, 1, seed=0), range(2),
@@ -182,7 +182,7 @@ def test_condition_check_scores_the_same_videos_with_the_null_condition(dist_wor
 
     args = tiny_args()
     source = registry.build("dataset", "synthetic-video-tokens",
-                            registry.config_from_args("dataset", args.dataset, args),
+                            registry.config_from_args("dataset", "synthetic-video-tokens", args),
                             seed=args.seed)
     vocab, layout = source.vocab, source.layout
     model = build_gpt_model(preset_model(), vocab.size).eval()  # the shipped architecture

@@ -1,0 +1,360 @@
+"""Users' own launch scripts and DeepSpeed JSON, as published (tests/data/compat, each naming
+its source): every flag and section honoured with Megatron's/DeepSpeed's meaning or refused by
+name in one ``error:`` line, and what the dry run says is what trains.
+
+The scripts are made runnable here as docs/from-megatron.md tells a user to (helpers/compat.py):
+text-data flags -> ``--data-path SHARDS``, fp16 -> bf16 and NCCL -> gloo on a CPU, sizes
+shrunk; every other flag name and value is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.compat import (
+    COMPAT,
+    DS_JSONS,
+    SCRIPTS,
+    SEQ_TOKENS,
+    for_this_machine,
+    read_json,
+    source_of,
+)
+from helpers.launch import REPO, run_train
+from helpers.wds_shards import write_dataset
+
+from localopt_plugin.model import padded_vocab_size
+
+# script -> (words of its one error line, the other refused flags it lists), None: passes
+SCRIPT_OUTCOMES = {
+    "llama2_distributed": None,
+    "gpt_1.3B_rope": ("--log-optimizer-states-to-tensorboard", set()),
+    "gpt_1.3B_seq_parallel_32k": ("--ds-sequence-parallel-size is DeepSpeed-Ulysses",
+                                  {"--log-optimizer-states-to-tensorboard"}),
+    "gpt_125M_MoE64": ("mixture-of-experts layers are not supported", {
+        "--moe-eval-capacity-factor", "--moe-expert-parallel-size", "--moe-loss-coeff",
+        "--moe-min-capacity", "--moe-train-capacity-factor", "--num-experts"}),
+    # the script word-splits its quoted schedule: Megatron-LM's own parser stops there too
+    "gpt3_175b_distributed": ("unrecognized arguments: 2.4B:320 4.8B:624", set()),
+    "llama3_8b_h100_fp8": ("--apply-layernorm-1p", {
+        "--attention-backend", "--calculate-per-token-loss", "--ckpt-format",
+        "--cross-entropy-loss-fusion", "--decoupled-lr", "--decoupled-min-lr",
+        "--empty-unused-memory-level", "--fp8-amax-compute-algo", "--fp8-amax-history-len",
+        "--fp8-format", "--fp8-param-gather", "--grad-reduce-in-bf16", "--manual-gc",
+        "--overlap-param-gather", "--profile", "--profile-step-end", "--profile-step-start",
+        "--use-distributed-optimizer"}),
+}
+FP16_ON_CPU = "fp16 is not supported on this device"
+# DeepSpeed JSON -> words of its one error line (None: passes)
+JSON_OUTCOMES = {
+    "alcf_generateDSconfig_bfloat16": None,
+    "bf16_master_weights_zero3_autocast": "'torch_autocast'",
+    "bing_bert_lamb_seq128": "'sparse_attention' was removed from DeepSpeed",
+    "bing_bert_onebitadam_nccl": FP16_ON_CPU,
+    "cifar10_deepspeed_get_ds_config": FP16_ON_CPU,
+    "cifar10_tutorial_adam_warmuplr": None,
+    "curriculum_learning_tutorial_legacy": "'curriculum_learning' is DeepSpeed's legacy",
+    "dschat_bfloat16_zero3_offload_tensorboard": None,
+    "hellodeepspeed_bert_bf16_zero1_offload": None,
+    "hf_autotp_adamw_warmupdecaylr": "'tensor_parallel' is DeepSpeed's AutoTP",
+    "imagenet_fp16_zero1_gas": "'cuda_visible_devices' is not a DeepSpeed key",
+    "mds_data_efficiency_gpt_1clmetric": FP16_ON_CPU,
+    "megatron_gpt2_zero2_cpu_offload_actckpt": "activation_checkpointing.partition_activations",
+    "monitor_tensorboard_wandb_comet_csv": "is enabled but",  # the first monitor not installed
+}
+# the three scripts trained for 4 iterations, after the fix their dry run's error names
+RUNS = {"llama2_distributed": (), "gpt_1.3B_rope": ("--log-optimizer-states-to-tensorboard",),
+        "gpt3_175b_distributed": ("--step-batch-size-schedule",)}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    written = write_dataset(tmp_path_factory.mktemp("compat") / "shards", 16, 4)
+    return written.pattern
+
+
+def dry_run(argv: list[str], world: int = 1) -> tuple[int, dict | None, str]:
+    """``localopt-train ARGV --dry-run`` as the console script runs it (in this process):
+    (exit status, the printed setup, stderr)."""
+    from localopt_plugin.commands.train import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main([*argv, "--dry-run"])
+            except SystemExit as exit_:  # argparse
+                status = exit_.code
+    finally:
+        os.environ.pop("WORLD_SIZE") if old is None else os.environ.update(WORLD_SIZE=old)
+    return status, json.loads(out.getvalue()) if status == 0 else None, err.getvalue()
+
+
+def one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+def test_fixtures_name_their_source():
+    files = [*(COMPAT / "scripts").glob("*"), *(COMPAT / "ds_json").glob("*.json")]
+    assert len(SCRIPTS) == 6 and len(DS_JSONS) == 16
+    for path in files:
+        source_of(path)
+    assert set(SCRIPT_OUTCOMES) == set(SCRIPTS)
+    assert set(JSON_OUTCOMES) | {"zero3_offload_cpu_tutorial", "zeropp_tutorial"} == set(
+        DS_JSONS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_dry_run(name, shards, tmp_path):
+    """Each published script: passes, or stops with its one expected error line, which also
+    lists every other flag refused (so one edit fixes them all)."""
+    status, setup, stderr = dry_run(for_this_machine(name, shards, tmp_path))
+    expected = SCRIPT_OUTCOMES[name]
+    if expected is None:
+        assert status == 0, stderr[-3000:]
+        return
+    assert status == 2
+    line = one_error_line(stderr)
+    words, others = expected
+    assert words in line, line
+    listed = set(line.split("(also not run here: ")[1].rstrip(")").split(", ")) if (
+        "also not run here" in line) else set()
+    assert listed == others, line
+
+
+def test_text_data_flags_name_their_replacement(shards, tmp_path):
+    """Megatron's text-pipeline flags are refused with what replaces them for video tokens."""
+    for flag, value in (("--tokenizer-type", "GPT2BPETokenizer"), ("--vocab-file", "v.json"),
+                        ("--merge-file", "m.txt"), ("--data-impl", "mmap"),
+                        ("--split", "949,50,1")):
+        status, _, stderr = dry_run(["--preset", "test", "--data-path", shards, flag, value])
+        line = one_error_line(stderr)
+        assert status == 2 and line.startswith(f"error: {flag}") and "data-path" in line, line
+
+
+@pytest.mark.parametrize("name", DS_JSONS)
+def test_deepspeed_json_dry_run(name, shards, tmp_path):
+    """Each published DeepSpeed JSON, at the world size its batch triple was written for:
+    passes with a note per section, or stops with its one expected error line."""
+    path = COMPAT / "ds_json" / f"{name}.json"
+    cfg = read_json(path)
+    batch = [cfg.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                  "gradient_accumulation_steps")]
+    world = batch[0] // (batch[1] * batch[2]) if all(isinstance(v, int) for v in batch) else 1
+    expected = JSON_OUTCOMES.get(name)
+    if expected == FP16_ON_CPU and torch.cuda.is_available():
+        pytest.skip("fp16 runs on this GPU; the CPU refusal is what is tested")
+    status, setup, stderr = dry_run(["--preset", "test", "--data-path", shards, "--deepspeed",
+                                     "--deepspeed_config", str(path)], world)
+    if expected is None:
+        assert status == 0, stderr[-3000:]
+        train_batch = cfg.get("train_batch_size")
+        if isinstance(train_batch, int):
+            assert setup["micro batch, global batch, accumulation"][1] == train_batch
+        return
+    assert status == 2
+    line = one_error_line(stderr)
+    assert expected in line, line
+    if name.startswith("monitor"):
+        missing = [p for p in ("tensorboard", "wandb", "comet_ml")
+                   if importlib.util.find_spec(p) is None]
+        assert missing and f"{missing[0]} is not installed" in line, line
+
+
+def test_bfloat16_alias_and_batch_inference(shards, tmp_path):
+    """DeepSpeed's "bfloat16" alias turns bf16 on (no "bf16" key added that DeepSpeed would
+    read first); a batch triple DeepSpeed completes is completed the same way."""
+    alias = tmp_path / "alias.json"
+    alias.write_text('// a comment, as DeepSpeed (hjson) allows\n{"train_batch_size": 16, '
+                     '"gradient_accumulation_steps": 1, "bfloat16": {"enabled": true}}')
+    status, setup, stderr = dry_run(["--preset", "test", "--data-path", shards,
+                                     "--deepspeed_config", str(alias)])
+    assert status == 0, stderr
+    assert setup["precision"] == "bf16" and "bf16" not in setup["deepspeed"]
+    assert setup["deepspeed"]["bfloat16"] == {"enabled": True}
+    assert setup["micro batch, global batch, accumulation"] == [16, 16, 1]
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    assert DeepSpeedConfig(setup["deepspeed"]).bfloat16_config.enabled  # as DeepSpeed reads it
+
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"bf16": {"enabled": False}, "bfloat16": {"enabled": True}}))
+    status, _, stderr = dry_run(["--preset", "test", "--deepspeed_config", str(both)])
+    assert status == 2 and "keep one" in one_error_line(stderr)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--fp16"], FP16_ON_CPU),
+    (["--distributed-backend", "nccl"], "--distributed-backend nccl needs CUDA"),
+    (["--deepspeed_config", "{zero}"], "DeepSpeed rejects the config"),
+    (["--dataset", "synthetic-video-tokens", "--data-path", "x.tar"],
+     "--dataset synthetic-video-tokens does not read --data-path"),
+    (["--train-iters", "4", "--train-samples", "8"], "give one of --train-iters"),
+    (["--train-samples", "8", "--lr-warmup-iters", "2"], "use the -samples form"),
+    (["--lr-warmup-samples", "2"], "need sample-based training"),
+    (["--use-distributed-optimizer"], "use --zero-stage 1"),
+])
+def test_what_would_crash_at_start_fails_the_dry_run(argv, words, tmp_path):
+    if argv[0] == "--fp16" and torch.cuda.is_available():
+        pytest.skip("fp16 runs on this GPU")
+    if "{zero}" in argv:  # DeepSpeed's pydantic check of the ZeRO section
+        path = tmp_path / "zero.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2,
+                                                          "reduce_bucket_size": 0}}))
+        argv = [a.replace("{zero}", str(path)) for a in argv]
+    status, _, stderr = dry_run(["--preset", "test", *argv])
+    assert status == 2 and words in one_error_line(stderr), stderr[-2000:]
+
+
+def test_sequence_parallel_at_tp1_is_turned_off_as_megatron_does():
+    status, setup, stderr = dry_run(["--preset", "test", "--sequence-parallel"])
+    assert status == 0, stderr
+    assert any(n.startswith("--sequence-parallel: turned off") for n in setup["flag notes"])
+
+
+def megatron_lr(steps: int, increment: float, **schedule) -> list[float]:
+    """Megatron-Core's OptimizerParamScheduler, counted in Megatron's own units (samples or
+    tokens), stepped as Megatron-LM's train loop steps it: the LR after each iteration."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = OptimizerParamScheduler(
+        opt, init_lr=0.0, start_wd=0.0, end_wd=0.0, wd_incr_steps=1, wd_incr_style="constant",
+        **schedule)
+    lrs = []
+    for _ in range(steps):
+        scheduler.step(increment)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def checkpoint_state(checkpoints: Path) -> dict:
+    latest = (checkpoints / "latest").read_text().strip()
+    return torch.load(checkpoints / latest / "mp_rank_00_model_states.pt", weights_only=False)
+
+
+def checkpoint_module(checkpoints: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in checkpoint_state(checkpoints)["module"].items()
+            if torch.is_tensor(v) and not k.endswith("_extra_state")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_script_trains_what_its_dry_run_said(name, shards, tmp_path):
+    """Three published scripts, after the fix their error line names: 4 iterations on CPU.
+    The trained model (from its checkpoint), precision, iterations and LR per iteration are
+    what the dry run said; the LR is Megatron's scheduler counted in Megatron's units."""
+    argv = for_this_machine(name, shards, tmp_path, drop=RUNS[name])
+    status, setup, stderr = dry_run(argv)
+    assert status == 0, stderr[-3000:]
+    metrics = run_train(tmp_path, *argv, name=name)
+
+    assert len(metrics) == setup["train iters"] == 4
+    module = checkpoint_module(tmp_path / "checkpoints")
+    assert sum(v.numel() for v in module.values()) == setup["parameters"]
+    assert {v.dtype for v in module.values()} == {torch.bfloat16} and setup["precision"] == "bf16"
+    arch = setup["architecture"]
+    qkv = module["model.decoder.layers.0.self_attention.linear_qkv.weight"]
+    head_dim = arch["hidden"] // arch["attention heads"]
+    assert qkv.shape[0] == head_dim * (arch["attention heads"] + 2 * arch["query groups"])
+    fc1 = module["model.decoder.layers.0.mlp.linear_fc1.weight"]
+    assert fc1.shape[0] == arch["ffn hidden"] * (2 if arch["ffn"] == "SwiGLU" else 1)
+    has_table = any("position_embeddings" in k for k in module)
+    assert has_table == (arch["position embedding"] == "learned_absolute")
+
+    # Megatron-LM counts its schedule in samples (global batch 2 per iteration),
+    # Megatron-DeepSpeed's token flags in tokens (SEQ_TOKENS per sample)
+    gbs = 2
+    expected = {
+        "llama2_distributed": lambda: megatron_lr(
+            4, gbs, max_lr=3e-4, min_lr=3e-5, lr_warmup_steps=1 * gbs, lr_decay_steps=4 * gbs,
+            lr_decay_style="cosine"),
+        "gpt_1.3B_rope": lambda: megatron_lr(
+            4, gbs * SEQ_TOKENS, max_lr=2e-4, min_lr=1e-6, lr_warmup_steps=2 * SEQ_TOKENS,
+            lr_decay_steps=8 * SEQ_TOKENS, lr_decay_style="cosine"),
+        "gpt3_175b_distributed": lambda: megatron_lr(
+            4, gbs, max_lr=6e-5, min_lr=6e-6, lr_warmup_steps=0.001 * 4 * gbs,
+            lr_decay_steps=4 * gbs, lr_decay_style="cosine"),
+    }[name]()
+    assert [r["lr"] for r in metrics] == pytest.approx(expected, rel=1e-9)
+    assert all(math.isfinite(r["lm loss"]) for r in metrics)
+
+
+@pytest.mark.slow
+def test_data_path_bfloat16_and_swiglu_default(shards, tmp_path):
+    """Three silent changes, gone: ``--data-path`` without ``--dataset`` trains on the shards,
+    a JSON ``"bfloat16"`` trains in bf16, ``--swiglu`` without ``--ffn-hidden-size`` builds
+    Megatron's int(8h/3) rounded down to 64; a sample-based schedule gives Megatron's LR."""
+    config = tmp_path / "bfloat16.json"
+    config.write_text(json.dumps({"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+                                  "bfloat16": {"enabled": True}}))
+    argv = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4",
+            "--swiglu", "--normalization", "rmsnorm", "--data-path", shards,
+            "--deepspeed_config", str(config), "--train-samples", "8",
+            "--lr-warmup-samples", "2", "--lr-decay-samples", "6", "--lr", "1e-3",
+            "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+            "--save", str(tmp_path / "checkpoints")]
+    metrics = run_train(tmp_path, *argv)
+    module = checkpoint_module(tmp_path / "checkpoints")
+    assert {v.dtype for v in module.values()} == {torch.bfloat16}
+    assert module["model.decoder.layers.0.mlp.linear_fc1.weight"].shape == (2 * 320, 128)
+    # the shards' vocabulary (VOCAB video ids + class conditions + specials), not the
+    # built-in synthetic tokens' (512 codes)
+    saved = checkpoint_state(tmp_path / "checkpoints")["config"]
+    assert saved["dataset"] == "video-wds" and saved["dataset_config"]["data_path"] == [shards]
+    rows = module["model.embedding.word_embeddings.weight"].shape[0]
+    assert rows == padded_vocab_size(59, 128, 1) < 512
+    assert [r["lr"] for r in metrics] == pytest.approx(megatron_lr(
+        4, 2, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_steps=6,
+        lr_decay_style="cosine"), rel=1e-9)
+
+
+def test_megatron_lm_flag_list_is_complete():
+    """Every flag of the installed Megatron-LM's parser is in megatron_lm_flags.json (run in
+    the Python 3.12 environment where megatron.training imports)."""
+    import subprocess
+
+    from helpers.launch import megatron_lm_python
+
+    python = megatron_lm_python()
+    proc = subprocess.run([str(python), "tools/megatron_lm_flags.py", "--check"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_resume_checks_the_schedule_as_megatron_does(tmp_path):
+    """On --load, the flags' LR schedule must match the checkpoint's (Megatron-LM's default);
+    --override-opt_param-scheduler takes the flags'; --use-checkpoint-opt_param-scheduler
+    keeps the checkpoint's."""
+    import subprocess
+    import sys
+
+    from helpers.launch import TRAIN_MODULE, subprocess_env
+
+    base = ["--preset", "test", "--micro-batch-size", "1", "--global-batch-size", "1",
+            "--lr-decay-style", "linear", "--save", str(tmp_path / "ckpt"),
+            "--load", str(tmp_path / "ckpt")]
+    run_train(tmp_path, *base, "--train-iters", "2", "--lr", "1e-3", name="first")
+    proc = subprocess.run([sys.executable, "-m", TRAIN_MODULE, *base, "--train-iters", "2",
+                           "--lr", "2e-3"], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc.stderr)
+    assert "--override-opt_param-scheduler" in line and "learning rate" in line, line
+    # the flags' schedule: peak 2e-3 decaying linearly over 4 iterations, from iteration 2 on
+    resumed = run_train(tmp_path, *base, "--train-iters", "4", "--lr", "2e-3",
+                        "--override-opt_param-scheduler", name="override")
+    assert [r["lr"] for r in resumed] == pytest.approx([2e-3 * 1 / 4, 0.0])
