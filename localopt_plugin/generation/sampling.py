@@ -14,6 +14,7 @@ one cache, and samples from ``uncond + scale * (cond - uncond)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +35,11 @@ class SamplingConfig:
     cfg_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0 and self.top_k >= 0
+                and 0 < self.top_p <= 1 and math.isfinite(self.cfg_scale)
+                and self.cfg_scale >= 0):
             raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, "
-                             f"top_k >= 0, 0 < top_p <= 1")
+                             f"top_k >= 0, 0 < top_p <= 1, cfg_scale >= 0 (all finite)")
 
     @property
     def guided(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -57,3 +59,22 @@ def run_train(tmp_path: Path, *flags: str, nproc: int = 1, name: str = "run",
                           timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def dry_run(argv: list[str], world: int = 1) -> tuple[int, dict | None, str]:
+    """``localopt-train ARGV --dry-run`` as the console script runs it (in this process):
+    (exit status, the printed setup, stderr)."""
+    from localopt_plugin.commands.train import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main([*argv, "--dry-run"])
+            except SystemExit as exit_:  # argparse
+                status = exit_.code
+    finally:
+        os.environ.pop("WORLD_SIZE") if old is None else os.environ.update(WORLD_SIZE=old)
+    return status, json.loads(out.getvalue()) if status == 0 else None, err.getvalue()

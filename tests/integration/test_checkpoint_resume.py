@@ -94,8 +94,10 @@ def test_kill_dash_nine_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_zero_to_fp32_checkpoint_loads_into_plain_gptmodel(tmp_path):
-    flags = (*FLAGS[:-2], "--zero-stage", "2", "--train-iters", "3", "--hidden-dropout", "0",
-             "--attention-dropout", "0")
+    """On the shipped presets' architecture (RoPE, RMSNorm, SwiGLU, GQA, no bias, untied)."""
+    model = FLAGS.index("--hidden-dropout")  # FLAGS' own model shape -> preset "test"
+    flags = ("--preset", "test", *FLAGS[model:-2], "--zero-stage", "2", "--train-iters", "3",
+             "--hidden-dropout", "0", "--attention-dropout", "0")
     ckpt = tmp_path / "ckpt"
     run_train(tmp_path, *flags, "--save", str(ckpt), nproc=2, name="zero2")
     script = ckpt / "zero_to_fp32.py"

@@ -9,12 +9,9 @@ shrunk; every other flag name and value is kept.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ from helpers.compat import (
     read_json,
     source_of,
 )
-from helpers.launch import REPO, run_train
+from helpers.launch import REPO, dry_run, run_train
 from helpers.wds_shards import write_dataset
 
 from localopt_plugin.model import padded_vocab_size
@@ -79,25 +76,6 @@ RUNS = {"llama2_distributed": (), "gpt_1.3B_rope": ("--log-optimizer-states-to-t
 def shards(tmp_path_factory) -> str:
     written = write_dataset(tmp_path_factory.mktemp("compat") / "shards", 16, 4)
     return written.pattern
-
-
-def dry_run(argv: list[str], world: int = 1) -> tuple[int, dict | None, str]:
-    """``localopt-train ARGV --dry-run`` as the console script runs it (in this process):
-    (exit status, the printed setup, stderr)."""
-    from localopt_plugin.commands.train import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(world)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                status = main([*argv, "--dry-run"])
-            except SystemExit as exit_:  # argparse
-                status = exit_.code
-    finally:
-        os.environ.pop("WORLD_SIZE") if old is None else os.environ.update(WORLD_SIZE=old)
-    return status, json.loads(out.getvalue()) if status == 0 else None, err.getvalue()
 
 
 def one_error_line(stderr: str) -> str:

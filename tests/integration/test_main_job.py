@@ -49,7 +49,19 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
 
     model, meta = load_trained_model(str(out / "checkpoints"))
     assert meta["iteration"] == 6 and meta["config"]["objective"] == "local-opt"
-    assert sum(p.numel() for p in model.parameters()) > 0
+    import torch
+
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    held = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt",
+                      weights_only=False)["module"]
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        v.numel() for k, v in held.items() if torch.is_tensor(v) and "_extra_state" not in k)
+    # ReCo ran, in the job's form (pre-norm states, sum over the hidden size, weight 0.1)
+    (name, reco), = meta["config"]["regularizers"]
+    assert name == "reco" and (reco["states"], reco["reduction"], reco["weight"]) == (
+        "pre-norm", "sum", 0.1)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(r["reco loss"] > 0 for r in records)
 
     # generated videos decode: GIF with Pillow, mp4 with PyAV
     for label in (0, 5):
@@ -70,8 +82,18 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
     assert flow["num_videos"] == 2
     classes = json.loads((out / "eval/classes.json").read_text())
     assert classes["num videos"] == 2 and classes["background"] == "simple"
-    assert 0.0 <= classes["accuracy"] <= 1.0 and classes["frechet distance"] > 0
+    assert classes["accuracy"] in (0.0, 0.5, 1.0)  # a share of 2 videos
     report = (out / "report.md").read_text()
+    # the report's figures are the JSON files'
+    table = dict(line.strip("|").split("|")[:2] for line in report.splitlines()
+                 if line.startswith("| ") and line.count("|") == 3)
+    table = {k.strip(): v.strip() for k, v in table.items()}
+    for key in ("accuracy", "frechet distance", "num videos"):
+        assert float(table[key]) == pytest.approx(classes[key], rel=1e-3), key
+    nll_row = next(line for line in report.splitlines() if line.startswith("| NLL | "))
+    assert [float(v) for v in nll_row.strip("|").split("|")[1:]] == pytest.approx(
+        nll["per_frame_nll"], abs=1e-3)
+    assert f"mean {flow['mean']:.4f} over 2" in report
     for section in ("## Training", "## Validation NLL per latent frame",
                     "## Generated videos", "## Classes of the generated videos",
                     "## Temporal consistency"):
@@ -89,10 +111,14 @@ def test_main_job_refuses_an_unknown_variant(tmp_path):
     assert "=== [1/5]" not in proc.stdout
 
 
-def test_main_job_refuses_bad_sampling_settings_before_any_work(tmp_path):
+@pytest.mark.parametrize("setting", [{"TEMPERATURE": "-1"}, {"CFG_SCALE": "nan"},
+                                     {"CFG_SCALE": "-2"}], ids=["temperature", "cfg-nan",
+                                                                "cfg-negative"])
+def test_main_job_refuses_bad_sampling_settings_before_any_work(tmp_path, setting):
     proc = subprocess.run(["bash", str(REPO / "launch/main_job.sh")], cwd=REPO,
                           capture_output=True, text=True, timeout=120,
                           env=subprocess_env(PYTHON=sys.executable, OUT=str(tmp_path / "main"),
-                                             TEMPERATURE="-1"))
-    assert proc.returncode == 2 and "TEMPERATURE=-1" in proc.stderr
+                                             **setting))
+    (name, value), = setting.items()
+    assert proc.returncode == 2 and f"{name}={value}" in proc.stderr
     assert "need temperature >= 0" in proc.stderr and "=== [1/5]" not in proc.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from helpers.configs import PRESET_TRAIN_FLAGS
-from helpers.launch import run_train
+from helpers.launch import dry_run, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +20,9 @@ def test_recomputation_gives_the_same_losses(tmp_path):
     for name, flags in (("selective", ("--recompute-activations",)),
                         ("full", ("--recompute-granularity", "full", "--recompute-method",
                                   "uniform", "--recompute-num-layers", "1"))):
+        status, setup, stderr = dry_run([*FLAGS, *flags])  # the flags reach the model
+        assert status == 0, stderr
+        assert setup["recomputation"]["granularity"] == name, setup["recomputation"]
         recomputed = run_train(tmp_path, *FLAGS, *flags, name=name)
         for key in keys:
             assert [r[key] for r in recomputed] == pytest.approx([r[key] for r in plain],

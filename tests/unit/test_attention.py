@@ -148,20 +148,30 @@ def test_recomputation_gives_the_same_gradients(dist_world_of_one, monkeypatch, 
 
     plain_model, tokens = make()
     recomputing, _ = make(dataclasses.replace(preset_model("test"), **RECOMPUTE[recompute]))
-    counted = []
-    for owner, name in ((Attention, "_checkpointed_attention_forward"),
+    counted = []  # recomputed forwards of the window pass (the no-grad context pass enters
+    for owner, name in ((Attention, "_checkpointed_attention_forward"),  # them too: not counted)
                         (TransformerBlock, "_checkpointed_forward")):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda self, *a, _real=real, _name=name, **k: (
-            counted.append(_name), _real(self, *a, **k))[1])
+            torch.is_grad_enabled() and counted.append(_name), _real(self, *a, **k))[1])
     objective = LocalOptimization(LAYOUT, fixed_window(first))
-    results = []
+    results, saved = [], []
     for model in (plain_model, recomputing):
         model.train()
         step = TrainingStep(model, objective, [ReCo(0.1, reduction="mean")])
-        total, metrics, _ = step(tokens, 0, 0)
+        stored = [0]
+
+        def pack(t, stored=stored):
+            stored[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            total, metrics, _ = step(tokens, 0, 0)
+        saved.append(stored[0])
         results.append((total, metrics, grads_of(model, total)))
-    assert counted, "no recomputation happened"
+    assert counted, "the window pass did not recompute"
+    assert saved[1] < saved[0], f"recomputation kept {saved[1]} bytes for backward, not fewer " \
+        f"than {saved[0]}"
     (total, metrics, grads), (total_r, metrics_r, grads_r) = results
     torch.testing.assert_close(total_r, total, rtol=1e-5, atol=1e-6)
     assert float(metrics_r["reco raw"]) == pytest.approx(float(metrics["reco raw"]), rel=1e-5)

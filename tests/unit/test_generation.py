@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.configs import tiny_model
+from helpers.configs import preset_model
 from helpers.fsq_checkpoint import FRAMES, SIZE, train_fsq_checkpoint
 
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
@@ -28,9 +28,10 @@ LAYOUT = SampleLayout(video_start=3, num_frames=4, frame_tokens=16)
 def model(dist_world_of_one):
     from localopt_plugin.model import build_gpt_model
 
-    # a larger init std gives peaked distributions, so a wrong cache would change tokens
-    config = tiny_model("--position-embedding-type", "rope", "--normalization", "RMSNorm",
-                        "--swiglu", "--init-method-std", "0.2")
+    # the shipped presets' architecture (RoPE, RMSNorm, SwiGLU, GQA, no bias, untied); a larger
+    # init std gives peaked distributions, so a wrong cache would change tokens
+    config = preset_model("test", init_method_std=0.2)
+    assert config.group_query_attention and config.untie_embeddings_and_output_weights
     return build_gpt_model(config, VOCAB.size).eval()
 
 
@@ -178,3 +179,12 @@ def test_generate_cli_writes_playable_mp4_from_trained_checkpoint(tmp_path_facto
     assert main(["--checkpoint", str(ckpt), "--out", str(chunked), "--class-labels", "3",
                  "--mode", "chunked", "--chunk-frames", "1", "--no-progress"]) == 0
     assert read_video(chunked / "class03_00.mp4").shape == (FRAMES, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("bad", [dict(cfg_scale=float("nan")), dict(cfg_scale=-1.0),
+                                 dict(cfg_scale=float("inf")), dict(temperature=float("nan")),
+                                 dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0)])
+def test_sampling_config_refuses_bad_settings(bad):
+    with pytest.raises(ValueError, match="need temperature >= 0"):
+        SamplingConfig(**bad)
+    SamplingConfig(cfg_scale=0.0)  # 0: the null condition alone, a valid (if odd) choice
