@@ -140,7 +140,8 @@ class OptimizerConfig:
         """(warm-up, decay, WSD decay) in iterations, as Megatron-LM derives them: a
         sample-based schedule divided by the global batch gives the LR Megatron's counting in
         samples gives at every iteration; Megatron-DeepSpeed's token counts (which take
-        precedence) are samples x ``seq_length``."""
+        precedence) are samples x ``seq_length``. WSD's decay defaults to a tenth of the
+        decay length."""
         if train_samples is not None:
             decay = (self.lr_decay_samples or train_samples) / global_batch
             warmup = self.lr_warmup_samples / global_batch
@@ -156,6 +157,8 @@ class OptimizerConfig:
             warmup = self.lr_warmup_fraction * decay
         if self.lr_warmup_tokens is not None:
             warmup = self.lr_warmup_tokens / tokens_per_iter
+        if self.lr_decay_style == "WSD" and wsd is None:
+            wsd = decay / 10  # Megatron-LM requires --lr-wsd-decay-*; a tenth here
         return warmup, decay, wsd
 
 
@@ -324,6 +327,15 @@ class TrainConfig:
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "deepspeed": plain(self.deepspeed.config) if self.deepspeed else None,
         }
+
+    def lr_schedule(self) -> tuple[float, float, float, float | None]:
+        """(peak LR, warm-up, decay, WSD decay), the last three in iterations: what Megatron's
+        scheduler is given (the peak is the JSON optimizer's ``lr`` when it has one)."""
+        peak = self.deepspeed.schedule_lr
+        peak = self.optimizer.lr if peak is None else peak
+        return (peak, *self.optimizer.schedule_iters(
+            self.run.train_iters, self.run.train_samples, self.global_batch_size,
+            self.seq_length))
 
     def build_objective(self, layout):
         return build_objective(self.objective, layout, sampler=self.window_sampler,

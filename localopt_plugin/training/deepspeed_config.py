@@ -151,10 +151,10 @@ REFUSED_SECTIONS = {
     "cuda_visible_devices": "is not a DeepSpeed key (DeepSpeed ignores it): choose devices with "
     "the launcher (--include / CUDA_VISIBLE_DEVICES) and remove it",
 }
-NEUTRAL_ACTIVATION_CHECKPOINTING = {"partition_activations": False,
-                                    "contiguous_memory_optimization": False,
-                                    "cpu_checkpointing": False, "synchronize_checkpoint_boundary":
-                                    False, "profile": False}
+# activation_checkpointing options of DeepSpeed's own checkpointing, accepted only when off
+DEEPSPEED_CHECKPOINTING_OPTIONS = {"partition_activations", "contiguous_memory_optimization",
+                                   "cpu_checkpointing", "synchronize_checkpoint_boundary",
+                                   "profile"}
 
 
 def check_sections(cfg: dict) -> list[str]:
@@ -176,7 +176,7 @@ def check_sections(cfg: dict) -> list[str]:
                 notes.append(f"{key}: DeepSpeed's monitor writes its own events (loss, lr, "
                              f"samples) beside localopt-train's logs")
         elif key == "activation_checkpointing":
-            set_on = [k for k, v in value.items() if v and k in NEUTRAL_ACTIVATION_CHECKPOINTING]
+            set_on = [k for k, v in value.items() if v and k in DEEPSPEED_CHECKPOINTING_OPTIONS]
             if set_on:
                 raise UserError(f"DeepSpeed config activation_checkpointing.{set_on[0]} is "
                                 f"DeepSpeed's own checkpointing; the plugin recomputes with "
@@ -208,7 +208,7 @@ def _check_installed(package: str | None, section: str) -> None:
                         f"installed: pip install {package}, or set {section}.enabled false")
 
 
-def check_with_deepspeed(cfg: dict, per_rank_batch: int) -> None:
+def check_with_deepspeed(cfg: dict, per_rank_batch: int, bf16: bool, fp16: bool) -> None:
     """DeepSpeed's own parsing of the final config (what ``deepspeed.initialize`` would reject
     at start) and its device checks, as one-line errors. The batch keys (checked already, per
     data-parallel rank) are restated for the world DeepSpeed's parser counts without an mpu:
@@ -227,10 +227,9 @@ def check_with_deepspeed(cfg: dict, per_rank_batch: int) -> None:
     fixes = {"fp16": "train in bf16 here (--bf16, or \"bf16\": {\"enabled\": true} in place of "
                      "the JSON's \"fp16\" section)",
              "bf16": "train in fp32 here (drop --bf16 and the JSON's \"bf16\" section)"}
-    for key, supported in (("fp16", accelerator.is_fp16_supported),
-                           ("bf16", accelerator.is_bf16_supported)):
-        section = cfg.get(key) or cfg.get("bfloat16" if key == "bf16" else key) or {}
-        if section.get("enabled") and not supported():
+    for key, enabled, supported in (("fp16", fp16, accelerator.is_fp16_supported),
+                                    ("bf16", bf16, accelerator.is_bf16_supported)):
+        if enabled and not supported():
             raise UserError(f"{key} is not supported on this device "
                             f"({accelerator.device_name()}): {fixes[key]}")
 
@@ -342,7 +341,7 @@ def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
     )
     cfg.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
     cfg.setdefault("wall_clock_breakdown", False)
-    check_with_deepspeed(cfg, micro * accumulation)
+    check_with_deepspeed(cfg, micro * accumulation, bf16, fp16)
     return DeepSpeedSetup(cfg, micro, global_batch, accumulation, clip, bf16, fp16,
                           json_optimizer, json_scheduler, offload, schedule_lr, schedule_wd,
                           notes)

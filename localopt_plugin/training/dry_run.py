@@ -63,13 +63,12 @@ def schedule(config: TrainConfig) -> dict:
     if ds.json_scheduler:
         out["lr schedule"] = f"DeepSpeed's {ds.config['scheduler'].get('type')} (JSON)"
     else:
-        warmup, decay, wsd = opt.schedule_iters(run.train_iters, run.train_samples,
-                                                config.global_batch_size, config.seq_length)
-        out["lr schedule"] = {"style": opt.lr_decay_style, "max lr": ds.schedule_lr or opt.lr,
+        peak, warmup, decay, wsd = config.lr_schedule()
+        out["lr schedule"] = {"style": opt.lr_decay_style, "max lr": peak,
                               "min lr": opt.min_lr, "warmup iters": warmup,
                               "decay iters": decay}
         if opt.lr_decay_style == "WSD":
-            out["lr schedule"]["wsd decay iters"] = decay / 10 if wsd is None else wsd
+            out["lr schedule"]["wsd decay iters"] = wsd
     return out
 
 

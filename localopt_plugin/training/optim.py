@@ -51,17 +51,12 @@ class MegatronLRScheduler:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         opt, ds = config.optimizer, config.deepspeed
-        lr = ds.schedule_lr if ds.schedule_lr is not None else opt.lr
         weight_decay = (ds.schedule_weight_decay if ds.schedule_weight_decay is not None
                         else opt.weight_decay)
         # in iterations; a sample-based schedule divided by the global batch gives, at every
         # iteration, the LR Megatron-LM's counting in samples gives
-        warmup, decay, wsd_decay = opt.schedule_iters(
-            config.run.train_iters, config.run.train_samples, config.global_batch_size,
-            config.seq_length)
+        lr, warmup, decay, wsd_decay = config.lr_schedule()
         wsd = opt.lr_decay_style == "WSD"
-        if wsd and wsd_decay is None:
-            wsd_decay = decay / 10  # Megatron-LM requires --lr-wsd-decay-*; a tenth here
         self.inner = OptimizerParamScheduler(
             optimizer,
             init_lr=0.0 if warmup else lr,
