@@ -291,6 +291,10 @@ def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
         zero["stage"] = run.zero_stage
     zero.setdefault("stage", 0)
     if run.overlap_grad_reduce:
+        if zero["stage"] == 0:  # DeepSpeed reads overlap_comm only in its ZeRO optimizers
+            raise UserError("--overlap-grad-reduce maps to zero_optimization.overlap_comm, "
+                            "which DeepSpeed applies only under ZeRO: add --zero-stage 1 (or "
+                            "higher), or drop it")
         if zero.get("overlap_comm") is False:
             raise UserError("--overlap-grad-reduce disagrees with DeepSpeed config "
                             "zero_optimization.overlap_comm=false")

@@ -316,4 +316,5 @@ def add_alias_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=None,
                    help="= --data-num-workers (Megatron-LM's data loader workers)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
-                   help="= zero_optimization.overlap_comm true in the DeepSpeed config")
+                   help="= zero_optimization.overlap_comm true in the DeepSpeed config "
+                   "(ZeRO stage 1-3)")

@@ -183,6 +183,7 @@ def test_bfloat16_alias_and_batch_inference(shards, tmp_path):
     (["--train-samples", "8", "--lr-warmup-iters", "2"], "use the -samples form"),
     (["--lr-warmup-samples", "2"], "need sample-based training"),
     (["--use-distributed-optimizer"], "use --zero-stage 1"),
+    (["--overlap-grad-reduce"], "applies only under ZeRO: add --zero-stage 1"),
 ])
 def test_what_would_crash_at_start_fails_the_dry_run(argv, words, tmp_path):
     if argv[0] == "--fp16" and torch.cuda.is_available():
@@ -194,6 +195,13 @@ def test_what_would_crash_at_start_fails_the_dry_run(argv, words, tmp_path):
         argv = [a.replace("{zero}", str(path)) for a in argv]
     status, _, stderr = dry_run(["--preset", "test", *argv])
     assert status == 2 and words in one_error_line(stderr), stderr[-2000:]
+
+
+def test_overlap_grad_reduce_reaches_deepspeed_under_zero():
+    status, setup, stderr = dry_run(["--preset", "test", "--overlap-grad-reduce",
+                                     "--zero-stage", "1"])
+    assert status == 0, stderr
+    assert setup["deepspeed"]["zero_optimization"] == {"stage": 1, "overlap_comm": True}
 
 
 def test_sequence_parallel_at_tp1_is_turned_off_as_megatron_does():
