@@ -23,11 +23,12 @@ OUTPUT_ARGS=(
   --save-interval 1000 --tensorboard-dir ${TENSORBOARD:-tensorboard/${MODEL:-110m}}
 )
 
-# The plugin: Local Optimization with first-frame balanced windows, and ReCo (paper values).
+# The plugin: Local Optimization with first-frame balanced windows, and ReCo in the form the
+# ReCo sweep found (the paper's sum and lambda on the final norm's input; the defaults).
 PLUGIN_ARGS=(
   --objective local-opt --local-opt-window-frames ${WINDOW_FRAMES:-2}
   --local-opt-stride-frames ${STRIDE_FRAMES:-1} --local-opt-first-window-prob 0.5
-  --regularizer reco --reco-weight 0.1 --reco-reduction mean
+  --regularizer reco --reco-weight 0.1 --reco-reduction sum --reco-states pre-norm
 )
 
 DS_ARGS=(--deepspeed --deepspeed_config ${DS_CONFIG:-ds_configs/zero1_bf16.json})

@@ -21,10 +21,14 @@ each of them for video-token training (docs/megatron-lm.md shows the lines to ch
 these providers and **without** a model config, so that Megatron-LM calls the plugin's
 ``model_provider`` rather than building its own model.
 
-Pipeline parallelism. Megatron's schedules pass a single tensor between stages, so only plans
-without a context stream run under Megatron PP > 1 (full-sequence, fewer-frames). Local Opt.
-with pipeline parallelism runs in the plugin's own trainer (``localopt-train
---pipeline-model-parallel-size N``), which carries the context stream through DeepSpeed.
+Pipeline parallelism (``--pipeline-model-parallel-size``, also interleaved). Megatron's
+schedules pass one tensor between stages, so Local Opt.'s two streams travel in it, the context
+rows (run under ``no_grad``) before the window rows (:func:`~localopt_plugin.plan.plan_hidden`).
+Every stage derives the micro-batch's plan itself (window draws are a function of iteration and
+global micro-batch; a middle stage reads no data and plans on placeholder tokens of the
+sample's shape). The rows per micro-batch vary with the window, so :func:`model_provider` turns
+on Megatron's ``variable_seq_lengths`` (stages exchange shapes first; Megatron-LM has no flag
+for it) when the training objective is not full-sequence.
 """
 
 from __future__ import annotations
@@ -43,37 +47,28 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_attr_wrapped_model
 
-from localopt_plugin import registry
 from localopt_plugin.data.source import BatchSource, VideoTokenSource
 from localopt_plugin.errors import UserError
+from localopt_plugin.metric_names import TOTAL_LOSS, VALID_LOSS
 from localopt_plugin.model import (
     ModelConfig,
     ParallelConfig,
     build_gpt_model,
     final_norm_input,
-    forward_hidden,
     padded_vocab_size,
     token_losses,
 )
 from localopt_plugin.objectives import (
     FullSequence,
-    LocalOptimization,
-    WindowConfig,
-    build_objective,
+    global_micro_batch,
 )
-from localopt_plugin.plan import ForwardPlan, ObjectiveOutput, plan_hidden
+from localopt_plugin.plan import ForwardPlan, objective_output, plan_hidden
 from localopt_plugin.platform import apply_megatron_lm_shims, cuda_available, default_device
+from localopt_plugin.plugin import PluginConfig, add_plugin_args
 from localopt_plugin.regularizers import apply_regularizers
-from localopt_plugin.training.config import add_plugin_args, dataset_name
 
 log = logging.getLogger(__name__)
 
-PLUGIN_TRAINER_HINT = (
-    "use the plugin's own trainer, which pipelines Local Optimization through DeepSpeed: "
-    "localopt-train --objective local-opt --pipeline-model-parallel-size N "
-    "(see docs/megatron-lm.md)"
-)
-VALID_LOSS = "valid full-sequence loss"  # the name localopt-train logs it under
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's threshold for a spiky loss
 # Megatron's fused kernels that exist only with CUDA: (TransformerConfig field, the flag off)
 CUDA_FUSIONS = (("persist_layer_norm", "--no-persist-layer-norm"),
@@ -108,19 +103,23 @@ def _training_iteration() -> int | None:
         return None
 
 
-# id(args) -> (args, source); holding args keeps its id from being reused. Not kept on args
-# itself: Megatron-LM pickles args into every checkpoint.
-_SOURCES: dict[int, tuple[argparse.Namespace, VideoTokenSource]] = {}
+# id(args) -> (args, plugin config, source); holding args keeps its id from being reused. Not
+# kept on args itself: Megatron-LM pickles args into every checkpoint.
+_PLUGINS: dict[int, tuple[argparse.Namespace, PluginConfig, VideoTokenSource]] = {}
+
+
+def plugin_setup(args: argparse.Namespace) -> tuple[PluginConfig, VideoTokenSource]:
+    """The plugin's configuration and dataset from Megatron-LM's flags, built once per argument
+    namespace (the objective and regularizers checked against the dataset's layout)."""
+    if id(args) not in _PLUGINS:
+        plugin = PluginConfig.from_args(args)
+        _PLUGINS[id(args)] = (args, plugin, plugin.build(args.train_iters))
+    return _PLUGINS[id(args)][1:]
 
 
 def video_source(args: argparse.Namespace) -> VideoTokenSource:
-    """The registered dataset named by ``--dataset``, built once per argument namespace."""
-    if id(args) not in _SOURCES:
-        args.dataset = dataset_name(args)
-        config = registry.config_from_args("dataset", args.dataset, args)
-        _SOURCES[id(args)] = (args, registry.build("dataset", args.dataset, config,
-                                                   seed=args.seed))
-    return _SOURCES[id(args)][1]
+    """The registered dataset named by ``--dataset`` (see :func:`plugin_setup`)."""
+    return plugin_setup(args)[1]
 
 
 # ----------------------------------------------------------------------------------- model
@@ -164,6 +163,9 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
         config = core_transformer_config_from_args(args)
     check_megatron_config(args, config)
     vocab = video_source(args).vocab.size
+    if args.pipeline_model_parallel_size > 1 and args.objective != "full-sequence":
+        # the rows crossing stages vary with the drawn window (see the module docstring)
+        config.variable_seq_lengths = True
     args.padded_vocab_size = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)
     return build_model(args, config, vocab, pre_process, post_process, vp_stage)
@@ -213,7 +215,7 @@ class LocalOptForwardStep:
     def __init__(self, args: argparse.Namespace | None = None) -> None:
         self.args = args
         self.iteration = 0
-        self._started = False
+        self._first_chunk: int | None = None
         self._objective = None
         self._full: FullSequence | None = None
         self._regularizers: list[Callable] = []
@@ -221,18 +223,11 @@ class LocalOptForwardStep:
     def _setup(self) -> None:
         if self.args is None:
             self.args = megatron_args()
-        args = self.args
-        layout = video_source(args).layout
-        window = registry.config_from_args("window_sampler", args.window_sampler, args)
-        self._objective = build_objective(
-            args.objective, layout, sampler=args.window_sampler, window=window or WindowConfig(),
-            config=registry.config_from_args("objective", args.objective, args), seed=args.seed)
-        self._full = FullSequence(layout)
-        self._regularizers = [
-            registry.build("regularizer", name,
-                           registry.config_from_args("regularizer", name, args),
-                           train_iters=args.train_iters)
-            for name in args.regularizer]
+        plugin, source = plugin_setup(self.args)
+        self._layout = source.layout
+        self._objective = plugin.build_objective(source.layout)
+        self._full = FullSequence(source.layout)
+        self._regularizers = plugin.build_regularizers(self.args.train_iters)
 
     def _position(self, model: GPTModel) -> tuple[int, int]:
         layers = model.decoder.layers
@@ -240,14 +235,15 @@ class LocalOptForwardStep:
         if micro_batch is None:
             raise RuntimeError("no current_microbatch on the model: call LocalOptForwardStep "
                                "through Megatron-Core's get_forward_backward_func() schedule")
-        if micro_batch == 0 and self._started:
+        # Every model chunk (virtual pipeline stage) sees micro-batch 0 once per iteration,
+        # the first chunk first: count iterations on that chunk.
+        if self._first_chunk is None:
+            self._first_chunk = id(model)
+        elif micro_batch == 0 and id(model) == self._first_chunk:
             self.iteration += 1
-        self._started = True
         iteration = _training_iteration()
-        # the global micro-batch index keys the window draw, as in localopt-train
-        global_micro_batch = (micro_batch * parallel_state.get_data_parallel_world_size()
-                              + parallel_state.get_data_parallel_rank())
-        return (self.iteration if iteration is None else iteration), global_micro_batch
+        return (self.iteration if iteration is None else iteration), global_micro_batch(
+            micro_batch)
 
     def __call__(self, data_iterator: Iterator[dict] | None, model: torch.nn.Module,
                  return_schedule_plan: bool = False):
@@ -260,19 +256,14 @@ class LocalOptForwardStep:
         iteration, micro_batch = self._position(inner)
         evaluating = not inner.training
         objective = self._full if evaluating else self._objective
-        pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-        if pipelined and isinstance(objective, LocalOptimization):
-            raise RuntimeError("--objective local-opt cannot run under Megatron's pipeline "
-                               "schedule (only one tensor crosses stages, and Local Opt. also "
-                               f"carries the context stream); {PLUGIN_TRAINER_HINT}")
-        if not (inner.pre_process or inner.post_process):
-            # A middle stage: plans under Megatron PP are contiguous from position 0.
-            length = inner.decoder.input_tensor.shape[0]
-            positions = torch.arange(length, device=inner.decoder.input_tensor.device)
-            return forward_hidden(inner, None, positions), None
-        tokens = next(data_iterator)["tokens"].to(default_device(), non_blocking=True)
+        if inner.pre_process or inner.post_process:
+            tokens = next(data_iterator)["tokens"].to(default_device(), non_blocking=True)
+        else:  # a middle stage reads no data: the plan's shape is all it needs
+            received = inner.decoder.input_tensor
+            tokens = torch.zeros((received.shape[1], self._layout.seq_length),
+                                 dtype=torch.long, device=received.device)
         plan = objective.plan(tokens, iteration, micro_batch)
-        if pipelined:
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             self._check_pipelined(plan, inner)
         with final_norm_input(inner) as pre_norm:
             hidden = plan_hidden(inner, plan)
@@ -285,34 +276,27 @@ class LocalOptForwardStep:
                                          pre_norm["hidden"][plan.loss_from:], iteration)
 
     def _check_pipelined(self, plan: ForwardPlan, model: GPTModel) -> None:
-        positions = plan.positions
-        contiguous = plan.context_ids is None and bool(
-            (positions == torch.arange(len(positions), device=positions.device)).all())
-        if not contiguous:
-            raise RuntimeError(f"--objective {self.args.objective} needs a context stream or "
-                               f"non-contiguous positions, which Megatron's pipeline schedule "
-                               f"cannot carry; {PLUGIN_TRAINER_HINT}")
-        if not model.config.variable_seq_lengths and len(positions) != self.args.seq_length:
-            raise RuntimeError(f"--objective {self.args.objective} runs {len(positions)} "
-                               f"positions but pipeline stages exchange --seq-length "
-                               f"{self.args.seq_length}: set --seq-length {len(positions)} "
-                               f"or add --variable-seq-lengths")
+        rows = len(plan.positions) + (0 if plan.context_ids is None else plan.context_ids.shape[1])
+        if not model.config.variable_seq_lengths and rows != self.args.seq_length:
+            raise RuntimeError(f"--objective {self.args.objective} sends {rows} rows between "
+                               f"pipeline stages, not --seq-length {self.args.seq_length}: "
+                               f"build the model with config.variable_seq_lengths = True "
+                               f"(model_provider does)")
 
     def loss_func(self, plan: ForwardPlan, hidden: torch.Tensor, pre_norm_hidden: torch.Tensor,
                   iteration: int, output_tensor: torch.Tensor):
         """``(summed_loss, num_tokens, report)``: the objective's mean loss plus regularizers,
         times the token count, so Megatron's division by ``num_tokens`` (or, with
         ``--calculate-per-token-loss``, by the global token count) recovers the plugin's loss."""
-        lm_loss = output_tensor.float().mean()
-        out = ObjectiveOutput(lm_loss, hidden, plan.labels.numel(), plan.first_frame,
-                              plan.num_frames, plan.metrics, pre_norm_hidden=pre_norm_hidden)
-        num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=lm_loss.device)
+        out = objective_output(output_tensor, hidden, pre_norm_hidden, plan.first_frame,
+                               plan.num_frames, plan.metrics)
+        num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=out.loss.device)
         total, metrics = apply_regularizers(out, self._regularizers, iteration)
         if self.args is not None:
             _validate_loss(self.args, total)
-        report = {"lm loss": _report(lm_loss, num_tokens)}
-        report.update({k: _report(v, num_tokens) for k, v in metrics.items()
-                       if k.endswith("loss")})
+        # Megatron-LM logs every reported pair; the total is its own loss, not logged twice
+        report = {k: _report(v, num_tokens) for k, v in metrics.items()
+                  if k.endswith("loss") and k != TOTAL_LOSS}
         return total * out.num_tokens, num_tokens, report
 
     def eval_loss_func(self, plan: ForwardPlan, hidden: torch.Tensor,
@@ -401,7 +385,9 @@ def pretrain(forward_step: LocalOptForwardStep | None = None, **kwargs: Any) -> 
     config container first, built from the flags parsed with the plugin's group and without
     a model config (with one, 0.19 builds its own model and never calls ``model_provider``).
     ``kwargs`` go to Megatron-LM's ``pretrain()`` (e.g. ``store=``). On a machine without
-    CUDA the platform's Megatron-LM shims are applied first.
+    CUDA the platform's Megatron-LM shims are applied first. The plugin's configuration is built
+    from the parsed flags before Megatron-LM starts any process group, so a bad plugin setting
+    ends the run with one line naming its flag.
     """
     import megatron.core
     from megatron.training import pretrain as megatron_pretrain
@@ -417,10 +403,14 @@ def pretrain(forward_step: LocalOptForwardStep | None = None, **kwargs: Any) -> 
         **kwargs,
     }
     if "cfg_container" not in inspect.signature(megatron_pretrain).parameters:
+        from megatron.training.arguments import parse_args
+
+        plugin_setup(parse_args(extra_args_provider))  # bad settings stop before any group
         megatron_pretrain(extra_args_provider=extra_args_provider, **providers)
         return
     from megatron.training import argument_utils
     from megatron.training.arguments import parse_and_validate_args
 
     args = parse_and_validate_args(extra_args_provider=extra_args_provider)
+    plugin_setup(args)  # a bad window, regularizer or dataset setting stops before any group
     megatron_pretrain(argument_utils.pretrain_cfg_container_from_args(args), **providers)

@@ -49,40 +49,71 @@ class ObjectiveOutput:
 
     hidden: final hidden states ``[s, b, h]`` of the optimized positions (frames x tokens in
     raster order), which regularizers such as ReCo act on.
-    pre_norm_hidden: the same positions' residual stream before the final norm, where the
-    executor can provide it (None on the DeepSpeed pipeline's last stage).
+    pre_norm_hidden: the same positions' residual stream before the final norm (every executor
+    provides it: ReCo's default ``pre-norm`` form acts on it).
     """
 
     loss: torch.Tensor
     hidden: torch.Tensor
+    pre_norm_hidden: torch.Tensor
     num_tokens: int
     first_frame: int
     num_frames: int
     metrics: dict[str, float] = field(default_factory=dict)
-    pre_norm_hidden: torch.Tensor | None = None
+
+
+def objective_output(losses: torch.Tensor, hidden: torch.Tensor, pre_norm_hidden: torch.Tensor,
+                     first_frame: int, num_frames: int,
+                     metrics: dict[str, float] | None = None) -> ObjectiveOutput:
+    """What a run of a plan yields, from its per-token losses ``[b, s]`` and the optimized
+    positions' states: the one place every executor (whole model, DeepSpeed pipeline's last
+    stage, Megatron-LM's loss function) assembles it."""
+    return ObjectiveOutput(losses.float().mean(), hidden, pre_norm_hidden, losses.numel(),
+                           first_frame, num_frames, dict(metrics or {}))
 
 
 def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
     """The context pass (``no_grad``, keeping keys/values) then the autograd pass of a plan;
-    returns the autograd pass's hidden states ``[s, b, h]`` (un-normed on a non-last
-    Megatron pipeline stage, see :func:`forward_hidden`)."""
-    memory = None
-    if plan.context_ids is not None:
-        length = plan.context_ids.shape[1]
-        memory = context_memory(model, plan.context_keep_from, length,
+    returns the autograd pass's hidden states ``[s, b, h]``.
+
+    On a stage of Megatron's pipeline schedule, where one tensor crosses stages, both streams
+    travel in it: the context pass's ``c`` rows first, then the autograd pass's ``s`` rows. A
+    stage without the embedding reads them from ``model.decoder.input_tensor`` (``[c + s, b,
+    h]``); a stage before the last returns them (un-normed, see :func:`forward_hidden`). The
+    context rows are produced under ``no_grad``, so their gradient is zero: backward carries
+    nothing into them, and the window's gradients are those of the whole-model run.
+    """
+    context = 0 if plan.context_ids is None else plan.context_ids.shape[1]
+    received = None if model.pre_process else model.decoder.input_tensor
+    if received is not None and received.shape[0] != context + len(plan.positions):
+        raise RuntimeError(f"a pipeline stage received {received.shape[0]} rows for a plan of "
+                           f"{context} context and {len(plan.positions)} autograd rows")
+    memory, context_out = None, None
+    if context:
+        memory = context_memory(model, plan.context_keep_from, context,
                                 int(plan.positions[-1]) + 1)
+        if received is not None:
+            model.decoder.set_input_tensor(received[:context])
         with torch.no_grad():
-            forward_hidden(model, plan.context_ids,
-                           torch.arange(length, device=plan.ids.device), memory=memory,
-                           store_from=plan.context_keep_from)
-    return forward_hidden(model, plan.ids, plan.positions, memory=memory)
+            context_out = forward_hidden(
+                model, plan.context_ids if model.pre_process else None,
+                torch.arange(context, device=plan.ids.device), memory=memory,
+                store_from=plan.context_keep_from)
+    if received is not None:
+        model.decoder.set_input_tensor(received[context:])
+    hidden = forward_hidden(model, plan.ids if model.pre_process else None, plan.positions,
+                            memory=memory)
+    if received is not None:
+        model.decoder.set_input_tensor(received)
+    if model.post_process or context_out is None:
+        return hidden
+    return torch.cat([context_out, hidden])
 
 
 def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
     """Execute a plan on a whole (non-pipelined) GPTModel."""
     with final_norm_input(model) as pre_norm:
         hidden = plan_hidden(model, plan)[plan.loss_from:]
-    loss = token_losses(model, hidden, plan.labels).float().mean()
-    return ObjectiveOutput(loss, hidden, plan.labels.numel(), plan.first_frame,
-                           plan.num_frames, plan.metrics,
-                           pre_norm_hidden=pre_norm["hidden"][plan.loss_from:])
+    return objective_output(token_losses(model, hidden, plan.labels), hidden,
+                            pre_norm["hidden"][plan.loss_from:], plan.first_frame,
+                            plan.num_frames, plan.metrics)

@@ -29,7 +29,8 @@ TRAIN_ARGS=(
 )
 PLUGIN_ARGS=(
   --objective local-opt --local-opt-window-frames ${WINDOW_FRAMES:-2}
-  --local-opt-first-window-prob 0.5 --regularizer reco --reco-weight 0.1 --reco-reduction mean
+  --local-opt-first-window-prob 0.5 --regularizer reco --reco-weight 0.1 --reco-reduction sum
+  --reco-states pre-norm
 )
 if [ "${CPU:-0}" = 1 ]; then
   TRAIN_ARGS+=(--distributed-backend gloo --clip-grad 0 --no-persist-layer-norm

@@ -26,6 +26,7 @@ Each finished run leaves ``row.json``: a rerun of an interrupted bench reuses th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -39,17 +40,45 @@ import torch
 
 from localopt_plugin.bench.flops import plan_flops
 from localopt_plugin.data.procedural import BACKGROUNDS, NUM_CLASSES
+from localopt_plugin.errors import UserError
+from localopt_plugin.metric_names import (
+    CLIP_START,
+    ITERATION,
+    LM_LOSS,
+    STEP_TIME,
+    VALID_LOSS,
+    WINDOW_START,
+)
 from localopt_plugin.preprocess.inputs import procedural_kind
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    """One size of the quality bench: the model, its data and its evaluation."""
+
+    model: str  # a model preset (localopt_plugin.model.presets)
+    model_flags: str  # extra localopt-train flags
+    micro_batch: int
+    full_steps: int  # full-sequence's steps: they set the FLOP budget
+    window: int  # Local Opt.'s window, in latent frames
+    videos: int
+    valid_videos: int
+    background: str
+    eval_samples: int
+    eval_points: int
+    generate_per_class: int
+    lr: float
+
 
 PRESETS = {
     # 27 minutes per seed for the 6 variants on a 2-core CPU (measured, with evaluation)
-    "cpu": {"model": "tiny", "model_flags": "", "micro_batch": 4, "full_steps": 200,
-            "window": 2, "videos": 600, "valid_videos": 48, "background": "calm",
-            "eval_samples": 48, "eval_points": 4, "generate_per_class": 2, "lr": 2e-3},
+    "cpu": QualityPreset(model="tiny", model_flags="", micro_batch=4, full_steps=200, window=2,
+                         videos=600, valid_videos=48, background="calm", eval_samples=48,
+                         eval_points=4, generate_per_class=2, lr=2e-3),
     # one GPU (an H100), under 8 minutes for one seed of the ablation
-    "gpu": {"model": "110m", "model_flags": "--bf16", "micro_batch": 16, "full_steps": 300,
-            "window": 2, "videos": 2400, "valid_videos": 96, "background": "calm",
-            "eval_samples": 96, "eval_points": 4, "generate_per_class": 2, "lr": 6e-4},
+    "gpu": QualityPreset(model="110m", model_flags="--bf16", micro_batch=16, full_steps=300,
+                         window=2, videos=2400, valid_videos=96, background="calm",
+                         eval_samples=96, eval_points=4, generate_per_class=2, lr=6e-4),
 }
 
 
@@ -77,7 +106,8 @@ class Variant:
         return "".join(c if c.isalnum() else "-" for c in self.name).strip("-")
 
 
-RECO = ("--reco-weight", "0.1", "--reco-reduction", "mean")
+# the ablation's "+ ReCo", as it was run: the mean over the hidden size on the final states
+RECO = ("--reco-weight", "0.1", "--reco-reduction", "mean", "--reco-states", "final")
 ABLATION = (
     Variant("full-sequence", "full-sequence"),
     Variant("fewer-frames", "fewer-frames"),
@@ -91,9 +121,9 @@ RECO_SWEEP = (  # the first three are the ablation's runs (reused in the same --
     ABLATION[4],
     ABLATION[5],
     Variant("ReCo final, sum, 0.1 (paper)", "local-opt", first_window_prob=0.5,
-            reco=("--reco-weight", "0.1", "--reco-reduction", "sum")),
+            reco=("--reco-weight", "0.1", "--reco-reduction", "sum", "--reco-states", "final")),
     Variant("ReCo final, mean, 1.0", "local-opt", first_window_prob=0.5,
-            reco=("--reco-weight", "1.0", "--reco-reduction", "mean")),
+            reco=("--reco-weight", "1.0", "--reco-reduction", "mean", "--reco-states", "final")),
     Variant("ReCo pre-norm, sum, 0.1", "local-opt", first_window_prob=0.5,
             reco=("--reco-weight", "0.1", "--reco-reduction", "sum", "--reco-states",
                   "pre-norm")),
@@ -139,17 +169,17 @@ def _run(cmd: list[str], log: str | None = None) -> None:
     if proc.returncode:
         with open(log) as f:
             tail = f.read()[-4000:]
-        raise SystemExit(f"error: {' '.join(cmd[:4])} ... failed (exit {proc.returncode}); "
-                         f"the end of {log}:\n{tail}")
+        raise UserError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); "
+                        f"the end of {log}:\n{tail}")
 
 
-def make_data(out: str, preset: dict) -> tuple[list[str], list[str]]:
+def make_data(out: str, preset: QualityPreset) -> tuple[list[str], list[str]]:
     """The preset's procedural shards (train seeds from 0, validation from 500000)."""
-    kind = procedural_kind(preset["background"])
+    kind = procedural_kind(preset.background)
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     paths = []
-    for split, count, seed in (("train", preset["videos"], 0),
-                               ("valid", preset["valid_videos"], 500000)):
+    for split, count, seed in (("train", preset.videos, 0),
+                               ("valid", preset.valid_videos, 500000)):
         directory = os.path.join(out, "data", split)
         if not os.path.exists(os.path.join(directory, "manifest.json")):
             _run([sys.executable, "-m", "localopt_plugin.commands.preprocess",
@@ -163,21 +193,21 @@ def make_data(out: str, preset: dict) -> tuple[list[str], list[str]]:
 class FlopCounter:
     """Training FLOPs of every step of a variant, from the window draws of its seed."""
 
-    def __init__(self, data_path: list[str], preset: dict) -> None:
+    def __init__(self, data_path: list[str], preset: QualityPreset) -> None:
         from localopt_plugin.data.wds import VideoWdsConfig
         from localopt_plugin.model import padded_vocab_size
         from localopt_plugin.model.presets import config_with_flags
-        from localopt_plugin.training.config import build_dataset
+        from localopt_plugin.plugin import PluginConfig
 
-        source = build_dataset("video-wds", VideoWdsConfig(data_path=tuple(data_path),
-                                                           num_workers=0), seed=0)
+        source = PluginConfig(dataset="video-wds", dataset_config=VideoWdsConfig(
+            data_path=tuple(data_path), num_workers=0), seed=0).build_dataset()
         self.layout = source.layout
-        self.model = config_with_flags(preset["model"], preset["model_flags"])
+        self.model = config_with_flags(preset.model, preset.model_flags)
         self.vocab = padded_vocab_size(source.vocab.size, self.model.make_vocab_size_divisible_by,
                                        1)
-        self.tokens = torch.zeros(preset["micro_batch"], self.layout.seq_length,
+        self.tokens = torch.zeros(preset.micro_batch, self.layout.seq_length,
                                   dtype=torch.long)
-        self.window = preset["window"]
+        self.window = preset.window
 
     def objective(self, variant: Variant, seed: int):
         from localopt_plugin.objectives import WindowConfig, build_objective
@@ -208,7 +238,7 @@ class FlopCounter:
             steps += 1
 
 
-def train(args: argparse.Namespace, preset: dict, variant: Variant, seed: int, steps: int,
+def train(args: argparse.Namespace, preset: QualityPreset, variant: Variant, seed: int, steps: int,
           data: tuple[list[str], list[str]], counter: FlopCounter) -> dict:
     """One trainer run; its cost (FLOPs from the logged draws, time, memory) and NLL curve."""
     run_dir = os.path.join(args.out, f"seed{seed}", variant.slug)
@@ -216,17 +246,17 @@ def train(args: argparse.Namespace, preset: dict, variant: Variant, seed: int, s
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
-    interval = max(1, steps // preset["eval_points"])
-    cmd = [sys.executable, "-m", "localopt_plugin.commands.train", "--preset", preset["model"],
-           *preset["model_flags"].split(), "--dataset", "video-wds", "--data-path", *data[0],
+    interval = max(1, steps // preset.eval_points)
+    cmd = [sys.executable, "-m", "localopt_plugin.commands.train", "--preset", preset.model,
+           *preset.model_flags.split(), "--dataset", "video-wds", "--data-path", *data[0],
            "--valid-data-path", *data[1], "--data-num-workers", "0",
-           "--micro-batch-size", str(preset["micro_batch"]), "--train-iters", str(steps),
-           "--lr", str(preset["lr"]), "--min-lr", str(preset["lr"] / 10),
+           "--micro-batch-size", str(preset.micro_batch), "--train-iters", str(steps),
+           "--lr", str(preset.lr), "--min-lr", str(preset.lr / 10),
            "--lr-warmup-iters", str(max(1, steps // 20)), "--lr-decay-style", "cosine",
            "--weight-decay", "0.05", "--seed", str(seed),
-           "--local-opt-window-frames", str(preset["window"]), "--log-interval", "50",
+           "--local-opt-window-frames", str(preset.window), "--log-interval", "50",
            "--eval-interval", str(interval), "--eval-iters",
-           str(max(1, preset["eval_samples"] // preset["micro_batch"])),
+           str(max(1, preset.eval_samples // preset.micro_batch)),
            "--save", os.path.join(run_dir, "checkpoint"), "--metrics-file", metrics,
            "--progress", "off", *variant.flags()]
     started = time.perf_counter()
@@ -234,21 +264,21 @@ def train(args: argparse.Namespace, preset: dict, variant: Variant, seed: int, s
     wall = time.perf_counter() - started
     with open(metrics) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    records = [r for r in records if "iteration" in r and "step time (s)" in r]
+    records = [r for r in records if ITERATION in r and STEP_TIME in r]
     flops, starts = counter.steps(variant, seed, len(records))
-    logged = [r.get("window start", r.get("clip start")) for r in records]
+    logged = [r.get(WINDOW_START, r.get(CLIP_START)) for r in records]
     if variant.objective != "full-sequence" and logged != starts:
-        raise SystemExit(f"error: {variant.name}: the trainer drew other windows than the "
-                         f"FLOP count assumed ({logged[:8]} vs {starts[:8]})")
+        raise RuntimeError(f"{variant.name}: the trainer drew other windows than the "
+                           f"FLOP count assumed ({logged[:8]} vs {starts[:8]})")
     spent = np.cumsum(flops)
-    curve = [(float(spent[r["iteration"] - 1]), r["valid full-sequence loss"])
-             for r in records if "valid full-sequence loss" in r]
+    curve = [(float(spent[r[ITERATION] - 1]), r[VALID_LOSS])
+             for r in records if VALID_LOSS in r]
     return {
         "variant": variant.name, "seed": seed, "steps": len(records),
         "compute (PFLOP)": float(spent[-1]) / 1e15,
-        "train time (s)": sum(r["step time (s)"] for r in records), "wall time (s)": wall,
+        "train time (s)": sum(r[STEP_TIME] for r in records), "wall time (s)": wall,
         "peak memory (MB)": max(r["memory (MB)"] for r in records),
-        "final lm loss": records[-1]["lm loss"],
+        "final lm loss": records[-1][LM_LOSS],
         "valid loss vs compute": curve,
         "checkpoint": os.path.join(run_dir, "checkpoint"),
     }
@@ -276,7 +306,7 @@ def score_classes(run_dir: str, background: str) -> dict:
     return {"classifier": classifier_digest(), **{key: classes.get(key) for key in keys}}
 
 
-def evaluate(args: argparse.Namespace, preset: dict, variant: Variant, row: dict,
+def evaluate(args: argparse.Namespace, preset: QualityPreset, variant: Variant, row: dict,
              valid: list[str], background: str) -> dict:
     """NLL per frame, then generated videos: class accuracy, Frechet distance, flow error.
 
@@ -288,16 +318,16 @@ def evaluate(args: argparse.Namespace, preset: dict, variant: Variant, row: dict
     py = [sys.executable, "-m"]
     nll_file = os.path.join(run_dir, "nll.json")
     _run([*py, "localopt_plugin.commands.evaluate", "nll", "--checkpoint", checkpoint,
-          "--data-path", *valid, "--num-samples", str(preset["eval_samples"]),
+          "--data-path", *valid, "--num-samples", str(preset.eval_samples),
           "--out", nll_file], os.path.join(run_dir, "nll.log"))
     with open(nll_file) as f:
         per_frame = json.load(f)["per_frame_nll"]
     result = {"valid NLL": float(np.mean(per_frame)), "NLL per frame": per_frame,
               "first-frame NLL": per_frame[0], "last-frame NLL": per_frame[-1]}
     samples = os.path.join(run_dir, "samples")
-    mode = (["--mode", "chunked", "--chunk-frames", str(preset["window"])]
+    mode = (["--mode", "chunked", "--chunk-frames", str(preset.window)]
             if variant.objective == "fewer-frames" else ["--mode", "full"])
-    per_class = args.generate_per_class or preset["generate_per_class"]
+    per_class = args.generate_per_class or preset.generate_per_class
     _run([*py, "localopt_plugin.commands.generate", "--checkpoint", checkpoint, "--out", samples,
           "--class-labels", *map(str, range(NUM_CLASSES)), "--samples-per-condition",
           str(per_class), "--top-k", "50", "--seed", str(row["seed"]), "--no-progress", *mode],
@@ -347,18 +377,18 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
 
 def run(args: argparse.Namespace) -> dict:
     if args.i3d and not args.real_videos:
-        raise SystemExit("error: --i3d needs --real-videos (the reference set for FVD)")
+        raise UserError("--i3d needs --real-videos (the reference set for FVD)")
     if bool(args.data_path) != bool(args.valid_data_path):
-        raise SystemExit("error: --data-path and --valid-data-path go together")
-    preset = dict(PRESETS[args.preset])
+        raise UserError("--data-path and --valid-data-path go together")
+    preset = PRESETS[args.preset]
     if args.full_steps:
-        preset["full_steps"] = args.full_steps
+        preset = dataclasses.replace(preset, full_steps=args.full_steps)
     variants = list(SWEEPS[args.sweep])
     if args.variants:
         unknown = set(args.variants) - {v.name for v in variants}
         if unknown:
-            raise SystemExit(f"error: unknown --variants {sorted(unknown)}; this sweep has: "
-                             f"{[v.name for v in variants]}")
+            raise UserError(f"unknown --variants {sorted(unknown)}; this sweep has: "
+                            f"{[v.name for v in variants]}")
         variants = [v for v in variants if v is variants[0] or v.name in args.variants]
     os.makedirs(args.out, exist_ok=True)
     if args.data_path:
@@ -366,14 +396,14 @@ def run(args: argparse.Namespace) -> dict:
         background = args.background or "none"
     else:
         data = make_data(args.out, preset)
-        background = args.background or preset["background"]
+        background = args.background or preset.background
     counter = FlopCounter(data[0], preset)
     rows = []
     for seed in args.seeds:
-        full_flops, _ = counter.steps(variants[0], seed, preset["full_steps"])
+        full_flops, _ = counter.steps(variants[0], seed, preset.full_steps)
         budget = float(np.sum(full_flops))
         for variant in variants:
-            steps = (preset["full_steps"] if variant is variants[0]
+            steps = (preset.full_steps if variant is variants[0]
                      else counter.steps_within(variant, seed, budget))
             row_file = os.path.join(args.out, f"seed{seed}", variant.slug, "row.json")
             if os.path.exists(row_file):  # a finished run of an interrupted bench
@@ -397,7 +427,7 @@ def run(args: argparse.Namespace) -> dict:
             with open(row_file, "w") as f:
                 json.dump(row, f, indent=2)
             rows.append(row)
-    return {"preset": args.preset, "sweep": args.sweep, "settings": preset,
+    return {"preset": args.preset, "sweep": args.sweep, "settings": dataclasses.asdict(preset),
             "seeds": args.seeds, "background": background,
             "machine": {"cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
                         "cuda": torch.cuda.is_available()},

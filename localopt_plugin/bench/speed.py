@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 
 from localopt_plugin.data.layout import SampleLayout
+from localopt_plugin.errors import UserError
 from localopt_plugin.objectives import FewerFrames, FullSequence, LocalOptimization, WindowSampler
 from localopt_plugin.platform import cuda_available, default_device
 
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
 
     preset = PRESETS[args.preset]
     if args.repeats < 3:
-        raise SystemExit("error: --repeats must be at least 3 (medians of fewer are noise)")
+        raise UserError("--repeats must be at least 3 (medians of fewer are noise)")
     layout = SampleLayout(video_start=3, num_frames=preset.frames,
                           frame_tokens=preset.frame_tokens)
     init_distributed(seed=1234)

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
+from localopt_plugin.metric_names import STEP_TIME
 from localopt_plugin.objectives import LocalOptimization, WindowSampler
 
 
@@ -108,7 +109,7 @@ def dp2_step_times(args: argparse.Namespace) -> dict:
             subprocess.run(cmd, check=True, capture_output=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
             with open(metrics) as f:
-                times = [json.loads(line)["step time (s)"] for line in f][2:]  # warm-up
+                times = [json.loads(line)[STEP_TIME] for line in f][2:]  # warm-up
             out[scope] = {"median step (s)": statistics.median(times),
                           "mean step (s)": statistics.fmean(times),
                           "steps": len(times)}

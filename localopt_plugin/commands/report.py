@@ -16,6 +16,16 @@ import os
 import sys
 from collections.abc import Sequence
 
+from localopt_plugin.metric_names import (
+    ITERATION,
+    LM_LOSS,
+    RECO_LOSS,
+    STEP_TIME,
+    TOKENS_PER_SECOND,
+    TOTAL_LOSS,
+    VALID_LOSS,
+)
+
 
 def _read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
@@ -29,20 +39,20 @@ def plot_losses(records: list[dict], out: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["iteration"] for r in records]
-    for key in ("lm loss", "reco loss", "total loss"):
+    steps = [r[ITERATION] for r in records]
+    for key in (LM_LOSS, RECO_LOSS, TOTAL_LOSS):
         if key in records[0]:
             axes[0].plot(steps, [r[key] for r in records], label=key)
-    valid = [(r["iteration"], r["valid full-sequence loss"]) for r in records
-             if "valid full-sequence loss" in r]
+    valid = [(r[ITERATION], r[VALID_LOSS]) for r in records
+             if VALID_LOSS in r]
     if valid:
-        axes[0].plot(*zip(*valid, strict=True), "o-", label="valid full-sequence loss")
+        axes[0].plot(*zip(*valid, strict=True), "o-", label=VALID_LOSS)
     axes[0].set_xlabel("iteration")
     axes[0].set_ylabel("loss")
     axes[0].set_yscale("log")
     axes[0].legend()
     axes[0].set_title("training")
-    axes[1].plot(steps, [r["video tokens/s"] for r in records])
+    axes[1].plot(steps, [r[TOKENS_PER_SECOND] for r in records])
     axes[1].set_xlabel("iteration")
     axes[1].set_ylabel("video tokens / s")
     axes[1].set_title("throughput")
@@ -128,7 +138,7 @@ def write_report(run_dir: str) -> str:
     if records:
         plot_losses(records, os.path.join(run_dir, "loss_curves.png"))
         last = records[-1]
-        total_time = sum(r["step time (s)"] for r in records)
+        total_time = sum(r[STEP_TIME] for r in records)
         lines += [
             "## Training", "",
             f"{len(records)} iterations in {total_time:.0f} s of training "

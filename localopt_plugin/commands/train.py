@@ -18,11 +18,8 @@ from localopt_plugin.platform import configure_environment
 def build_parser() -> argparse.ArgumentParser:
     from localopt_plugin.model import ModelConfig, ParallelConfig
     from localopt_plugin.model.presets import add_preset_arg
-    from localopt_plugin.training.config import (
-        add_plugin_args,
-        add_train_args,
-        add_trainer_args,
-    )
+    from localopt_plugin.plugin import add_plugin_args
+    from localopt_plugin.training.config import add_train_args, add_trainer_args
     from localopt_plugin.training.megatron_flags import add_alias_args, add_megatron_flags
 
     parser = argparse.ArgumentParser(
@@ -59,15 +56,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, explicit: set[str]) -> int:
     from localopt_plugin.model import ParallelConfig
+    from localopt_plugin.plugin import PluginConfig, keep_recorded_settings
     from localopt_plugin.training import config as train_config
+    from localopt_plugin.training.checkpoint import recorded_config
+    from localopt_plugin.training.config import RunConfig
     from localopt_plugin.training.megatron_flags import resolve_megatron_flags
 
     resolve_megatron_flags(args, explicit)  # a refused flag stops before any process group
+    notes: list[str] = []
+    if args.load and (recorded := recorded_config(args.load)) is not None:
+        notes = keep_recorded_settings(args, recorded, explicit)
+    # so does a bad window, regularizer or dataset setting (the dataset is built once)
+    source = PluginConfig.from_args(args).build(RunConfig.from_args(args).train_iters)
     if args.dry_run:
         from localopt_plugin.training.dry_run import describe
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        config, source = train_config.resolve(args, world, explicit=explicit)
+        config, source = train_config.resolve(args, world, source, explicit, tuple(notes))
         print(json.dumps(describe(config, source, world), indent=2, default=str))
         return 0
     from localopt_plugin.training.distributed import init_distributed
@@ -80,7 +85,8 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
     import torch.distributed as dist
 
     configure_logging()
-    config, source = train_config.resolve(args, dist.get_world_size(), explicit=explicit)
+    config, source = train_config.resolve(args, dist.get_world_size(), source, explicit,
+                                          tuple(notes))
     train(config, source)
     return 0
 

@@ -15,6 +15,7 @@ import torch
 
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
 from localopt_plugin.data.source import MapStyleSource, VideoTokenSource
+from localopt_plugin.errors import UserError
 from localopt_plugin.registry import register
 
 
@@ -73,9 +74,19 @@ class SyntheticConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SyntheticConfig:
-        return cls(frames=args.synthetic_frames, frame_tokens=args.synthetic_frame_tokens,
-                   codebook_size=args.synthetic_codebook_size,
-                   num_classes=args.synthetic_num_classes)
+        config = cls(frames=args.synthetic_frames, frame_tokens=args.synthetic_frame_tokens,
+                     codebook_size=args.synthetic_codebook_size,
+                     num_classes=args.synthetic_num_classes)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for flag, value, least in (("--synthetic-frames", self.frames, 1),
+                                   ("--synthetic-frame-tokens", self.frame_tokens, 1),
+                                   ("--synthetic-codebook-size", self.codebook_size, 2),
+                                   ("--synthetic-num-classes", self.num_classes, 0)):
+            if value < least:
+                raise UserError(f"{flag} must be >= {least}, got {value}")
 
 
 @register("dataset", "synthetic-video-tokens", config=SyntheticConfig)

@@ -83,13 +83,14 @@ class EmbeddingStage(_Stage):
             context = hidden.new_zeros((1, *hidden.shape[1:]))
         return hidden, context.view(_BITS[self.dtype]), positions, context_length, keep_from
 
-    def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, streams: tuple[torch.Tensor, torch.Tensor]):
+        hidden, pre_norm = streams
         logits, _ = self.output_layer(hidden, weight=self.embedding.word_embeddings.weight)
-        return logits, hidden
+        return logits, hidden, pre_norm
 
 
-def _tied_logits(module: EmbeddingStage, hidden: torch.Tensor):
-    return module.logits(hidden)
+def _tied_logits(module: EmbeddingStage, streams: tuple[torch.Tensor, torch.Tensor]):
+    return module.logits(streams)
 
 
 class TransformerLayerStage(_Stage):
@@ -137,6 +138,9 @@ class TransformerLayerStage(_Stage):
 
 
 class FinalNormStage(_Stage):
+    """The final norm; its input (the residual stream) goes on with its output, for ReCo's
+    ``pre-norm`` form (free: the norm's backward keeps that tensor anyway)."""
+
     canonical_prefix = "decoder.final_layernorm."
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig) -> None:
@@ -151,7 +155,7 @@ class FinalNormStage(_Stage):
             yield self.canonical_prefix + name, param
 
     def forward(self, inputs):
-        return self.norm(inputs[0])
+        return self.norm(inputs[0]), inputs[0]
 
 
 class OutputStage(_Stage):
@@ -168,9 +172,10 @@ class OutputStage(_Stage):
             config.hidden_size, padded, config=config, init_method=config.init_method,
             bias=False, gather_output=False)
 
-    def forward(self, hidden):
+    def forward(self, streams):
+        hidden, pre_norm = streams
         logits, _ = self.output_layer(hidden)
-        return logits, hidden
+        return logits, hidden, pre_norm
 
 
 def pipeline_layers(model: ModelConfig, parallel: ParallelConfig, vocab_size: int) -> list:

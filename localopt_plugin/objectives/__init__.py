@@ -16,10 +16,14 @@ from localopt_plugin.objectives.sequence import (
     LocalOptimization,
     Objective,
 )
-from localopt_plugin.objectives.window_sampler import WindowConfig, WindowSampler
+from localopt_plugin.objectives.window_sampler import (
+    WindowConfig,
+    WindowSampler,
+    global_micro_batch,
+)
 
 __all__ = ["FewerFrames", "FullSequence", "LocalOptimization", "Objective", "WindowConfig",
-           "WindowSampler", "build_objective"]
+           "WindowSampler", "build_objective", "global_micro_batch"]
 
 
 def build_objective(name: str, layout: SampleLayout, *, sampler: str = "first-frame-balanced",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from localopt_plugin.data.layout import SampleLayout
+from localopt_plugin.metric_names import CLIP_START, WINDOW_START
 from localopt_plugin.objectives.window_sampler import WindowSampler
 from localopt_plugin.plan import ForwardPlan, ObjectiveOutput, run_plan
 from localopt_plugin.registry import register
@@ -77,7 +78,7 @@ class LocalOptimization(Objective):
                                torch.arange(start, end, device=device)])
         return ForwardPlan(context, prefix, ids, positions, prefix,
                            tokens[:, start + 1:end + 1], first, frames,
-                           {"window start": float(first)})
+                           {WINDOW_START: float(first)})
 
     def plan(self, tokens: torch.Tensor, iteration: int = 0, micro_batch: int = 0) -> ForwardPlan:
         return self.window_plan(tokens, self.sampler.draw(iteration, micro_batch))
@@ -95,7 +96,7 @@ class FewerFrames(Objective):
         length = clip.shape[1] - 1
         return ForwardPlan(None, 0, clip[:, :-1], torch.arange(length, device=tokens.device),
                            prefix, clip[:, prefix + 1:], first, frames,
-                           {"clip start": float(first)})
+                           {CLIP_START: float(first)})
 
 
 register("objective", "full-sequence")(FullSequence.build)

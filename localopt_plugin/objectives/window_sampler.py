@@ -19,6 +19,7 @@ import argparse
 from dataclasses import dataclass
 
 import numpy as np
+from megatron.core import parallel_state
 
 from localopt_plugin.errors import UserError
 from localopt_plugin.registry import register
@@ -59,7 +60,9 @@ class WindowConfig:
         config.validate()
         return config
 
-    def validate(self) -> None:
+    def validate(self, num_frames: int | None = None) -> None:
+        """Raises :class:`UserError` naming the flag of a bad value; with ``num_frames`` (the
+        dataset's latent frames), also a window longer than the video."""
         if self.window_frames <= 0:
             raise UserError(f"--local-opt-window-frames must be positive, got "
                              f"{self.window_frames}")
@@ -72,17 +75,21 @@ class WindowConfig:
         if self.scope not in WINDOW_SCOPES:
             raise UserError(f"--local-opt-window-scope must be one of "
                              f"{', '.join(WINDOW_SCOPES)}, got {self.scope!r}")
+        if num_frames is not None and self.window_frames > num_frames:
+            raise UserError(f"--local-opt-window-frames {self.window_frames} exceeds the "
+                            f"{num_frames} latent frames of a sample")
+
+
+def global_micro_batch(accumulation_step: int) -> int:
+    """This rank's micro-batch ``accumulation_step`` as an index into the step's global batch
+    (what keys a draw; the one place every executor computes it)."""
+    return (accumulation_step * parallel_state.get_data_parallel_world_size()
+            + parallel_state.get_data_parallel_rank())
 
 
 def candidate_starts(num_frames: int, window_frames: int, stride_frames: int) -> list[int]:
-    """First frames of the candidate windows; raises ValueError on invalid settings."""
-    if window_frames <= 0:
-        raise UserError(f"--local-opt-window-frames must be positive, got {window_frames}")
-    if stride_frames <= 0:
-        raise UserError(f"--local-opt-stride-frames must be positive, got {stride_frames}")
-    if window_frames > num_frames:
-        raise UserError(f"--local-opt-window-frames {window_frames} exceeds the "
-                         f"{num_frames} latent frames of a sample")
+    """First frames of the candidate windows; raises :class:`UserError` on invalid settings."""
+    WindowConfig(window_frames, stride_frames).validate(num_frames)
     starts = list(range(0, num_frames - window_frames + 1, stride_frames))
     if starts[-1] != num_frames - window_frames:
         starts.append(num_frames - window_frames)
@@ -97,10 +104,8 @@ class WindowSampler:
 
     def __init__(self, num_frames: int, window_frames: int, stride_frames: int, seed: int,
                  first_prob: float | None = None, scope: str = "step") -> None:
-        if first_prob is not None and not 0.0 <= first_prob <= 1.0:
-            raise UserError(f"--local-opt-first-window-prob must be in [0, 1], got {first_prob}")
-        if scope not in WINDOW_SCOPES:
-            raise UserError(f"window scope must be one of {', '.join(WINDOW_SCOPES)}")
+        WindowConfig(window_frames, stride_frames, 0.0 if first_prob is None else first_prob,
+                     scope).validate(num_frames)
         self.starts = candidate_starts(num_frames, window_frames, stride_frames)
         self.window_frames, self.seed, self.first_prob = window_frames, seed, first_prob
         self.scope = scope

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from localopt_plugin.metric_names import LM_LOSS, TOTAL_LOSS
 from localopt_plugin.plan import ObjectiveOutput
 from localopt_plugin.regularizers.reco import ReCo, ReCoConfig, reco_penalty
 
@@ -15,14 +16,16 @@ __all__ = ["ReCo", "ReCoConfig", "apply_regularizers", "reco_penalty"]
 
 def apply_regularizers(out: ObjectiveOutput, regularizers,
                        iteration: int) -> tuple[torch.Tensor, dict]:
-    """The objective's loss plus every regularizer's, and the regularizers' metrics.
+    """The total loss (the objective's plus every regularizer's) and the step's metrics: LM
+    loss, the objective's and regularizers' own, total loss (detached).
 
-    One place for the sum that the DeepSpeed trainer, the pipeline's loss function and the
+    One place for what the DeepSpeed trainer, the DeepSpeed pipeline's loss function and the
     Megatron-LM loss function all compute.
     """
-    total, metrics = out.loss, {}
+    total, metrics = out.loss, {LM_LOSS: out.loss.detach(), **out.metrics}
     for regularizer in regularizers:
         reg_loss, reg_metrics = regularizer(out, iteration)
         total = total + reg_loss
         metrics.update(reg_metrics)
+    metrics[TOTAL_LOSS] = total.detach()
     return total, metrics

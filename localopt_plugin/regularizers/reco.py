@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from localopt_plugin.errors import UserError
+from localopt_plugin.metric_names import RECO_LOSS, RECO_RAW, RECO_WEIGHT
 from localopt_plugin.registry import register
 
 if TYPE_CHECKING:
@@ -106,27 +107,11 @@ class ReCo:
     def __init__(self, weight: float = 0.1, pairs: str = "adjacent-token",
                  schedule: str = "constant", warmup_iters: int = 0,
                  train_iters: int | None = None, target_ratio: float = 0.1,
-                 reduction: str = "sum", states: str = "final") -> None:
-        if not (math.isfinite(weight) and weight >= 0):
-            raise UserError(f"--reco-weight must be >= 0, got {weight}")
-        if pairs not in PAIR_MODES:
-            raise UserError(f"--reco-pairs must be one of {', '.join(PAIR_MODES)}, "
-                             f"got {pairs!r}")
-        if schedule not in SCHEDULES:
-            raise UserError(f"--reco-weight-schedule must be one of {', '.join(SCHEDULES)}, "
-                             f"got {schedule!r}")
-        if warmup_iters < 0:
-            raise UserError(f"--reco-warmup-iters must be >= 0, got {warmup_iters}")
-        if schedule == "cosine" and not (train_iters and train_iters > 0):
-            raise UserError(f"--reco-weight-schedule cosine needs --train-iters > 0, "
-                             f"got {train_iters}")
-        if not (math.isfinite(target_ratio) and target_ratio >= 0):
-            raise UserError(f"--reco-target-ratio must be >= 0, got {target_ratio}")
-        if reduction not in REDUCTIONS:
-            raise UserError(f"--reco-reduction must be one of {', '.join(REDUCTIONS)}, "
-                             f"got {reduction!r}")
-        if states not in STATES:
-            raise UserError(f"--reco-states must be one of {', '.join(STATES)}, got {states!r}")
+                 reduction: str = "sum", states: str = "pre-norm") -> None:
+        config = ReCoConfig(weight, pairs, reduction, schedule, warmup_iters, target_ratio,
+                            states)
+        config.validate()
+        config.validate_length(train_iters)
         self.weight, self.pairs, self.schedule = weight, pairs, schedule
         self.reduction, self.states = reduction, states
         self.warmup_iters, self.train_iters, self.target_ratio = (warmup_iters, train_iters,
@@ -155,8 +140,8 @@ class ReCo:
         weight: float | torch.Tensor = self.scheduled_weight(iteration)
         if weight == 0:
             # Disabled for this step: no penalty computed; "reco raw" NaN means "not computed".
-            return out.loss.new_zeros(()), {"reco loss": 0.0, "reco raw": math.nan,
-                                            "reco weight": 0.0}
+            return out.loss.new_zeros(()), {RECO_LOSS: 0.0, RECO_RAW: math.nan,
+                                            RECO_WEIGHT: 0.0}
         if out.num_frames <= 0 or out.hidden.shape[0] % out.num_frames:
             raise ValueError(f"hidden has {out.hidden.shape[0]} positions, not a whole number "
                              f"of {out.num_frames} frames")
@@ -164,24 +149,19 @@ class ReCo:
         if self.pairs == "adjacent-frame" and out.num_frames < 2:
             raise UserError("--reco-pairs adjacent-frame needs at least 2 optimized frames "
                              "(e.g. --local-opt-window-frames >= 2)")
-        hidden = out.hidden
-        if self.states == "pre-norm":
-            if out.pre_norm_hidden is None:
-                raise UserError("--reco-states pre-norm needs the residual stream before the "
-                                "final norm, which DeepSpeed pipeline stages do not expose: use "
-                                "--reco-states final or --pipeline-model-parallel-size 1")
-            hidden = out.pre_norm_hidden
+        hidden = out.pre_norm_hidden if self.states == "pre-norm" else out.hidden
         raw = reco_penalty(hidden, frame_tokens, self.pairs, self.reduction)
         if self.schedule == "adaptive":
             weight = self.adaptive_weight(out.loss, raw)
         loss = weight * raw
-        return loss, {"reco loss": loss.detach(), "reco raw": raw.detach(),
-                      "reco weight": weight}
+        return loss, {RECO_LOSS: loss.detach(), RECO_RAW: raw.detach(),
+                      RECO_WEIGHT: weight}
 
 
 @dataclass(frozen=True)
 class ReCoConfig:
-    """The ``--reco-*`` flags."""
+    """The ``--reco-*`` flags. The defaults are the form the ReCo sweep found to keep quality
+    (docs/local-optimization.md): the paper's sum and lambda on the final norm's input."""
 
     weight: float = 0.1
     pairs: str = "adjacent-token"
@@ -189,7 +169,44 @@ class ReCoConfig:
     schedule: str = "constant"
     warmup_iters: int = 0
     target_ratio: float = 0.1
-    states: str = "final"
+    states: str = "pre-norm"
+
+    # field -> the flag's dest
+    FLAGS: ClassVar[dict[str, str]] = {
+        "weight": "reco_weight", "pairs": "reco_pairs", "reduction": "reco_reduction",
+        "schedule": "reco_weight_schedule", "warmup_iters": "reco_warmup_iters",
+        "target_ratio": "reco_target_ratio", "states": "reco_states"}
+    # what a run recorded without a field trained with: ReCo acted on the final states before
+    # --reco-states existed, and --reco-states defaulted to final until the ReCo sweep
+    RECORDED_BEFORE: ClassVar[dict[str, str]] = {"states": "final"}
+
+    def validate(self) -> None:
+        """Raises :class:`UserError` naming the flag of a bad value."""
+        checks = (
+            (math.isfinite(self.weight) and self.weight >= 0,
+             f"--reco-weight must be >= 0, got {self.weight}"),
+            (self.pairs in PAIR_MODES,
+             f"--reco-pairs must be one of {', '.join(PAIR_MODES)}, got {self.pairs!r}"),
+            (self.schedule in SCHEDULES, f"--reco-weight-schedule must be one of "
+             f"{', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.warmup_iters >= 0, f"--reco-warmup-iters must be >= 0, got "
+             f"{self.warmup_iters}"),
+            (math.isfinite(self.target_ratio) and self.target_ratio >= 0,
+             f"--reco-target-ratio must be >= 0, got {self.target_ratio}"),
+            (self.reduction in REDUCTIONS, f"--reco-reduction must be one of "
+             f"{', '.join(REDUCTIONS)}, got {self.reduction!r}"),
+            (self.states in STATES,
+             f"--reco-states must be one of {', '.join(STATES)}, got {self.states!r}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def validate_length(self, train_iters: int | None) -> None:
+        """The cosine schedule decays over the run's ``train_iters``, so it needs them."""
+        if self.schedule == "cosine" and not (train_iters and train_iters > 0):
+            raise UserError(f"--reco-weight-schedule cosine needs --train-iters > 0, "
+                            f"got {train_iters}")
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -203,9 +220,10 @@ class ReCoConfig:
         g.add_argument("--reco-reduction", default="sum", choices=REDUCTIONS,
                        help="over the hidden dimension: sum (the paper's squared L2 norm; its "
                        "scale grows with the hidden size) or mean (scale-free)")
-        g.add_argument("--reco-states", default="final", choices=STATES,
-                       help="hidden states ReCo compares: final (after the final norm, what "
-                       "the output layer reads) or pre-norm (the residual stream before it)")
+        g.add_argument("--reco-states", default="pre-norm", choices=STATES,
+                       help="hidden states ReCo compares: pre-norm (the residual stream before "
+                       "the final norm; the form that kept quality in the ReCo sweep) or final "
+                       "(after the final norm, what the output layer reads)")
         g.add_argument("--reco-weight-schedule", default="constant", choices=SCHEDULES,
                        help="ReCo weight over training: constant lambda; linear-warmup 0 -> "
                        "lambda over --reco-warmup-iters; cosine lambda -> 0 over --train-iters; "
@@ -218,16 +236,15 @@ class ReCoConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ReCoConfig:
-        return cls(weight=args.reco_weight, pairs=args.reco_pairs,
-                   reduction=args.reco_reduction, schedule=args.reco_weight_schedule,
-                   warmup_iters=args.reco_warmup_iters, target_ratio=args.reco_target_ratio,
-                   states=args.reco_states)
+        config = cls(**{field: getattr(args, dest) for field, dest in cls.FLAGS.items()})
+        config.validate()  # validate_length once the run's length is known (build_reco)
+        return config
 
 
 @register("regularizer", "reco", config=ReCoConfig)
 def build_reco(config: ReCoConfig, *, train_iters: int | None = None) -> ReCo:
     """ReCo configured by the ``--reco-*`` flags (and ``--train-iters`` for ``cosine``);
-    raises ValueError naming the flag of an invalid setting."""
+    raises :class:`UserError` naming the flag of an invalid setting."""
     return ReCo(weight=config.weight, pairs=config.pairs, schedule=config.schedule,
                 warmup_iters=config.warmup_iters, train_iters=train_iters,
                 target_ratio=config.target_ratio, reduction=config.reduction,

@@ -11,6 +11,7 @@ are a function of (seed, iteration, micro-batch).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -86,6 +87,21 @@ def save_checkpoint(engine, config: TrainConfig, state: TrainState,
     dist.barrier()
     if is_rank0():
         log.info("saved checkpoint %s/%s", directory, tag)
+
+
+def recorded_config(directory: str) -> dict | None:
+    """The run configuration the latest checkpoint in ``directory`` recorded (``config``, or a
+    version 1 checkpoint's flat ``args``), read without loading its tensors; None without one."""
+    latest = os.path.join(directory, "latest")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        tag = f.read().strip()
+    files = sorted(glob.glob(os.path.join(directory, tag, "*mp_rank_00_model_states.pt")))
+    if not files:
+        return None
+    client = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    return client.get("config", client.get("args"))
 
 
 def load_checkpoint(engine, config: TrainConfig) -> TrainState:

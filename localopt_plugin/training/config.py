@@ -28,7 +28,7 @@ from localopt_plugin.model.config import (
     from_dict,
     padded_vocab_size,
 )
-from localopt_plugin.objectives import WindowConfig, build_objective
+from localopt_plugin.plugin import PluginConfig
 
 CONFIG_VERSION = 2  # 1: the flags as a flat dict under "args" (before typed configs)
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
@@ -249,24 +249,6 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="overrides zero_optimization.stage of the JSON")
 
 
-def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The plugin's own flags: component choices and every registered component's flags
-    (windows, ReCo, datasets). Usable as Megatron-LM's ``extra_args_provider``."""
-    g = parser.add_argument_group("localopt-plugin")
-    g.add_argument("--objective", default="full-sequence",
-                   help="training loss, a registered objective: "
-                   "full-sequence | local-opt | fewer-frames | ...")
-    g.add_argument("--regularizer", nargs="*", default=[],
-                   help="registered regularizers added to the loss, e.g. reco")
-    g.add_argument("--dataset", default=None,
-                   help="registered dataset providing video-token samples (default: video-wds "
-                   "with --data-path, else synthetic-video-tokens)")
-    g.add_argument("--window-sampler", default="first-frame-balanced",
-                   help="registered window sampler for local-opt / fewer-frames")
-    registry.add_component_args(parser)
-    return parser
-
-
 def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of localopt-train itself (Megatron-LM has its own logging and checks)."""
     g = parser.add_argument_group("localopt-train")
@@ -292,13 +274,7 @@ class TrainConfig:
     parallel: ParallelConfig
     optimizer: OptimizerConfig
     run: RunConfig
-    objective: str
-    window_sampler: str
-    window: WindowConfig
-    dataset: str
-    dataset_config: Any = None
-    objective_config: Any = None
-    regularizers: tuple[tuple[str, Any], ...] = ()
+    plugin: PluginConfig
     seq_length: int = 0
     data_parallel_size: int = 1
     micro_batch_size: int = 2
@@ -313,14 +289,15 @@ class TrainConfig:
             return json.loads(json.dumps(
                 dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value,
                 default=str))
+        plugin = self.plugin
         return {
             "version": CONFIG_VERSION,
             "model": plain(self.model), "parallel": plain(self.parallel),
             "optimizer": plain(self.optimizer), "run": plain(self.run),
-            "objective": self.objective, "objective_config": plain(self.objective_config),
-            "window_sampler": self.window_sampler, "window": plain(self.window),
-            "dataset": self.dataset, "dataset_config": plain(self.dataset_config),
-            "regularizers": [[name, plain(cfg)] for name, cfg in self.regularizers],
+            "objective": plugin.objective, "objective_config": plain(plugin.objective_config),
+            "window_sampler": plugin.window_sampler, "window": plain(plugin.window),
+            "dataset": plugin.dataset, "dataset_config": plain(plugin.dataset_config),
+            "regularizers": [[name, plain(cfg)] for name, cfg in plugin.regularizers],
             "seq_length": self.seq_length, "data_parallel_size": self.data_parallel_size,
             "micro_batch_size": self.micro_batch_size,
             "global_batch_size": self.global_batch_size,
@@ -338,42 +315,27 @@ class TrainConfig:
             self.seq_length))
 
     def build_objective(self, layout):
-        return build_objective(self.objective, layout, sampler=self.window_sampler,
-                               window=self.window, config=self.objective_config,
-                               seed=self.run.seed)
+        return self.plugin.build_objective(layout)
 
     def build_regularizers(self) -> list:
-        return [registry.build("regularizer", name, cfg, train_iters=self.run.train_iters)
-                for name, cfg in self.regularizers]
-
-
-def _component(kind: str, name: str, args: argparse.Namespace) -> Any:
-    try:
-        return registry.config_from_args(kind, name, args)
-    except registry.UnknownComponentError as err:
-        raise UserError(str(err)) from None
-
-
-def build_dataset(name: str, config: Any, seed: int) -> VideoTokenSource:
-    try:
-        return registry.build("dataset", name, config, seed=seed)
-    except registry.UnknownComponentError as err:
-        raise UserError(str(err)) from None
+        return self.plugin.build_regularizers(self.run.train_iters)
 
 
 def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource | None = None,
-            explicit: set[str] = frozenset()) -> tuple[TrainConfig, VideoTokenSource]:
+            explicit: set[str] = frozenset(),
+            notes: tuple[str, ...] = ()) -> tuple[TrainConfig, VideoTokenSource]:
     """Flags -> configs, the dataset (manifests read, no samples) and the derived values.
 
     ``explicit``: dests of the flags given on the command line (see
-    :func:`~localopt_plugin.training.deepspeed_config.reconcile_deepspeed`).
+    :func:`~localopt_plugin.training.deepspeed_config.reconcile_deepspeed`); ``notes``: what
+    the caller changed in ``args`` before (e.g. a resumed checkpoint's kept settings).
     Raises :class:`UserError` naming the flag, file or JSON key to change.
     """
     from localopt_plugin.training.deepspeed_config import reconcile_deepspeed
     from localopt_plugin.training.megatron_flags import resolve_megatron_flags
 
-    flag_notes = resolve_megatron_flags(args, explicit)
-    args.dataset = dataset_name(args)
+    flag_notes = [*resolve_megatron_flags(args, explicit), *notes]
+    plugin = PluginConfig.from_args(args)
     model = ModelConfig.from_args(args)
     parallel = ParallelConfig.from_args(args)
     parallel.check_model(model)
@@ -389,13 +351,8 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
                         "--recompute-granularity selective with pipeline parallelism")
     run = RunConfig.from_args(args)
     optimizer = OptimizerConfig.from_args(args)
-    objective_config = _component("objective", args.objective, args)
-    window = _component("window_sampler", args.window_sampler, args) or WindowConfig()
-    regularizers = tuple((name, _component("regularizer", name, args))
-                         for name in args.regularizer)
-    dataset_config = _component("dataset", args.dataset, args)
     if source is None:
-        source = build_dataset(args.dataset, dataset_config, run.seed)
+        source = plugin.build_dataset()
     _check_tokenizer(getattr(args, "tokenizer", None), source)
 
     layout = source.layout
@@ -426,48 +383,19 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
         model=dataclasses.replace(model, bf16=ds.bf16, fp16=ds.fp16),
         parallel=parallel,
         optimizer=dataclasses.replace(optimizer, clip_grad=ds.clip_grad),
-        run=run, objective=args.objective, window_sampler=args.window_sampler,
-        window=window, dataset=args.dataset, dataset_config=dataset_config,
-        objective_config=objective_config, regularizers=regularizers,
-        seq_length=seq_length, data_parallel_size=dp,
+        run=run, plugin=plugin, seq_length=seq_length, data_parallel_size=dp,
         micro_batch_size=ds.micro_batch_size, global_batch_size=ds.global_batch_size,
         gradient_accumulation_steps=ds.gradient_accumulation_steps, deepspeed=ds,
         flag_notes=tuple(flag_notes))
-    objective = config.build_objective(layout)  # window settings against the video length
-    config.build_regularizers()  # the regularizers' own checks
-    if parallel.pipeline_model_parallel_size > 1 and any(
-            getattr(cfg, "states", "final") == "pre-norm" for _, cfg in regularizers):
-        raise UserError("--reco-states pre-norm needs the residual stream before the final "
-                        "norm, which DeepSpeed pipeline stages do not pass on: use --reco-states "
-                        "final or --pipeline-model-parallel-size 1")
-    if (getattr(objective, "sampler", None) is not None and window.scope == "micro-batch"
+    objective = plugin.build_objective(layout)  # windows against the video length
+    config.build_regularizers()
+    if (getattr(objective, "sampler", None) is not None and plugin.window.scope == "micro-batch"
             and ds.config["zero_optimization"]["stage"] == 3 and dp > 1):
         raise UserError("ZeRO-3 gathers parameters module by module on every rank at once, so "
                         "all ranks must run the same passes; with --local-opt-window-scope "
                         "micro-batch they draw different windows: use "
                         "--local-opt-window-scope step or --zero-stage 1/2")
     return config, source
-
-
-def dataset_name(args: argparse.Namespace) -> str:
-    """``--dataset``, or its default: video-wds when ``--data-path`` is given (Megatron's
-    meaning: data), else the built-in synthetic tokens. A dataset that reads no
-    ``--data-path`` is refused together with one."""
-    name = args.dataset or ("video-wds" if args.data_path else "synthetic-video-tokens")
-    try:
-        config = registry.get("dataset", name).config
-    except registry.UnknownComponentError as err:
-        raise UserError(str(err)) from None
-    reads_paths = config is not None and "data_path" in {
-        f.name for f in dataclasses.fields(config)}
-    if not reads_paths:
-        given = [flag for flag, value in (("--data-path", args.data_path),
-                                          ("--valid-data-path", args.valid_data_path)) if value]
-        if given:
-            raise UserError(f"--dataset {name} does not read {' or '.join(given)}: use "
-                            f"--dataset video-wds (the default with --data-path) or drop "
-                            f"{' and '.join(given)}")
-    return name
 
 
 def _check_tokenizer(name: str | None, source: VideoTokenSource) -> None:

@@ -101,17 +101,5 @@ class MegatronMpu:
         return getattr(self._ps, name)
 
 
-def data_parallel_rank() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_rank()
-
-
-def data_parallel_size() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_world_size()
-
-
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -74,18 +74,19 @@ def schedule(config: TrainConfig) -> dict:
 
 def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> dict:
     """What the run would do, from its resolved configuration."""
-    parallel, model = config.parallel, config.model
+    parallel, model, plugin = config.parallel, config.model, config.plugin
     return {
         "world size": world_size,
         "parallel layout (tp, pp, dp)": [parallel.tensor_model_parallel_size,
                                          parallel.pipeline_model_parallel_size,
                                          config.data_parallel_size],
-        "objective": config.objective,
-        "window": dataclasses.asdict(config.window),
-        "regularizers": [name for name, _ in config.regularizers],
-        "dataset": config.dataset,
-        "dataset config": (dataclasses.asdict(config.dataset_config)
-                           if dataclasses.is_dataclass(config.dataset_config) else None),
+        "objective": plugin.objective,
+        "window": dataclasses.asdict(plugin.window),
+        "regularizers": {name: (dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg)
+                                else None) for name, cfg in plugin.regularizers},
+        "dataset": plugin.dataset,
+        "dataset config": (dataclasses.asdict(plugin.dataset_config)
+                           if dataclasses.is_dataclass(plugin.dataset_config) else None),
         "sample layout": dataclasses.asdict(source.layout),
         "vocabulary": source.vocab.size,
         "seq length": config.seq_length,

@@ -20,6 +20,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from localopt_plugin.data.source import VideoTokenSource
+from localopt_plugin.metric_names import (
+    GLOBAL_BATCH,
+    GRAD_NORM,
+    ITERATION,
+    LEARNING_RATE,
+    SKIPPED_SAMPLES,
+    STEP_TIME,
+    TOKENS_PER_SECOND,
+    VALID_LOSS,
+    VALID_PPL,
+)
 from localopt_plugin.model import build_gpt_model
 from localopt_plugin.platform import cuda_available
 from localopt_plugin.training.checkpoint import (
@@ -75,8 +86,10 @@ def setup(config: TrainConfig, source: VideoTokenSource) -> Trainer:
             deepspeed.zero.register_external_parameter(
                 model.output_layer, model.shared_embedding_or_output_weight())
     groups = param_groups(module)
-    for note in config.deepspeed.notes:
-        if is_rank0():
+    if is_rank0():
+        for note in config.flag_notes:
+            log.info("flags: %s", note)
+        for note in config.deepspeed.notes:
             log.info("DeepSpeed config: %s", note)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
@@ -110,7 +123,7 @@ def skipped_samples(source: VideoTokenSource) -> Counter[str]:
 
 
 def _skip_metrics(total: Counter[str]) -> dict[str, float]:
-    return {"skipped samples": float(sum(total.values())),
+    return {SKIPPED_SAMPLES: float(sum(total.values())),
             **{f"skipped: {reason}": float(n) for reason, n in sorted(total.items())}}
 
 
@@ -134,7 +147,7 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
             record = pipeline_step(engine, stream, trainer.objective, config, state.iteration)
         else:
             record = data_parallel_step(engine, stream, config, state.iteration)
-        grad_norm = record.pop("grad norm")
+        grad_norm = record.pop(GRAD_NORM)
         names = sorted(record)
         averaged = torch.tensor([record[k] for k in names], dtype=torch.float64)
         dist.all_reduce(averaged, group=parallel_state.get_data_parallel_group())
@@ -144,19 +157,18 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
         step_time = time.perf_counter() - start
         record = dict(zip(names, averaged.tolist(), strict=True))
         record.update({
-            "iteration": state.iteration,
-            "lr": trainer.scheduler.get_last_lr()[0],
-            "grad norm": float("nan") if grad_norm is None else float(grad_norm),
-            "step time (s)": step_time,
-            "global batch size": config.global_batch_size,
-            "video tokens/s": config.global_batch_size * tokens_per_sample / step_time,
+            ITERATION: state.iteration,
+            LEARNING_RATE: trainer.scheduler.get_last_lr()[0],
+            GRAD_NORM: float("nan") if grad_norm is None else float(grad_norm),
+            STEP_TIME: step_time,
+            GLOBAL_BATCH: config.global_batch_size,
+            TOKENS_PER_SECOND: config.global_batch_size * tokens_per_sample / step_time,
         })
         if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
             record.update(_skip_metrics(skipped_samples(source)))
         if run.eval_interval and state.iteration % run.eval_interval == 0:
-            record["valid full-sequence loss"] = evaluate(engine, source, config)
-            record["valid full-sequence ppl"] = math.exp(min(20.0, record[
-                "valid full-sequence loss"]))
+            record[VALID_LOSS] = evaluate(engine, source, config)
+            record[VALID_PPL] = math.exp(min(20.0, record[VALID_LOSS]))
         history.append(record)
         logger.log(record)
         if run.save and run.save_interval and state.iteration % run.save_interval == 0:

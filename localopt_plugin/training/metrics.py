@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from localopt_plugin.metric_names import ITERATION, VALID_LOSS
 from localopt_plugin.platform import cuda_available
 from localopt_plugin.training.distributed import is_rank0
 
@@ -52,11 +53,11 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        iteration = record["iteration"]
+        iteration = record[ITERATION]
         record["memory (MB)"] = peak_memory_mb()
         if self.writer is not None:
             for key, value in record.items():
-                if key != "iteration":
+                if key != ITERATION:
                     self.writer.add_scalar(key, value, iteration)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
@@ -64,7 +65,7 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record.get('lm loss', float('nan')):.4f}")
-        if iteration % self.interval == 0 or "valid full-sequence loss" in record:
+        if iteration % self.interval == 0 or VALID_LOSS in record:
             text = " | ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in record.items()

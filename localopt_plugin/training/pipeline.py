@@ -16,7 +16,7 @@ from megatron.core import parallel_state, tensor_parallel
 from localopt_plugin.model import ModelConfig, ParallelConfig, transformer_config
 from localopt_plugin.model.init import initialize_parameters
 from localopt_plugin.model.pipeline import pipeline_layers, stage_parameters
-from localopt_plugin.plan import ForwardPlan, ObjectiveOutput
+from localopt_plugin.plan import ForwardPlan, objective_output
 from localopt_plugin.regularizers import apply_regularizers
 
 
@@ -33,18 +33,16 @@ class PipelineLoss:
         self.metrics: list[dict[str, float]] = []
 
     def __call__(self, outputs, labels):
-        logits, hidden = outputs
+        logits, hidden, pre_norm = outputs
         target, meta = labels
         loss_from, first_frame, num_frames = (int(x) for x in meta)
         losses = tensor_parallel.vocab_parallel_cross_entropy(
             logits[loss_from:].float(), target.t().contiguous())
-        lm_loss = losses.mean()
         if self.evaluating:
-            return lm_loss
-        out = ObjectiveOutput(lm_loss, hidden[loss_from:], target.numel(), first_frame,
-                              num_frames)
-        total, reg_metrics = apply_regularizers(out, self.regularizers, self.iteration)
-        metrics = {"lm loss": lm_loss.detach(), **reg_metrics, "total loss": total.detach()}
+            return losses.mean()
+        out = objective_output(losses, hidden[loss_from:], pre_norm[loss_from:], first_frame,
+                               num_frames)
+        total, metrics = apply_regularizers(out, self.regularizers, self.iteration)
         self.metrics.append({k: float(v) for k, v in metrics.items()})
         return total
 

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from localopt_plugin.data.source import VideoTokenSource
-from localopt_plugin.objectives import FullSequence
+from localopt_plugin.metric_names import GRAD_NORM
+from localopt_plugin.objectives import FullSequence, global_micro_batch
 from localopt_plugin.platform import default_device
 from localopt_plugin.regularizers import apply_regularizers
 from localopt_plugin.training.config import TrainConfig
@@ -34,15 +35,8 @@ class TrainingStep(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, iteration: int, micro_batch: int):
         out = self.objective(self.model, tokens, iteration, micro_batch)
-        total, reg_metrics = apply_regularizers(out, self.regularizers, iteration)
-        return total, {"lm loss": out.loss.detach(), **out.metrics, **reg_metrics}, (
-            out.num_tokens)
-
-
-def global_micro_batch(accumulation_step: int) -> int:
-    """The index of this rank's micro-batch in the step's global batch."""
-    return (accumulation_step * parallel_state.get_data_parallel_world_size()
-            + parallel_state.get_data_parallel_rank())
+        total, metrics = apply_regularizers(out, self.regularizers, iteration)
+        return total, metrics, out.num_tokens
 
 
 def is_pipeline(engine) -> bool:
@@ -77,11 +71,10 @@ def data_parallel_step(engine, stream, config: TrainConfig, iteration: int) -> d
         if micro == steps - 1:
             grad_norm = _grad_norm_before_step(engine)
         engine.step()
-        metrics["total loss"] = loss.detach()
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
     record = {k: v / steps for k, v in sums.items()}
-    record["grad norm"] = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
+    record[GRAD_NORM] = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
     return record
 
 
@@ -102,7 +95,7 @@ def pipeline_step(engine, stream, objective, config: TrainConfig,
     dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                group=parallel_state.get_pipeline_model_parallel_group())
     record = box[0]
-    record["grad norm"] = engine.get_global_grad_norm()
+    record[GRAD_NORM] = engine.get_global_grad_norm()
     return record
 
 

@@ -33,6 +33,7 @@ def main(out_dir: str, objectives: list[str]) -> None:
     results = {}
     for objective in objectives:
         args = tiny_args("--objective", objective, "--regularizer", "reco",
+                         "--reco-states", "pre-norm", "--local-opt-window-scope", "micro-batch",
                          "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2")
         layout = video_source(args).layout
         args.seq_length = layout.label_span(0, layout.num_frames)[1]  # full-sequence length
@@ -40,8 +41,8 @@ def main(out_dir: str, objectives: list[str]) -> None:
         model = build_model(args, config,
                             video_source(args).vocab.size, pre_process=rank == 0,
                             post_process=rank == 1)
-        # fewer-frames sends shorter sequences than --seq-length between the stages
-        model.config.variable_seq_lengths = objective == "fewer-frames"
+        # as model_provider does: the rows crossing stages vary with the window
+        model.config.variable_seq_lengths = objective != "full-sequence"
         train, _, _ = build_datasets(args)
         reports = get_forward_backward_func()(
             forward_step_func=LocalOptForwardStep(args), data_iterator=train, model=[model],

@@ -14,7 +14,7 @@ from helpers.launch import REPO, run_train
 pytestmark = pytest.mark.slow
 
 LOCAL_OPT = ("--objective", "local-opt", "--local-opt-window-scope", "micro-batch",
-             "--regularizer", "reco", "--reco-reduction", "mean")
+             "--regularizer", "reco", "--reco-reduction", "mean", "--reco-states", "pre-norm")
 # Megatron pads the vocabulary to a multiple of divisible-by x TP; pad every run to the same size
 # so that TP=1 and TP=2 start from the same weights.
 SAME_VOCAB = ("--make-vocab-size-divisible-by", "64")
@@ -77,13 +77,14 @@ def test_bf16_and_tensorboard(tmp_path):
                          ids=["full-sequence", "local-opt+reco"])
 def test_pipeline_and_tensor_parallel_match_single_process(tmp_path, dist_world_of_one,
                                                            objective):
-    """PP=2 (DeepSpeed PipelineModule of Megatron layers) and TP=2 (Megatron parallel_state,
+    """PP=2 (DeepSpeed PipelineModule of Megatron layers; ReCo on the final norm's input, which
+    the last stage receives) and TP=2 (Megatron parallel_state,
     gated MLP and query groups split over ranks) against one process, same global batch;
     layout-independent init makes them comparable. Their checkpoints convert to GPTModels that
     generate the single process's tokens."""
     flags = (*PRESET_TRAIN_FLAGS, *objective, "--zero-stage", "1", *SAME_VOCAB,
              "--eval-interval", "6", "--eval-iters", "2")
-    keys = ["lm loss", "total loss", "valid full-sequence loss"]
+    keys = ["lm loss", "reco loss", "total loss", "valid full-sequence loss"]
     single = run_train(tmp_path, *flags, "--save", str(tmp_path / "ckpt-single"), name="single")
     for layout in (("--pipeline-model-parallel-size", "2"), ("--tensor-model-parallel-size", "2")):
         name = "-".join(layout).strip("-")

@@ -52,7 +52,9 @@ def test_scripts_dry_run(shards, tmp_path, script, model, low, high):
     summary = _dry_run(script, env)
     assert summary["world size"] == world
     assert summary["parallel layout (tp, pp, dp)"] == [2, 1, world // 2]
-    assert summary["objective"] == "local-opt" and summary["regularizers"] == ["reco"]
+    assert summary["objective"] == "local-opt" and list(summary["regularizers"]) == ["reco"]
+    reco = summary["regularizers"]["reco"]  # the scripts train ReCo's best-known form
+    assert (reco["states"], reco["reduction"], reco["weight"]) == ("pre-norm", "sum", 0.1)
     ds = summary["deepspeed"]
     assert ds["train_batch_size"] == 64 and ds["bf16"]["enabled"]
     assert ds["gradient_accumulation_steps"] == 64 // (2 * world // 2)

@@ -107,7 +107,9 @@ def test_pp1_schedule_matches_training_step(dist_world_of_one, tmp_path, flags):
 
 
 def test_pp2_schedule_over_gloo_matches_single_process(dist_world_of_one, tmp_path):
-    objectives = ["full-sequence", "fewer-frames"]
+    """Megatron-Core's own 1F1B schedule over 2 gloo ranks: Local Opt. (both streams in one
+    tensor), fewer-frames and full-sequence give the single process's losses and gradients."""
+    objectives = ["full-sequence", "fewer-frames", "local-opt"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(REPO / "tests" / "helpers" / "megatron_lm_pp_worker.py"), str(tmp_path), *objectives]
     proc = subprocess.run(cmd, cwd=REPO / "tests", env=subprocess_env(), capture_output=True,
@@ -116,10 +118,13 @@ def test_pp2_schedule_over_gloo_matches_single_process(dist_world_of_one, tmp_pa
     stages = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for objective in objectives:
         args = tiny_args("--objective", objective, "--regularizer", "reco",
+                         "--reco-states", "pre-norm", "--local-opt-window-scope", "micro-batch",
                          "--micro-batch-size", "2")
         stream = build_datasets(args)[0]
         batches = [next(stream) for _ in range(MICRO_BATCHES)]
         expected, expected_grads = reference(args, batches, 0)
+        if objective == "local-opt":  # a window after its context crossed the stages
+            assert max(ref["window start"] for ref in expected) > 0
         assert stages[0][objective]["reports"] == []  # only the last stage computes losses
         reports = stages[1][objective]["reports"]
         assert len(reports) == MICRO_BATCHES

@@ -17,10 +17,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import launch
 from helpers.launch import REPO, TRAIN_MODULE, subprocess_env
 
 from localopt_plugin.model.presets import megatron_flags
+from localopt_plugin.objectives import WindowSampler
 
 pytestmark = pytest.mark.slow
 
@@ -98,8 +100,9 @@ def _megatron_losses(stdout: str, key: str) -> list[float]:
 
 
 def _run_both(python, shards, tmp_path, nproc, *extra, valid=False, env=None, megatron=(),
-              localopt=()):
-    """Both trainers with the same flags (plus ``megatron`` / ``localopt`` for one of them)."""
+              localopt=(), localopt_nproc=None):
+    """Both trainers with the same flags (plus ``megatron`` / ``localopt`` for one of them),
+    on ``nproc`` processes (``localopt_nproc`` for localopt-train when it differs)."""
     flags = (*COMMON, *_layout_flags(python, shards["train"]), *extra)
     # with validation data Megatron-LM wants its splits named: --train-data-path
     train = "--train-data-path" if valid else "--data-path"
@@ -108,7 +111,8 @@ def _run_both(python, shards, tmp_path, nproc, *extra, valid=False, env=None, me
                          *flags, *megatron, train, shards["train"], *valid_data,
                          *MEGATRON_ONLY, env=env)
     metrics = tmp_path / f"localopt-{nproc}.jsonl"
-    _torchrun(python, nproc, "-m", TRAIN_MODULE, *flags, *localopt, "--data-path",
+    _torchrun(python, localopt_nproc or nproc, "-m", TRAIN_MODULE, *flags, *localopt,
+              "--data-path",
               shards["train"], *valid_data, "--metrics-file", str(metrics), "--log-interval", "1")
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     return megatron.stdout + megatron.stderr, records
@@ -143,19 +147,90 @@ def test_pretrain_validation_reports_the_full_sequence_loss(megatron_lm_python, 
     assert got == pytest.approx(want, rel=1e-4)
 
 
+# Megatron's interleaved pipeline schedule: 4 layers as 2 virtual stages of 1 layer per rank
+INTERLEAVED = ("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+               "1")
+
+
+def test_pipeline_schedules_give_the_single_stage_losses(megatron_lm_python, shards):
+    """Local Opt. + ReCo (pre-norm, sum) under Megatron-LM's own pipeline schedules, 1F1B (PP=2)
+    and interleaved (2 virtual stages per rank), at the shipped architecture: per-iteration
+    losses equal one process's, in fp32. Windows with context cross the stages: the draws of
+    these iterations include starts after frame 0."""
+    flags = (*COMMON, *_layout_flags(megatron_lm_python, shards["train"]), "--num-layers", "4",
+             "--train-iters", "4", "--reco-states", "pre-norm", "--reco-reduction", "sum",
+             "--eval-interval", "1000", "--eval-iters", "1", "--data-path", shards["train"],
+             *MEGATRON_ONLY)
+    script = str(REPO / "examples" / "pretrain_video_gpt.py")
+    logs = {name: _torchrun(megatron_lm_python, nproc, script, *flags, *layout).stdout
+            for name, nproc, layout in (("pp1", 1, ()),
+                                        ("pp2", 2, ("--pipeline-model-parallel-size", "2")),
+                                        ("interleaved", 2, INTERLEAVED))}
+    sampler = WindowSampler(5, 2, 1, seed=1234, first_prob=0.5)
+    assert any(sampler.draw(iteration, 0) > 0 for iteration in range(4))
+    for key in ("lm loss", "reco loss"):
+        want = _megatron_losses(logs["pp1"], key)
+        assert len(want) == 4 and all(v > 0 for v in want), logs["pp1"][-3000:]
+        for name in ("pp2", "interleaved"):
+            assert _megatron_losses(logs[name], key) == pytest.approx(want, rel=1e-5), name
+
+
 @pytest.mark.parametrize("version", ["0.17.1", "0.18.2"])
 def test_pretrain_on_earlier_megatron_lm_versions(megatron_lm_python, shards, tmp_path,
                                                   version):
-    """The same pretrain() call on megatron-core 0.17 and 0.18 (put first on PYTHONPATH) gives
-    localopt-train's losses on that version, as 0.19 does."""
+    """The same pretrain() call on megatron-core 0.17 and 0.18 (put first on PYTHONPATH), here
+    under Megatron's interleaved pipeline schedule (2 stages x 2 virtual stages), gives the
+    losses of localopt-train in one process (the same single data-parallel rank) on that
+    version, as 0.19 does."""
     target = Path(megatron_lm_python).parents[1] / f"megatron-core-{version}"
     if not (target / "megatron").is_dir():
         pytest.fail(f"{target} missing: run tools/setup_megatron_lm_env.sh")
     env = {"PYTHONPATH": os.pathsep.join([str(target), str(REPO / "tests")])}
-    extra = ("--eval-interval", "1000", "--eval-iters", "1", "--train-iters", "6")
-    log, records = _run_both(megatron_lm_python, shards, tmp_path, 2, *extra, env=env)
+    extra = ("--eval-interval", "1000", "--eval-iters", "1", "--train-iters", "6",
+             "--num-layers", "4")
+    log, records = _run_both(megatron_lm_python, shards, tmp_path, 2, *extra, env=env,
+                             megatron=INTERLEAVED, localopt_nproc=1)
     assert f"megatron-core {version}" in log
     for key in ("lm loss", "reco loss"):
         got = _megatron_losses(log, key)
         assert len(got) == 6, log[-3000:]
         assert got == pytest.approx([r[key] for r in records], rel=1e-4), key
+
+
+def test_one_configuration_road_gives_both_trainers_the_same_first_step(megatron_lm_python,
+                                                                        shards, tmp_path):
+    """The same flags through localopt-train (DeepSpeed, ZeRO-0, one process) and through
+    pretrain() (one process): the same first-iteration loss and gradients. One plain SGD step
+    with learning rate 1 makes each trainer's gradient its checkpoint's weight change. Seed
+    1235 draws a window with context (start 2) at iteration 0."""
+    assert WindowSampler(5, 2, 1, seed=1235, first_prob=0.5).draw(0, 0) == 2
+    flags = (*megatron_flags("test"), *_layout_flags(megatron_lm_python, shards["train"]),
+             "--micro-batch-size", "1", "--global-batch-size", "2", "--optimizer", "sgd",
+             "--sgd-momentum", "0", "--lr", "1", "--lr-decay-style", "constant",
+             "--weight-decay", "0", "--clip-grad", "0", "--seed", "1235",
+             "--objective", "local-opt", "--regularizer", "reco", "--dataset", "video-wds",
+             "--data-num-workers", "0", "--data-path", shards["train"], "--log-interval", "1")
+    megatron = _torchrun(megatron_lm_python, 1, str(REPO / "examples" / "pretrain_video_gpt.py"),
+                         *flags, *MEGATRON_ONLY, "--train-iters", "1", "--save",
+                         str(tmp_path / "megatron"), "--save-interval", "1", "--ckpt-format",
+                         "torch", "--no-save-optim", "--no-save-rng", "--eval-interval", "1000",
+                         "--eval-iters", "1")
+    for iters in (0, 1):
+        _torchrun(megatron_lm_python, 1, "-m", TRAIN_MODULE, *flags, "--train-iters",
+                  str(iters), "--save", str(tmp_path / f"localopt-{iters}"), "--metrics-file",
+                  str(tmp_path / "metrics.jsonl"))
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["window start"] == 2
+    assert _megatron_losses(megatron.stdout, "lm loss") == pytest.approx([record["lm loss"]],
+                                                                         rel=1e-5)
+    out = tmp_path / "grads.pt"
+    subprocess.run([megatron_lm_python, str(REPO / "tests" / "helpers" / "first_step_grads.py"),
+                    str(tmp_path / "localopt-0"), str(tmp_path / "localopt-1"),
+                    str(tmp_path / "megatron"), str(out)], cwd=REPO, env=subprocess_env(),
+                   check=True, capture_output=True)
+    grads = torch.load(out)
+    assert len(grads["pretrain"]) == 15  # every weight of the 2-layer preset
+    for name, grad in grads["localopt-train"].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads["pretrain"][name], grad, rtol=1e-5, atol=1e-8,
+                                   msg=name)

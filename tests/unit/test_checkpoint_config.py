@@ -56,3 +56,26 @@ def test_todays_config_round_trips_and_tolerates_added_and_removed_fields():
     name, dataset = dataset_from_saved(saved)
     assert name == "synthetic-video-tokens" and dataset.frames == 3
     assert isinstance(config.model, ModelConfig) and config.seq_length == 3 + 3 * 64 - 1 + 1
+
+
+V1_FLAGS = ("--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--synthetic-frames", "3", "--synthetic-frame-tokens", "8",
+            "--synthetic-codebook-size", "32", "--synthetic-num-classes", "4",
+            "--objective", "local-opt", "--regularizer", "reco", "--load", str(V1))
+
+
+def test_a_resumed_run_keeps_the_reco_form_its_checkpoint_trained_with():
+    """The version 1 checkpoint trained ReCo on the final states (before --reco-states
+    existed); resuming it without --reco-states keeps that, saying so; the flag changes it; a
+    fresh run gets today's default, the pre-norm form."""
+    from helpers.launch import dry_run
+
+    status, resumed, _ = dry_run(list(V1_FLAGS))
+    assert status == 0 and resumed["regularizers"]["reco"]["states"] == "final"
+    assert any(note.startswith("--reco-states final: the checkpoint's setting")
+               for note in resumed["flag notes"])
+    status, changed, _ = dry_run([*V1_FLAGS, "--reco-states", "pre-norm"])
+    assert status == 0 and changed["regularizers"]["reco"]["states"] == "pre-norm"
+    assert not any("--reco-states" in note for note in changed["flag notes"])
+    status, fresh, _ = dry_run(list(V1_FLAGS[:-2]))
+    assert status == 0 and fresh["regularizers"]["reco"]["states"] == "pre-norm"

@@ -1,5 +1,5 @@
 """The tree shows the architecture: a module imports only from its own layer and lower ones
-(core -> data -> model -> plan/objectives/regularizers -> executors -> commands)."""
+(core -> data -> model -> plan/objectives/regularizers/plugin config -> executors -> commands)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "localopt_plugin"
 # top-level module or package of localopt_plugin -> its layer
 LAYERS = {
-    "registry": 0, "platform": 0, "errors": 0,
+    "registry": 0, "platform": 0, "errors": 0, "metric_names": 0,
     "data": 1, "video": 1, "tokenizers": 1,
     "model": 2,
-    "plan": 3, "objectives": 3, "regularizers": 3,
+    "plan": 3, "objectives": 3, "regularizers": 3, "plugin": 3,
     "training": 4, "megatron_lm": 4, "generation": 4, "evaluation": 4, "preprocess": 4,
     "bench": 4,
     "commands": 5,

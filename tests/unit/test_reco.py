@@ -128,7 +128,8 @@ def fake_output(seed: int = 0, frames: int = FRAMES):
     hidden = torch.randn(frames * P, B, H, requires_grad=True)
     ce_param = torch.tensor(2.0, requires_grad=True)
     ce = ce_param * 2.5
-    return ObjectiveOutput(ce, hidden, frames * P * B, 0, frames), ce_param
+    # the same states before and after the final norm: the formula tests hold for both forms
+    return ObjectiveOutput(ce, hidden, hidden, frames * P * B, 0, frames), ce_param
 
 
 def test_linear_warmup_and_cosine_follow_their_formulas():
@@ -185,7 +186,8 @@ def test_adaptive_weight_is_capped():
     target = 10 * ADAPTIVE_CAP * 0.1 * raw / 5.0  # would need 10x the cap
     _, metrics = ReCo(weight=0.1, schedule="adaptive", target_ratio=target)(out, 0)
     assert float(metrics["reco weight"]) == pytest.approx(ADAPTIVE_CAP * 0.1)
-    flat = ObjectiveOutput(out.loss, torch.ones(FRAMES * P, B, H), 1, 0, FRAMES)
+    ones = torch.ones(FRAMES * P, B, H)
+    flat = ObjectiveOutput(out.loss, ones, ones, 1, 0, FRAMES)
     loss, metrics = ReCo(weight=0.1, schedule="adaptive")(flat, 0)  # raw 0: the cap, no NaN
     assert float(metrics["reco weight"]) == pytest.approx(ADAPTIVE_CAP * 0.1)
     assert loss.item() == 0.0
@@ -231,8 +233,9 @@ def test_registered_and_built_from_flags():
     assert tuple(choices["reco_weight_schedule"]) == SCHEDULES
     assert tuple(choices["reco_reduction"]) == REDUCTIONS
     default = reco_from_flags()
-    assert (default.weight, default.pairs, default.schedule) == (0.1, "adjacent-token",
-                                                                 "constant")
+    # the default is the form the ReCo sweep found: the paper's sum and lambda, pre-norm
+    assert (default.weight, default.pairs, default.schedule, default.reduction,
+            default.states) == (0.1, "adjacent-token", "constant", "sum", "pre-norm")
     reco = reco_from_flags(
         "--reco-weight", "0.3", "--reco-pairs", "adjacent-frame", "--reco-weight-schedule",
         "cosine", "--reco-warmup-iters", "7", "--reco-target-ratio", "0.5",
@@ -271,8 +274,11 @@ def test_reco_gradient_reaches_transformer_layers(dist_world_of_one, pairs, obje
     tokens = torch.randint(0, VOCAB, (2, LAYOUT.seq_length))
     obj = (LocalOptimization(LAYOUT, fixed_window(1, 2)) if objective == "local-opt"
            else FullSequence(LAYOUT))
-    total, metrics, with_reco = step_grads(TrainingStep(model, obj, [ReCo(0.1, pairs)]), tokens)
-    lm_total, _, without = step_grads(TrainingStep(model, obj, [ReCo(0.0, pairs)]), tokens)
+    def reco(weight):  # on the final states, which the independent computation below uses
+        return [ReCo(weight, pairs, states="final")]
+
+    total, metrics, with_reco = step_grads(TrainingStep(model, obj, reco(0.1)), tokens)
+    lm_total, _, without = step_grads(TrainingStep(model, obj, reco(0.0)), tokens)
 
     # an independent computation of the penalty's gradient alone
     model.zero_grad(set_to_none=True)
@@ -317,10 +323,7 @@ def test_pre_norm_states_are_the_final_norms_input(dist_world_of_one):
     assert model.decoder.layers[-1].mlp.linear_fc2.weight.grad.abs().max() > 0
 
 
-def test_pre_norm_states_refused_where_the_executor_has_none():
-    out = ObjectiveOutput(torch.tensor(1.0), hand_built_hidden(), FRAMES * P, 0, FRAMES)
-    with pytest.raises(ValueError, match="--reco-states final"):
-        ReCo(0.1, states="pre-norm")(out, 0)
+def test_bad_reco_states_are_refused():
     with pytest.raises(ValueError, match="--reco-states must be one of"):
         ReCo(0.1, states="normed")
 

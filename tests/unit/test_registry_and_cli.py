@@ -134,7 +134,7 @@ def test_zero3_with_a_window_per_micro_batch_is_refused():
         _resolve("--objective", "local-opt", "--local-opt-window-scope", "micro-batch",
                  "--zero-stage", "3", world_size=2)
     assert _resolve("--objective", "local-opt", "--zero-stage", "3",
-                    world_size=2).window.scope == "step"
+                    world_size=2).plugin.window.scope == "step"
 
 
 def test_presets_are_defaults_that_flags_override():
