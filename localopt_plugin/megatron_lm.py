@@ -26,17 +26,20 @@ schedules pass one tensor between stages, so Local Opt.'s two streams travel in 
 rows (run under ``no_grad``) before the window rows (:func:`~localopt_plugin.plan.plan_hidden`).
 Every stage derives the micro-batch's plan itself (window draws are a function of iteration and
 global micro-batch; a middle stage reads no data and plans on placeholder tokens of the
-sample's shape). The rows per micro-batch vary with the window, so :func:`model_provider` turns
-on Megatron's ``variable_seq_lengths`` (stages exchange shapes first; Megatron-LM has no flag
-for it) when the training objective is not full-sequence.
+sample's shape). The rows per micro-batch vary with the window (and no plan has exactly
+``--seq-length`` rows), so :func:`model_provider` turns on Megatron's ``variable_seq_lengths``
+under pipeline parallelism (stages exchange shapes first; Megatron-LM has no flag for it).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import inspect
 import logging
+import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,7 +67,7 @@ from localopt_plugin.objectives import (
 )
 from localopt_plugin.plan import ForwardPlan, objective_output, plan_hidden
 from localopt_plugin.platform import apply_megatron_lm_shims, cuda_available, default_device
-from localopt_plugin.plugin import PluginConfig, add_plugin_args
+from localopt_plugin.plugin import PluginConfig, add_plugin_args, keep_recorded_settings
 from localopt_plugin.regularizers import apply_regularizers
 
 log = logging.getLogger(__name__)
@@ -110,11 +113,35 @@ _PLUGINS: dict[int, tuple[argparse.Namespace, PluginConfig, VideoTokenSource]] =
 
 def plugin_setup(args: argparse.Namespace) -> tuple[PluginConfig, VideoTokenSource]:
     """The plugin's configuration and dataset from Megatron-LM's flags, built once per argument
-    namespace (the objective and regularizers checked against the dataset's layout)."""
+    namespace (the objective and regularizers checked against the dataset's layout); a run
+    resuming from ``--load`` keeps its checkpoint's regularizer settings (see
+    :func:`keep_checkpoint_settings`)."""
     if id(args) not in _PLUGINS:
+        keep_checkpoint_settings(args)
         plugin = PluginConfig.from_args(args)
         _PLUGINS[id(args)] = (args, plugin, plugin.build(args.train_iters))
     return _PLUGINS[id(args)][1:]
+
+
+def keep_checkpoint_settings(args: argparse.Namespace) -> list[str]:
+    """With ``--load``, the regularizer settings recorded in the checkpoint's saved arguments
+    are kept for every flag not on the command line (as ``localopt-train`` does), so a resumed
+    run trains the form it started with even where a default changed; one line per kept
+    setting. Read with Megatron-LM's own ``load_args_from_checkpoint`` (no process group)."""
+    if not getattr(args, "load", None):
+        return []
+    from megatron.training.checkpointing import load_args_from_checkpoint
+
+    loaded = load_args_from_checkpoint(copy.deepcopy(args))
+    if not isinstance(loaded, tuple):  # no checkpoint (yet) in --load
+        return []
+    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:]
+             if token.startswith("--")}
+    notes = keep_recorded_settings(args, vars(loaded[1]), given)
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"localopt-plugin: {note}", flush=True)
+    return notes
 
 
 def video_source(args: argparse.Namespace) -> VideoTokenSource:
@@ -163,8 +190,9 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
         config = core_transformer_config_from_args(args)
     check_megatron_config(args, config)
     vocab = video_source(args).vocab.size
-    if args.pipeline_model_parallel_size > 1 and args.objective != "full-sequence":
-        # the rows crossing stages vary with the drawn window (see the module docstring)
+    if args.pipeline_model_parallel_size > 1:
+        # the rows crossing stages vary with the drawn window, and a plan's rows are not
+        # --seq-length (full-sequence runs the sample's input up to its last video token)
         config.variable_seq_lengths = True
     args.padded_vocab_size = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)

@@ -1,7 +1,8 @@
 """``localopt-bench``: ``speed`` (step time and peak memory of every window against
 full-sequence), ``window-scope`` (one window per step or per micro-batch at DP=2), ``loader``
-(video-wds loader throughput against what the benchmark model consumes) and ``quality`` (the
-paper's ablation: cost and quality of each objective on one dataset)."""
+(video-wds loader throughput against what the benchmark model consumes), ``pipeline`` (what
+Local Opt.'s context rows cost between stages of Megatron's pipeline schedule) and ``quality``
+(the paper's ablation: cost and quality of each objective on one dataset)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from localopt_plugin.platform import configure_environment
 
 def _main(argv: Sequence[str] | None = None) -> int:
     configure_environment()
-    from localopt_plugin.bench import loader, quality, speed, windows
+    from localopt_plugin.bench import loader, pipeline, quality, speed, windows
 
     parser = argparse.ArgumentParser(prog="localopt-bench", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,17 +24,18 @@ def _main(argv: Sequence[str] | None = None) -> int:
     quality.add_args(commands.add_parser("quality", help=quality.__doc__.splitlines()[0]))
     windows.add_args(commands.add_parser("window-scope",
                                          help=windows.__doc__.splitlines()[0]))
+    pipeline.add_args(commands.add_parser("pipeline", help=pipeline.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     run = {"speed": speed.main, "loader": loader.main, "quality": quality.main,
-           "window-scope": windows.main}[args.command]
+           "window-scope": windows.main, "pipeline": pipeline.main}[args.command]
     return run(args)
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from localopt_plugin.commands import exit_on_user_error
 
     return exit_on_user_error(lambda: _main(argv))
+
 
 if __name__ == "__main__":
     sys.exit(main())

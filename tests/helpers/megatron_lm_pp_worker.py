@@ -41,8 +41,7 @@ def main(out_dir: str, objectives: list[str]) -> None:
         model = build_model(args, config,
                             video_source(args).vocab.size, pre_process=rank == 0,
                             post_process=rank == 1)
-        # as model_provider does: the rows crossing stages vary with the window
-        model.config.variable_seq_lengths = objective != "full-sequence"
+        model.config.variable_seq_lengths = True  # as model_provider sets it under PP
         train, _, _ = build_datasets(args)
         reports = get_forward_backward_func()(
             forward_step_func=LocalOptForwardStep(args), data_iterator=train, model=[model],

@@ -82,3 +82,32 @@ def test_map_style_source_splits_ranks_and_resumes_exactly():
     assert resumed == _take(source, 5, dp_rank=0, **kw)[2:5]
     across_epoch = _take(source, 4, dp_rank=0, consumed_samples=16, **kw)
     assert across_epoch == _take(source, 8, dp_rank=0, **kw)[4:8]
+
+
+def test_pipeline_benchmark_counts_what_crosses_the_stages(tmp_path):
+    """``localopt-bench pipeline`` (2 ranks, Megatron-Core's 1F1B schedule) counts, per window,
+    the rows the layout says cross the stages: context + prefix + window rows forward, the same
+    back as gradients, and the kept context keys/values of the stage's layer; full-sequence's
+    rows are the sample's input up to its last video token."""
+    out = tmp_path / "pipeline.json"
+    subprocess.run([sys.executable, "-m", "localopt_plugin.commands.bench", "pipeline",
+                    "--preset", "test", "--frame-tokens", "16", "--json", str(out)],
+                   cwd=REPO, env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    prefix, tokens, hidden, groups, head_dim = 2, 16, 64, 2, 16  # preset "test", 5 frames
+    mib = 2**20
+    for start in range(4):
+        context = prefix + start * tokens if start else 0
+        crossing = context + prefix + 2 * tokens
+        row = rows[f"window {start}"]
+        assert row["forward MiB (stage 0 -> 1)"] * mib == crossing * hidden * 4
+        assert row["gradient MiB (stage 1 -> 0)"] == row["forward MiB (stage 0 -> 1)"]
+        kept = max(context - prefix, 0) * groups * head_dim * 2 * 4  # one layer a stage
+        assert row["kept context K/V MiB (per stage)"] * mib == kept
+    full = rows["full-sequence"]
+    assert full["forward MiB (stage 0 -> 1)"] * mib == (prefix + 5 * tokens) * hidden * 4
+    expected = rows["local-opt, expected over draws"]["forward MiB (stage 0 -> 1)"]
+    # balanced draws: window 0 with p = 0.5, the other three with 1/6 each
+    assert expected == pytest.approx(0.5 * rows["window 0"]["forward MiB (stage 0 -> 1)"]
+                                     + sum(rows[f"window {s}"]["forward MiB (stage 0 -> 1)"]
+                                           for s in (1, 2, 3)) / 6)

@@ -143,15 +143,16 @@ def test_pp2_schedule_over_gloo_matches_single_process(dist_world_of_one, tmp_pa
                                        msg=f"{objective}: {name}")
 
 
-def test_local_opt_under_megatron_pipeline_points_to_plugin_trainer(dist_world_of_one,
-                                                                    monkeypatch):
+def test_pipelined_local_opt_needs_variable_sequence_lengths(dist_world_of_one, monkeypatch):
+    """Under Megatron PP the rows crossing stages vary with the window: a model built without
+    Megatron's variable_seq_lengths (model_provider sets it) is refused, naming it."""
     args = tiny_args("--objective", "local-opt", "--micro-batch-size", "2")
     model = make_model(args)
     for layer in model.decoder.layers:
         layer.current_microbatch = 0
     monkeypatch.setattr(megatron_lm.parallel_state, "get_pipeline_model_parallel_world_size",
                         lambda: 2)
-    with pytest.raises(RuntimeError, match="localopt-train .*--pipeline-model-parallel-size"):
+    with pytest.raises(RuntimeError, match="variable_seq_lengths"):
         LocalOptForwardStep(args)(build_datasets(args)[0], model)
 
 

@@ -202,7 +202,8 @@ def test_one_configuration_road_gives_both_trainers_the_same_first_step(megatron
     """The same flags through localopt-train (DeepSpeed, ZeRO-0, one process) and through
     pretrain() (one process): the same first-iteration loss and gradients. One plain SGD step
     with learning rate 1 makes each trainer's gradient its checkpoint's weight change. Seed
-    1235 draws a window with context (start 2) at iteration 0."""
+    1235 draws a window with context (start 2) at iteration 0. ReCo on the final states (not
+    the default): resuming pretrain() from its checkpoint without --reco-states keeps them."""
     assert WindowSampler(5, 2, 1, seed=1235, first_prob=0.5).draw(0, 0) == 2
     flags = (*megatron_flags("test"), *_layout_flags(megatron_lm_python, shards["train"]),
              "--micro-batch-size", "1", "--global-batch-size", "2", "--optimizer", "sgd",
@@ -210,13 +211,14 @@ def test_one_configuration_road_gives_both_trainers_the_same_first_step(megatron
              "--weight-decay", "0", "--clip-grad", "0", "--seed", "1235",
              "--objective", "local-opt", "--regularizer", "reco", "--dataset", "video-wds",
              "--data-num-workers", "0", "--data-path", shards["train"], "--log-interval", "1")
+    final = ("--reco-states", "final")
     megatron = _torchrun(megatron_lm_python, 1, str(REPO / "examples" / "pretrain_video_gpt.py"),
-                         *flags, *MEGATRON_ONLY, "--train-iters", "1", "--save",
+                         *flags, *final, *MEGATRON_ONLY, "--train-iters", "1", "--save",
                          str(tmp_path / "megatron"), "--save-interval", "1", "--ckpt-format",
                          "torch", "--no-save-optim", "--no-save-rng", "--eval-interval", "1000",
                          "--eval-iters", "1")
     for iters in (0, 1):
-        _torchrun(megatron_lm_python, 1, "-m", TRAIN_MODULE, *flags, "--train-iters",
+        _torchrun(megatron_lm_python, 1, "-m", TRAIN_MODULE, *flags, *final, "--train-iters",
                   str(iters), "--save", str(tmp_path / f"localopt-{iters}"), "--metrics-file",
                   str(tmp_path / "metrics.jsonl"))
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
@@ -234,3 +236,10 @@ def test_one_configuration_road_gives_both_trainers_the_same_first_step(megatron
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grads["pretrain"][name], grad, rtol=1e-5, atol=1e-8,
                                    msg=name)
+    resumed = _torchrun(megatron_lm_python, 1,
+                        str(REPO / "examples" / "pretrain_video_gpt.py"), *flags,
+                        *MEGATRON_ONLY, "--train-iters", "2", "--load", str(tmp_path / "megatron"),
+                        "--ckpt-format", "torch", "--no-load-optim", "--no-load-rng",
+                        "--eval-interval", "1000", "--eval-iters", "1")
+    assert "localopt-plugin: --reco-states final: the checkpoint's setting" in resumed.stdout
+    assert len(_megatron_losses(resumed.stdout, "reco loss")) == 1  # iteration 2 trained
