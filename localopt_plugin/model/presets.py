@@ -25,20 +25,25 @@ ARCHITECTURE: dict[str, Any] = dict(
 )
 
 
-def _preset(layers: int, hidden: int, ffn: int, heads: int, groups: int) -> dict[str, Any]:
-    return dict(ARCHITECTURE, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-                num_attention_heads=heads, num_query_groups=groups)
+def _preset(**sizes: int) -> dict[str, Any]:
+    return dict(ARCHITECTURE, **sizes)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's two sizes
-    "110m": _preset(12, 768, 2560, 12, 4),
-    "770m": _preset(24, 1536, 5120, 16, 4),
+    "110m": _preset(num_layers=12, hidden_size=768, ffn_hidden_size=2560,
+                    num_attention_heads=12, num_query_groups=4),
+    "770m": _preset(num_layers=24, hidden_size=1536, ffn_hidden_size=5120,
+                    num_attention_heads=16, num_query_groups=4),
     # CPU-sized models
-    "tiny": _preset(2, 128, 384, 4, 2),       # smoke runs
-    "main": _preset(4, 128, 384, 4, 2),       # the main job on the embedded data
-    "bench": _preset(4, 256, 704, 4, 2),      # localopt-bench speed on CPU
-    "test": _preset(2, 64, 128, 4, 2),        # the test suite
+    "tiny": _preset(num_layers=2, hidden_size=128, ffn_hidden_size=384,  # smoke runs
+                    num_attention_heads=4, num_query_groups=2),
+    "main": _preset(num_layers=4, hidden_size=128, ffn_hidden_size=384,  # the main job
+                    num_attention_heads=4, num_query_groups=2),
+    "bench": _preset(num_layers=4, hidden_size=256, ffn_hidden_size=704,  # localopt-bench
+                     num_attention_heads=4, num_query_groups=2),
+    "test": _preset(num_layers=2, hidden_size=64, ffn_hidden_size=128,  # the test suite
+                    num_attention_heads=4, num_query_groups=2),
 }
 
 

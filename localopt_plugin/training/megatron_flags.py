@@ -108,9 +108,11 @@ REFUSED: dict[str, str] = {
     "--ds-sequence-parallel-size": "is DeepSpeed-Ulysses sequence parallelism, which the "
     "plugin's window attention does not implement yet: use --ds-sequence-parallel-size 1",
     "--num-layers-per-virtual-pipeline-stage": "localopt-train's DeepSpeed pipeline has no "
-    "virtual stages: drop it",
+    "virtual stages: drop it, or run Megatron-LM's own pretrain() with the plugin, whose "
+    "interleaved schedule carries Local Opt. (docs/megatron-lm.md)",
     "--num-virtual-stages-per-pipeline-rank": "localopt-train's DeepSpeed pipeline has no "
-    "virtual stages: drop it",
+    "virtual stages: drop it, or run Megatron-LM's own pretrain() with the plugin, whose "
+    "interleaved schedule carries Local Opt. (docs/megatron-lm.md)",
     "--step-batch-size-schedule": "batch-size ramp-up is not supported: the global batch is "
     "constant (--global-batch-size); drop it",
     "--rampup-batch-size": "batch-size ramp-up is not supported: the global batch is "

@@ -29,8 +29,6 @@ GRID_MISMATCH = "grid does not match the manifest"
 OUT_OF_VOCAB = "token id outside the video vocabulary"
 MISSING_CONDITION = "missing condition (cls/txt)"
 BAD_CONDITION = "unreadable or out-of-range condition"
-SKIP_REASONS = (TRUNCATED, MISSING_TOKENS, BAD_TOKENS, GRID_MISMATCH, OUT_OF_VOCAB,
-                MISSING_CONDITION, BAD_CONDITION)
 
 
 class BadDataError(RuntimeError):
