@@ -72,7 +72,6 @@ def _worker(args: argparse.Namespace) -> None:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from localopt_plugin.commands.train import build_parser
     from localopt_plugin.megatron_lm import (
         LocalOptForwardStep,
         build_datasets,
@@ -84,6 +83,7 @@ def _worker(args: argparse.Namespace) -> None:
     from localopt_plugin.model.presets import apply_preset
     from localopt_plugin.objectives import LocalOptimization
     from localopt_plugin.training.distributed import init_distributed
+    from localopt_plugin.training.parser import build_parser
 
     init_distributed(pipeline_parallel=2, seed=1234)
     stage = parallel_state.get_pipeline_model_parallel_rank()

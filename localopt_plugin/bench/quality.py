@@ -153,6 +153,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", default=None,
                         help="run only these (full-sequence always runs: it sets the budget)")
     parser.add_argument("--generate-per-class", type=int, default=None)
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="validation samples of the loss curve and of the NLL per frame "
+                        "(default: the preset's; fewer for a quick run)")
     parser.add_argument("--i3d", default=None, help="TorchScript I3D file: adds FVD")
     parser.add_argument("--real-videos", default=None,
                         help="directory of real videos for FVD (with --i3d)")
@@ -383,6 +386,8 @@ def run(args: argparse.Namespace) -> dict:
     preset = PRESETS[args.preset]
     if args.full_steps:
         preset = dataclasses.replace(preset, full_steps=args.full_steps)
+    if args.eval_samples:
+        preset = dataclasses.replace(preset, eval_samples=args.eval_samples)
     variants = list(SWEEPS[args.sweep])
     if args.variants:
         unknown = set(args.variants) - {v.name for v in variants}

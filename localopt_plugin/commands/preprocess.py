@@ -15,6 +15,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from localopt_plugin.pause_point import pause_point
 from localopt_plugin.preprocess.clips import PROCEDURAL_FPS, ClipSpec
 from localopt_plugin.preprocess.inputs import list_inputs, resolve_labels, write_procedural_mp4s
 from localopt_plugin.preprocess.merge import summary_table, write_dataset_files
@@ -133,6 +134,7 @@ def _work(args: argparse.Namespace, ranks: Ranks, plan: ShardPlan, inputs: list,
         write_shard(args.output, plan, shard, inputs, spec, tokenizer, ranks.rank, settings,
                     on_video)
         stats["written"] += 1
+        pause_point("preprocess-shard", stats["written"])  # where kill tests stop it
     stats["seconds"] = time.perf_counter() - start
     bar.close()
     return stats

@@ -32,6 +32,7 @@ from localopt_plugin.metric_names import (
     VALID_PPL,
 )
 from localopt_plugin.model import build_gpt_model
+from localopt_plugin.pause_point import pause_point
 from localopt_plugin.platform import cuda_available
 from localopt_plugin.training.checkpoint import (
     TrainState,
@@ -173,6 +174,7 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
         logger.log(record)
         if run.save and run.save_interval and state.iteration % run.save_interval == 0:
             save_checkpoint(engine, config, state, source)
+        pause_point("train-iteration", state.iteration)  # where kill tests stop it
     if run.save and (not run.save_interval or state.iteration % run.save_interval):
         save_checkpoint(engine, config, state, source)
     skipped = skipped_samples(source)

@@ -47,14 +47,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def run_train(tmp_path: Path, *flags: str, nproc: int = 1, name: str = "run",
-              timeout: int = 600) -> list[dict]:
-    """Run localopt-train (under torchrun when nproc > 1); return its per-iteration metrics."""
+              timeout: int = 600, script: Path | None = None) -> list[dict]:
+    """Run localopt-train (under torchrun when nproc > 1), or ``script`` taking its flags;
+    return its per-iteration metrics."""
     metrics = tmp_path / "metrics" / f"{name}.jsonl"  # the trainer creates the directory
-    cmd = [sys.executable, "-m", TRAIN_MODULE, "--metrics-file", str(metrics), *flags]
+    entry = [str(script)] if script else ["-m", TRAIN_MODULE]
+    cmd = [sys.executable, *entry, "--metrics-file", str(metrics), *flags]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", TRAIN_MODULE,
-               "--metrics-file", str(metrics), *flags]
+               f"--nproc-per-node={nproc}", *entry, "--metrics-file", str(metrics), *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"

@@ -37,6 +37,17 @@ torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 assert not torch.allclose(a, c), "the converted model equals an untrained one"
 print("logits match")
 
+# negative control: a conversion that mixed up two layers' names fails the same comparison
+state = load_fp32_state_dict(fp32_dir)
+swapped = {name.replace("layers.0.", "layers.#.").replace("layers.1.", "layers.0.")
+           .replace("layers.#.", "layers.1."): value for name, value in state.items()}
+mixed = build_gpt_model(config, source.vocab.size, seed=args.seed)
+load_into_gptmodel(mixed, swapped)
+with torch.no_grad():
+    e = compute_logits(mixed, forward_hidden(mixed, tokens, positions))
+assert not torch.allclose(e, b, rtol=1e-6, atol=1e-6), "swapped layers pass the comparison"
+print("swapped layers fail")
+
 # the checkpoint alone (saved flags, vocabulary, layout) rebuilds the same model
 from localopt_plugin.training.convert import load_trained_model  # noqa: E402
 

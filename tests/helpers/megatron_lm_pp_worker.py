@@ -2,11 +2,13 @@
 
 Usage: megatron_lm_pp_worker.py OUT_DIR OBJECTIVE...; writes OUT_DIR/rank{r}.pt with, per
 objective, the per-micro-batch reports (last stage) and this stage's gradients under their
-whole-model names.
+whole-model names. ``LOCALOPT_TEST_PERTURB=dropped-context`` (a negative control) replaces the
+context rows a stage receives with zeros.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -14,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from helpers.configs import tiny_args
+from localopt_plugin import megatron_lm
 from localopt_plugin.megatron_lm import (
     LocalOptForwardStep,
     build_datasets,
@@ -27,8 +30,25 @@ from localopt_plugin.training.distributed import init_distributed
 MICRO_BATCHES = 2
 
 
+def _drop_received_context() -> None:
+    """What a bug losing the context stream between stages would do."""
+    real = megatron_lm.plan_hidden
+
+    def dropped(model, plan):
+        received = model.decoder.input_tensor
+        if not model.pre_process and plan.context_ids is not None:
+            rows = plan.context_ids.shape[1]
+            model.decoder.set_input_tensor(
+                torch.cat([torch.zeros_like(received[:rows]), received[rows:]]))
+        return real(model, plan)
+
+    megatron_lm.plan_hidden = dropped
+
+
 def main(out_dir: str, objectives: list[str]) -> None:
     init_distributed(pipeline_parallel=2, seed=1234)
+    if os.environ.get("LOCALOPT_TEST_PERTURB") == "dropped-context":
+        _drop_received_context()
     rank = parallel_state.get_pipeline_model_parallel_rank()
     results = {}
     for objective in objectives:

@@ -59,30 +59,31 @@ def _torchrun(*flags):
 def test_kill_dash_nine_then_resume_matches_uninterrupted_run(tmp_path):
     reference = run_train(tmp_path, *FLAGS, nproc=2, name="reference")
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "killed.jsonl"
-    env = subprocess_env()
+    paused = tmp_path / "paused"
+    # the job stops after iteration 12 (checkpoint 10 saved) and waits there to be killed
+    env = subprocess_env(LOCALOPT_PAUSE_AT=f"train-iteration:12:{paused}")
     proc = subprocess.Popen(
         _torchrun(*FLAGS, "--save", str(ckpt), "--save-interval", "5",
                   "--metrics-file", str(metrics)),
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill once a checkpoint exists and training went past it
-        done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-        if done >= 12:
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
+    while not paused.exists():  # waiting on the job's own signal: no race with its progress
+        assert proc.poll() is None, "the run ended before its pause point"
+        assert time.time() < deadline, "the run never reached its pause point"
         time.sleep(0.05)
     # SIGKILL torchrun and every rank it started (ranks run in sessions of their own)
     victims = _descendants(proc.pid) + [proc.pid]
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(0.5)
-    assert not any(os.path.exists(f"/proc/{pid}/cmdline") and _alive(pid) for pid in victims)
-    killed_at = len(metrics.read_text().splitlines())
-    assert killed_at < 30, "the run finished before the kill"
+    for pid in victims:  # SIGKILL is delivered; wait until the kernel has reaped them
+        while os.path.exists(f"/proc/{pid}/cmdline") and _alive(pid):
+            assert time.time() < deadline
+            time.sleep(0.05)
+    assert len(metrics.read_text().splitlines()) == 12  # stopped where it paused
     saved = int((ckpt / "latest").read_text().split("_")[-1])
-    assert 5 <= saved < killed_at + 1
+    assert saved == 10
 
     resumed = run_train(tmp_path, *FLAGS, "--load", str(ckpt), nproc=2, name="resumed")
     assert [r["iteration"] for r in resumed] == list(range(saved + 1, 31))
@@ -112,3 +113,4 @@ def test_zero_to_fp32_checkpoint_loads_into_plain_gptmodel(tmp_path):
         cwd=REPO, capture_output=True, text=True, env=subprocess_env())
     assert check.returncode == 0, check.stderr[-4000:]
     assert "logits match" in check.stdout and "rebuilt from checkpoint" in check.stdout
+    assert "swapped layers fail" in check.stdout  # the comparison's negative control

@@ -27,7 +27,8 @@ def _values(records, key="lm loss"):
 def test_zero_stages_over_two_ranks_match_single_process(tmp_path):
     """DP=2 x 1 accumulation step (ZeRO 1/2/3) against DP=1 x 2 accumulation steps: the same
     windows on the same samples, hence the same losses. A window per global micro-batch with
-    ZeRO 1/2; one per step with ZeRO-3 (which needs every rank to run the same passes)."""
+    ZeRO 1/2; one per step with ZeRO-3 (which needs every rank to run the same passes). The
+    same run with DeepSpeed's gradient reduction skipped fails the comparison."""
     for scope, stages in (("micro-batch", (1, 2)), ("step", (3,))):
         flags = (*PRESET_TRAIN_FLAGS, *LOCAL_OPT[:2], "--local-opt-window-scope", scope,
                  *LOCAL_OPT[4:])
@@ -42,6 +43,13 @@ def test_zero_stages_over_two_ranks_match_single_process(tmp_path):
             for key in ("lm loss", "reco loss", "window start"):
                 assert _values(ranks2, key) == pytest.approx(_values(single, key),
                                                              rel=1e-4), (stage, key)
+        if scope == "micro-batch":
+            # negative control: without the gradient reduction the ranks drift apart
+            broken = run_train(tmp_path, *flags, "--zero-stage", "0", nproc=2,
+                               name="no-grad-reduction",
+                               script=REPO / "tests/helpers/train_skipping_grad_reduction.py")
+            assert _values(broken)[0] == pytest.approx(_values(single)[0], rel=1e-4)
+            assert _values(broken) != pytest.approx(_values(single), rel=1e-4)
 
 
 def test_bf16_and_tensorboard(tmp_path):

@@ -106,14 +106,12 @@ def test_pp1_schedule_matches_training_step(dist_world_of_one, tmp_path, flags):
         assert windows == {0.0, 1.0}  # both windows drawn, so Local Opt. ran with context
 
 
-def test_pp2_schedule_over_gloo_matches_single_process(dist_world_of_one, tmp_path):
-    """Megatron-Core's own 1F1B schedule over 2 gloo ranks: Local Opt. (both streams in one
-    tensor), fewer-frames and full-sequence give the single process's losses and gradients."""
-    objectives = ["full-sequence", "fewer-frames", "local-opt"]
+def _pp2_against_single_process(tmp_path, objectives, env=None) -> None:
+    """Megatron-Core's own 1F1B schedule over 2 gloo ranks against the single process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(REPO / "tests" / "helpers" / "megatron_lm_pp_worker.py"), str(tmp_path), *objectives]
-    proc = subprocess.run(cmd, cwd=REPO / "tests", env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO / "tests", env=subprocess_env(**(env or {})),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     stages = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for objective in objectives:
@@ -128,11 +126,6 @@ def test_pp2_schedule_over_gloo_matches_single_process(dist_world_of_one, tmp_pa
         assert stages[0][objective]["reports"] == []  # only the last stage computes losses
         reports = stages[1][objective]["reports"]
         assert len(reports) == MICRO_BATCHES
-        for report, ref in zip(reports, expected, strict=True):
-            assert report["lm loss"][0] / report["lm loss"][1] == pytest.approx(
-                ref["lm loss"], rel=1e-5)
-            assert report["reco loss"][0] / report["reco loss"][1] == pytest.approx(
-                ref["reco loss"], rel=1e-5)
         grads: dict[str, torch.Tensor] = {}
         for stage in stages:  # the tied word embedding gets a gradient on both stages
             for name, grad in stage[objective]["grads"].items():
@@ -141,6 +134,25 @@ def test_pp2_schedule_over_gloo_matches_single_process(dist_world_of_one, tmp_pa
         for name, grad in grads.items():
             torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6,
                                        msg=f"{objective}: {name}")
+        for report, ref in zip(reports, expected, strict=True):
+            assert report["lm loss"][0] / report["lm loss"][1] == pytest.approx(
+                ref["lm loss"], rel=1e-5)
+            assert report["reco loss"][0] / report["reco loss"][1] == pytest.approx(
+                ref["reco loss"], rel=1e-5)
+
+
+def test_pp2_schedule_over_gloo_matches_single_process(dist_world_of_one, tmp_path):
+    """Local Opt. (both streams in one tensor), fewer-frames and full-sequence under Megatron's
+    pipeline schedule give the single process's losses and gradients."""
+    _pp2_against_single_process(tmp_path, ["full-sequence", "fewer-frames", "local-opt"])
+
+
+def test_pp2_comparison_tells_a_dropped_context(dist_world_of_one, tmp_path):
+    """Negative control: the last stage given zeros for the context rows it receives (the
+    context stream lost between stages) fails the comparison."""
+    with pytest.raises(AssertionError):
+        _pp2_against_single_process(tmp_path, ["local-opt"],
+                                    env={"LOCALOPT_TEST_PERTURB": "dropped-context"})
 
 
 def test_pipelined_local_opt_needs_variable_sequence_lengths(dist_world_of_one, monkeypatch):

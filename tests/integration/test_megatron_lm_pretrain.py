@@ -1,6 +1,6 @@
 """Megatron-LM's own ``pretrain()`` with the plugin, for real, on CPU over gloo: the example
 script trains Local Opt. + ReCo on the embedded data (procedural videos -> fsq-video tokens ->
-shards) for 20 iterations and gives the losses localopt-train gives with the same flags and data;
+shards) for 10 iterations and gives the losses localopt-train gives with the same flags and data;
 without validation data it trains without error, with it it reports the full-sequence loss.
 
 It runs in the Python 3.12 environment of ``tools/setup_megatron_lm_env.sh`` (``megatron.training``
@@ -26,7 +26,7 @@ from localopt_plugin.objectives import WindowSampler
 
 pytestmark = pytest.mark.slow
 
-ITERS = 20
+ITERS = 10
 # the same run for both trainers: the test preset, the embedded data, Local Opt. + ReCo
 COMMON = (
     *megatron_flags("test"),

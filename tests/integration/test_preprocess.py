@@ -271,26 +271,27 @@ def test_env_launched_ranks_match_single(procedural_reference, weights, tmp_path
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_dataset(procedural_reference, weights, tmp_path):
-    out = tmp_path / "killed"
+    out, paused = tmp_path / "killed", tmp_path / "paused"
+    # the job stops after its third shard and waits there to be killed: no race
     proc = subprocess.Popen(cli(*procedural_args(out, weights)), cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            env=subprocess_env(LOCALOPT_PAUSE_AT=f"preprocess-shard:3:{paused}"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = out / ".preprocess"
     deadline = time.monotonic() + 240
-    while len(list(records.glob("train-*.json"))) < 3:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    while not paused.exists():
+        assert proc.poll() is None, "the run ended before its pause point"
+        assert time.monotonic() < deadline, "the run never reached its pause point"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(records.glob("train-*.json")))
-    assert 3 <= done < 20 and not (out / "manifest.json").exists()
+    assert done == 3 and not (out / "manifest.json").exists()
 
     resumed = subprocess.run(cli(*procedural_args(out, weights)), cwd=REPO,
                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-4000:]
     reused = int(resumed.stdout.split("\n all")[1].split()[1])  # "shards done before" column
-    assert reused >= done - 1  # the shard being renamed at the kill may be redone
+    assert reused == done  # the three shards finished before the pause are reused
     assert snapshot(out) == snapshot(procedural_reference)
 
 

@@ -7,14 +7,58 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers.launch import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
-def test_quality_bench_spends_equal_flops(tmp_path):
+def _compute_matches_an_independent_count(shards, out, runs):
+    """Each run's compute, counted again from the windows its trainer logged: torch's FLOP
+    counter on the `tiny` preset model for the matrix products, the explicit mask's pairs for
+    attention (not the bench's FLOP model). ReCo's few FLOPs count in neither."""
+    from helpers.configs import preset_model
+    from helpers.flops_reference import attention_flops, product_flops
+
+    from localopt_plugin.data.wds import VideoWdsConfig
+    from localopt_plugin.model import build_gpt_model
+    from localopt_plugin.objectives import FewerFrames, FullSequence, LocalOptimization
+    from localopt_plugin.plugin import PluginConfig
+
+    source = PluginConfig(dataset="video-wds", dataset_config=VideoWdsConfig(
+        data_path=(str(shards / "train/train-{000000..000001}.tar"),), num_workers=0),
+        seed=0).build_dataset()
+    layout = source.layout
+    config = preset_model("tiny", max_position_embeddings=layout.input_length)
+    model = build_gpt_model(config, source.vocab.size)
+    tokens = torch.zeros(4, layout.seq_length, dtype=torch.long)  # the cpu preset's micro-batch
+    cache = {}
+
+    def step_flops(name, start):
+        if (name, start) not in cache:
+            window = SimpleNamespace(window_frames=2, draw=lambda i, m: int(start))
+            objective = {"full-sequence": lambda: FullSequence(layout),
+                         "fewer-frames": lambda: FewerFrames(layout, window)}.get(
+                name, lambda: LocalOptimization(layout, window))()
+            plan = objective.plan(tokens, 0, 0)
+            cache[name, start] = product_flops(model, plan) + attention_flops(plan, config)
+        return cache[name, start]
+
+    for name, run in runs.items():
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        records = [json.loads(line) for line in
+                   (out / "seed7" / slug / "metrics.jsonl").read_text().splitlines()]
+        records = [r for r in records if "step time (s)" in r]
+        assert len(records) == run["steps"]
+        counted = sum(step_flops(name, r.get("window start", r.get("clip start")))
+                      for r in records)
+        assert run["compute (PFLOP)"] * 1e15 == pytest.approx(counted, rel=1e-6), name
+
+
+def test_quality_bench_spends_equal_flops(tmp_path, dist_world_of_one):
     shards = tmp_path / "shards"
     for split, videos, seed in (("train", 16, 0), ("valid", 8, 900)):
         subprocess.run([sys.executable, "-m", "localopt_plugin.commands.preprocess",
@@ -24,6 +68,7 @@ def test_quality_bench_spends_equal_flops(tmp_path):
     out = tmp_path / "quality"
     command = [sys.executable, "-m", "localopt_plugin.commands.bench", "quality", "--preset",
                "cpu", "--full-steps", "3", "--seeds", "7", "--generate-per-class", "1",
+               "--eval-samples", "8",
                "--data-path", str(shards / "train/train-{000000..000001}.tar"),
                "--valid-data-path", str(shards / "valid/train-000000.tar"), "--background",
                "calm", "--out", str(out), "--variants", "fewer-frames", "+ balanced + ReCo"]
@@ -39,6 +84,7 @@ def test_quality_bench_spends_equal_flops(tmp_path):
         # cheaper steps: more of them, never more compute than full-sequence's budget
         assert runs[name]["steps"] > full["steps"]
         assert runs[name]["compute (PFLOP)"] <= full["compute (PFLOP)"] * (1 + 1e-9)
+    _compute_matches_an_independent_count(shards, out, runs)
     fewer = runs["fewer-frames"]  # constant cost per step: the budget is nearly used up
     per_step = fewer["compute (PFLOP)"] / fewer["steps"]
     assert full["compute (PFLOP)"] - fewer["compute (PFLOP)"] < per_step

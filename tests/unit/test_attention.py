@@ -59,8 +59,9 @@ def test_model_has_the_shipped_architecture(dist_world_of_one):
     assert not model.share_embeddings_and_output_weights
 
 
-@pytest.mark.parametrize("first", STARTS)
-def test_window_equals_masked_reference(dist_world_of_one, first):
+def _window_against_masked_reference(first: int, perturb: str | None = None) -> None:
+    """Local Opt.'s loss and gradients against a plain-PyTorch masked reference; ``perturb``
+    breaks the reference the way a bug would break the window attention."""
     model, tokens = make()
     local = LocalOptimization(LAYOUT, fixed_window(first))(model, tokens)
     local_grads = grads_of(model, local.loss)
@@ -69,11 +70,28 @@ def test_window_equals_masked_reference(dist_world_of_one, first):
     start, end = LAYOUT.label_span(first, WINDOW)
     positions = torch.arange(inputs.shape[1])
     context = (positions >= LAYOUT.prefix_length) & (positions < start)
+    if perturb == "dropped context":  # the window would not see the frames before it
+        inputs = torch.where(context, torch.zeros_like(inputs), inputs)
+    if perturb == "gradient through context":  # the context's keys/values not detached
+        context = torch.zeros_like(context)
     logits = reference_logits(model, reference_hidden(model, inputs, detach_kv=context))
     reference = F.cross_entropy(logits[:, start:end].reshape(-1, logits.shape[-1]),
                                 labels[:, start:end].reshape(-1))
     torch.testing.assert_close(local.loss, reference, rtol=1e-5, atol=1e-5)
     assert_same_grads(local_grads, grads_of(model, reference), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("first", STARTS)
+def test_window_equals_masked_reference(dist_world_of_one, first):
+    _window_against_masked_reference(first)
+
+
+@pytest.mark.parametrize("perturb", ["dropped context", "gradient through context"])
+def test_the_masked_reference_tells_a_broken_window(dist_world_of_one, perturb):
+    """Negative controls: a window that saw no context, or whose context kept its gradient,
+    fails the comparison."""
+    with pytest.raises(AssertionError):
+        _window_against_masked_reference(3, perturb)
 
 
 @pytest.mark.parametrize("first", STARTS[1:])
@@ -143,6 +161,39 @@ RECOMPUTE = {
 @pytest.mark.parametrize("first", [1, 3])
 def test_recomputation_gives_the_same_gradients(dist_world_of_one, monkeypatch, recompute,
                                                 first):
+    _recomputation_against_plain(monkeypatch, recompute, first)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full-uniform"])
+def test_recomputation_comparison_tells_a_recompute_without_the_plan(dist_world_of_one,
+                                                                     monkeypatch, recompute):
+    """Negative control: a recomputed forward that lost the attention plan (the window
+    attending without its context, as plain causal attention) fails the comparison."""
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+
+    recomputing = [False]
+    real_backward, real_forward = CheckpointFunction.backward, SDPAttention.forward
+
+    def backward(ctx, *grads):
+        recomputing[0] = True
+        try:
+            return real_backward(ctx, *grads)
+        finally:
+            recomputing[0] = False
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        plan = None if recomputing[0] else packed_seq_params
+        return real_forward(self, query, key, value, attention_mask, attn_mask_type,
+                            attention_bias, plan)
+
+    monkeypatch.setattr(CheckpointFunction, "backward", staticmethod(backward))
+    monkeypatch.setattr(SDPAttention, "forward", forward)
+    with pytest.raises(AssertionError, match=r"^(decoder|embedding|output_layer)\."):
+        _recomputation_against_plain(monkeypatch, recompute, 3)  # a parameter's gradient
+
+
+def _recomputation_against_plain(monkeypatch, recompute: str, first: int) -> None:
     from megatron.core.transformer.attention import Attention
     from megatron.core.transformer.transformer_block import TransformerBlock
 
@@ -194,35 +245,93 @@ def test_transformer_engine_without_te_is_a_clear_error():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _sharpened(model):
+    """Query/key weights x4: attention far from uniform, so a misaligned mask shows."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "linear_qkv.weight" in name:
+                param.mul_(4)
+    return model
+
+
+def _top_left_window(self, query, keys):
+    """A wrongly aligned window (top-left causal: window queries cut off from the keys before
+    them), for the negative control."""
+    from torch.nn.attention.bias import causal_upper_left
+
+    k, v = keys.ordered()
+    return self._sdpa(query, k, v, attn_mask=causal_upper_left(query.shape[0], k.shape[0]))
+
+
 @pytest.mark.gpu
 @gpu
-def test_transformer_engine_path_equals_sdpa_path(dist_world_of_one):
+def test_transformer_engine_path_equals_the_fp32_reference(dist_world_of_one, monkeypatch):
+    """TransformerEngine's core attention (bf16, bottom-right causal) against the SDPA path in
+    fp32, on weights whose attention is far from uniform; negative control: the same reference
+    with a top-left aligned window lies outside the tolerance."""
     pytest.importorskip("transformer_engine")
-    config = preset_model("test", bf16=True)
+    config = preset_model("test")
     sdpa, tokens = make(config)
-    te, _ = make(dataclasses.replace(config, transformer_impl="transformer_engine"))
-    results = []
-    for model in (sdpa, te):
-        loss = LocalOptimization(LAYOUT, fixed_window(3))(model, tokens.cuda()).loss
-        results.append((loss, grads_of(model, loss)))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
-    # parameter names differ between the specs (fused norms); compare the shared ones
-    shared = results[0][1].keys() & results[1][1].keys()
-    assert shared
+    te, _ = make(dataclasses.replace(config, bf16=True, transformer_impl="transformer_engine"))
+    tokens = tokens.cuda()
+    objective = LocalOptimization(LAYOUT, fixed_window(3))
+    results = {}
+    for name, model in (("reference", _sharpened(sdpa)), ("te", _sharpened(te))):
+        loss = objective(model, tokens).loss
+        results[name] = (loss.float(), grads_of(model, loss))
+    monkeypatch.setattr(SDPAttention, "_window", _top_left_window)
+    wrong = objective(sdpa, tokens).loss.float()
+    reference, te_loss = results["reference"][0], results["te"][0]
+    tolerance = 1e-2 * float(reference)
+    assert abs(float(te_loss - reference)) < tolerance
+    assert abs(float(wrong - reference)) > 3 * tolerance, "the control cannot tell the masks"
+    assert abs(float(te_loss - wrong)) > tolerance
+    shared = results["reference"][1].keys() & results["te"][1].keys()  # fused-norm names differ
+    assert len(shared) > 10
     for name in shared:
-        torch.testing.assert_close(results[1][1][name].float(), results[0][1][name].float(),
-                                   rtol=5e-2, atol=5e-3, msg=name)
+        torch.testing.assert_close(results["te"][1][name].float(),
+                                   results["reference"][1][name], rtol=5e-2, atol=2e-3, msg=name)
 
 
 @pytest.mark.gpu
 @gpu
-def test_fused_attention_kernel_is_selected_on_gpu(dist_world_of_one):
-    """On CUDA the window's single SDPA call (bottom-right causal) runs a fused kernel
-    (flash / memory-efficient / cuDNN), never the math path, checked by kernel names."""
+def test_the_window_call_alone_runs_a_fused_kernel_on_gpu(dist_world_of_one, monkeypatch):
+    """Each window call (SDPAttention._window: the window's queries against the kept context
+    and themselves, bottom-right causal) runs with the math kernel switched off, so a call that
+    needed it raises; profiled alone it shows a fused kernel, no math kernel, and it keeps no
+    [queries, keys] mask for backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     model, tokens = make(preset_model("test", bf16=True))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        loss = LocalOptimization(LAYOUT, fixed_window(3))(model, tokens.cuda()).loss
-        loss.backward()
-        torch.cuda.synchronize()
-    names = " ".join(e.name.lower() for e in prof.events())
-    assert any(k in names for k in ("flash", "fmha", "efficient_attention", "cudnn")), names[:2000]
+    calls = []
+    real = SDPAttention._window
+
+    def window_alone(self, query, keys):
+        shapes = []
+
+        def pack(tensor):
+            shapes.append(tuple(tensor.shape))
+            return tensor
+
+        fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.CUDNN_ATTENTION]
+        with sdpa_kernel(fused), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                out = real(self, query, keys)
+                torch.cuda.synchronize()
+        # (not keys.ordered() again: it writes into buffers the kernel saved for backward)
+        queries, key_count = query.shape[0], keys.tail_start + keys.tail[0].shape[0]
+        calls.append((" ".join(e.name.lower() for e in prof.events()), shapes, queries,
+                      key_count))
+        return out
+
+    monkeypatch.setattr(SDPAttention, "_window", window_alone)
+    LocalOptimization(LAYOUT, fixed_window(3))(model, tokens.cuda()).loss.backward()
+    assert len(calls) == model.config.num_layers
+    for names, shapes, queries, key_count in calls:
+        assert queries < key_count  # the window after its context: the bottom-right case
+        assert any(k in names for k in ("flash", "fmha", "efficient_attention", "cudnn")), \
+            names[:2000]
+        assert "attention_math" not in names, names[:2000]
+        assert not [s for s in shapes if s[-2:] == (queries, key_count)], shapes

@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "localopt_plugin"
 # top-level module or package of localopt_plugin -> its layer
 LAYERS = {
     "registry": 0, "platform": 0, "errors": 0, "metric_names": 0,
+    "pause_point": 0,
     "data": 1, "video": 1, "tokenizers": 1,
     "model": 2,
     "plan": 3, "objectives": 3, "regularizers": 3, "plugin": 3,

@@ -64,6 +64,16 @@ def test_penalty_equals_explicit_loop(pairs, stride):
     assert value.item() == pytest.approx(loop_penalty(hidden.numpy(), stride), rel=1e-12)
 
 
+@pytest.mark.parametrize(("pairs", "wrong_stride"), [("adjacent-token", 2),
+                                                   ("adjacent-frame", P - 1)])
+def test_the_loop_reference_tells_a_wrong_pair(pairs, wrong_stride):
+    """Negative control: pairing (i, i + 2) or (i, i + P - 1) instead moves the hand loop's
+    value far outside the tolerance the penalty is held to."""
+    hidden = hand_built_hidden()
+    value = reco_penalty(hidden, P, pairs).item()
+    assert value != pytest.approx(loop_penalty(hidden.numpy(), wrong_stride), rel=1e-3)
+
+
 @pytest.mark.parametrize(("pairs", "stride"), [("adjacent-token", 1), ("adjacent-frame", P)])
 def test_mean_reduction_is_the_sum_over_the_hidden_size(pairs, stride):
     hidden = hand_built_hidden()
