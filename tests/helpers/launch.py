@@ -17,6 +17,15 @@ TESTS = REPO / "tests"
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                "MASTER_PORT")
 TRAIN_MODULE = "localopt_plugin.commands.train"
+# what Megatron-LM's pretrain() needs besides the plugin's flags on a CPU: gloo, no CUDA-only
+# fused kernels, an (unused) tokenizer, the plugin's streams, the local layer spec
+MEGATRON_LM_CPU_FLAGS = (
+    "--distributed-backend", "gloo", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
+    "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
+    "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--tokenizer-type",
+    "NullTokenizer", "--vocab-size", "8", "--dataloader-type", "external",
+    "--transformer-impl", "local",
+)
 MEGATRON_LM_PYTHON = Path(os.environ.get("LOCALOPT_MEGATRON_LM_PYTHON",
                                          REPO / ".venv312" / "bin" / "python"))
 

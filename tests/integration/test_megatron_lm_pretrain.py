@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import launch
-from helpers.launch import REPO, TRAIN_MODULE, subprocess_env
+from helpers.launch import MEGATRON_LM_CPU_FLAGS, REPO, TRAIN_MODULE, subprocess_env
 
 from localopt_plugin.model.presets import megatron_flags
 from localopt_plugin.objectives import WindowSampler
@@ -38,15 +38,7 @@ COMMON = (
     "--objective", "local-opt", "--regularizer", "reco", "--reco-reduction", "mean",
     "--dataset", "video-wds", "--data-num-workers", "0",
 )
-# what Megatron-LM needs besides: gloo, no CUDA-only fused kernels, a (unused) tokenizer,
-# the plugin's streams, the local layer spec
-MEGATRON_ONLY = (
-    "--distributed-backend", "gloo", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
-    "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
-    "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--tokenizer-type",
-    "NullTokenizer", "--vocab-size", "8", "--dataloader-type", "external",
-    "--transformer-impl", "local", "--log-interval", "1",
-)
+MEGATRON_ONLY = (*MEGATRON_LM_CPU_FLAGS, "--log-interval", "1")
 NUMBER = r"([-+0-9.]+E[-+][0-9]+)"
 
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from helpers import launch
-from helpers.launch import REPO, TRAIN_MODULE, subprocess_env
+from helpers.launch import MEGATRON_LM_CPU_FLAGS, REPO, TRAIN_MODULE, subprocess_env
 
 from localopt_plugin.model.presets import megatron_flags
 
@@ -33,13 +33,7 @@ BAD = {
     "dataset": (("--synthetic-frame-tokens", "0"), "--synthetic-frame-tokens must be >= 1"),
 }
 SEQ = ("--seq-length", str(3 + 4 * 16 - 1), "--max-position-embeddings", str(3 + 4 * 16 - 1))
-MEGATRON_ONLY = (
-    "--distributed-backend", "gloo", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
-    "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
-    "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--tokenizer-type",
-    "NullTokenizer", "--vocab-size", "8", "--dataloader-type", "external",
-    "--transformer-impl", "local", "--clip-grad", "0",
-)
+MEGATRON_ONLY = (*MEGATRON_LM_CPU_FLAGS, "--clip-grad", "0")
 
 
 def _fails_with_one_line(cmd: list[str], message: str) -> None:
