@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib.util
 import inspect
 import logging
 import os
@@ -73,13 +74,35 @@ from localopt_plugin.regularizers import apply_regularizers
 log = logging.getLogger(__name__)
 
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's threshold for a spiky loss
-# Megatron's fused kernels that exist only with CUDA: (TransformerConfig field, the flag off)
-CUDA_FUSIONS = (("persist_layer_norm", "--no-persist-layer-norm"),
-                ("masked_softmax_fusion", "--no-masked-softmax-fusion"),
-                ("bias_activation_fusion", "--no-bias-gelu-fusion (and --no-bias-swiglu-fusion)"),
-                ("bias_dropout_fusion", "--no-bias-dropout-fusion"),
-                ("gradient_accumulation_fusion", "--no-gradient-accumulation-fusion"),
-                ("apply_rope_fusion", "--no-rope-fusion"))
+# Megatron-LM's fusions (on by default): the flag that turns each off, and what it reads on
+# ``args``; on a GPU, the module the local spec needs for it (None: the local spec has it)
+FUSIONS = (("--no-persist-layer-norm", lambda a: not getattr(a, "no_persist_layer_norm", True),
+            "apex"),  # the local spec's torch norm asserts it off
+           ("--no-masked-softmax-fusion", lambda a: getattr(a, "masked_softmax_fusion", False),
+            None),
+           ("--no-bias-gelu-fusion", lambda a: getattr(a, "bias_gelu_fusion", False), None),
+           ("--no-bias-swiglu-fusion", lambda a: getattr(a, "bias_swiglu_fusion", False), None),
+           ("--no-bias-dropout-fusion", lambda a: getattr(a, "bias_dropout_fusion", False),
+            None),
+           ("--no-gradient-accumulation-fusion",
+            lambda a: getattr(a, "gradient_accumulation_fusion", False),
+            "fused_weight_gradient_mlp_cuda"),  # APEX's kernel; TE's linears have their own
+           ("--no-rope-fusion", lambda a: getattr(a, "apply_rope_fusion", False),
+            "transformer_engine"))  # Megatron's fused RoPE is TE's, under either spec
+
+
+def missing_fused_kernels(args: argparse.Namespace) -> list[str]:
+    """The flags that turn off the Megatron-LM fusions this run asks for but this machine
+    lacks the kernels of: every one without CUDA; on a GPU, RoPE fusion without
+    TransformerEngine, and persistent layer norm and gradient-accumulation fusion under the
+    local spec without APEX (each would otherwise stop the run deep inside Megatron)."""
+    on = [(flag, needs) for flag, enabled, needs in FUSIONS if enabled(args)]
+    if not cuda_available():
+        return [flag for flag, _ in on]
+    local = getattr(args, "transformer_impl", "local") == "local"
+    return [flag for flag, needs in on if needs is not None
+            and (local or needs == "transformer_engine")
+            and importlib.util.find_spec(needs) is None]
 
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -117,6 +140,7 @@ def plugin_setup(args: argparse.Namespace) -> tuple[PluginConfig, VideoTokenSour
     resuming from ``--load`` keeps its checkpoint's regularizer settings (see
     :func:`keep_checkpoint_settings`)."""
     if id(args) not in _PLUGINS:
+        check_megatron_config(args)
         keep_checkpoint_settings(args)
         plugin = PluginConfig.from_args(args)
         _PLUGINS[id(args)] = (args, plugin, plugin.build(args.train_iters))
@@ -164,16 +188,17 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
     return model
 
 
-def check_megatron_config(args: argparse.Namespace, config: TransformerConfig) -> None:
-    """Refuse, naming the flag, what the plugin's model would otherwise drop silently."""
+def check_megatron_config(args: argparse.Namespace) -> None:
+    """Refuse, naming the flag, what the plugin's model would otherwise drop silently and
+    fusions that would stop the run deep inside Megatron."""
     if getattr(args, "mtp_num_layers", None):
         raise UserError("--mtp-num-layers (multi-token prediction) is not supported by the "
                         "plugin's objectives; drop it")
-    if not cuda_available():
-        fused = [flag for field, flag in CUDA_FUSIONS if getattr(config, field, False)]
-        if fused:
-            raise UserError("Megatron's fused kernels need CUDA; on this machine add "
-                            + ", ".join(fused))
+    missing = missing_fused_kernels(args)
+    if missing:
+        where = "without CUDA" if not cuda_available() else "without the kernels they need"
+        raise UserError(f"Megatron-LM's fusions cannot run on this machine ({where}); add "
+                        + " ".join(missing))
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True,
@@ -184,11 +209,11 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
     Megatron-LM's own ``args.padded_vocab_size`` (from ``--vocab-size`` and its tokenizer) is
     replaced by the dataset's, so that its logs and FLOP counts describe the trained model."""
     args = megatron_args()
+    check_megatron_config(args)  # before Megatron's TransformerConfig raises on rope fusion
     if config is None:
         from megatron.training.arguments import core_transformer_config_from_args
 
         config = core_transformer_config_from_args(args)
-    check_megatron_config(args, config)
     vocab = video_source(args).vocab.size
     if args.pipeline_model_parallel_size > 1:
         # the rows crossing stages vary with the drawn window, and a plan's rows are not

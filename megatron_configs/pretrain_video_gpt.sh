@@ -38,6 +38,13 @@ if [ "${CPU:-0}" = 1 ]; then
                --no-bias-dropout-fusion --no-gradient-accumulation-fusion --no-rope-fusion)
 else
   TRAIN_ARGS+=(--bf16 --clip-grad 1.0)
+  # Megatron-LM's fusions whose kernels this machine lacks (the plugin refuses them by name)
+  has() { "$PY" -c "import $1" 2>/dev/null; }
+  has transformer_engine || TRAIN_ARGS+=(--no-rope-fusion)
+  if [ "${TRANSFORMER_IMPL:-local}" = local ]; then
+    has apex || TRAIN_ARGS+=(--no-persist-layer-norm)
+    has fused_weight_gradient_mlp_cuda || TRAIN_ARGS+=(--no-gradient-accumulation-fusion)
+  fi
 fi
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron-LM's setting for tensor parallelism
 exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$GPUS" \

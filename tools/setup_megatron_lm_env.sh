@@ -25,7 +25,7 @@ pip install -q --upgrade pip 2>&1 | grep -v "WARNING: Location" || true
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install -q "torch==${TORCH_VERSION}"
 "$VENV/bin/python" -c "import deepspeed" 2>/dev/null || \
   DS_BUILD_OPS=0 pip install -q --no-build-isolation deepspeed==0.19.8
-pip install -q "megatron-core==0.19.2" -e .
+pip install -q "megatron-core==0.19.2" pytest -e .  # pytest: the GPU check's rehearsal
 for version in 0.17.1 0.18.2; do
   target="$VENV/megatron-core-$version"
   [ -d "$target/megatron" ] || pip install -q --no-deps --target "$target" "megatron-core==$version"

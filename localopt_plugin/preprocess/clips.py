@@ -13,7 +13,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -85,6 +84,8 @@ def _decode_file(path: str, spec: ClipSpec) -> tuple[np.ndarray, float]:
         raise RejectedVideo("missing file")
     if os.path.getsize(path) == 0:
         raise RejectedVideo("empty file")
+    import av  # PyAV only where a file is decoded: procedural videos need no FFmpeg
+
     try:
         container = av.open(path)
     except Exception as err:  # PyAV raises many FFmpeg error types for unreadable input

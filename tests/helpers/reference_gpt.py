@@ -23,7 +23,8 @@ def _norm(x: torch.Tensor, p: dict, name: str, kind: str, eps: float) -> torch.T
 def _rotary(t: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """Megatron's (non-interleaved) rotary embedding of ``t`` ``[b, s, heads, d]``."""
     dim = t.shape[-1]
-    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                           device=t.device) / dim)
     freqs = torch.outer(positions.float(), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)[None, :, None, :]
     first, second = t.chunk(2, dim=-1)
@@ -39,12 +40,12 @@ def reference_hidden(model, ids: torch.Tensor, detach_kv: torch.Tensor | None = 
     groups = cfg.num_query_groups or heads
     eps, kind = cfg.layernorm_epsilon, cfg.normalization
     b, s = ids.shape
-    pos = torch.arange(s)
+    pos = torch.arange(s, device=ids.device)
     x = p["embedding.word_embeddings.weight"][ids]
     rope = model.position_embedding_type == "rope"
     if not rope:
         x = x + p["embedding.position_embeddings.weight"][pos]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    causal = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
     for i in range(cfg.num_layers):
         pre = f"decoder.layers.{i}."
 

@@ -242,15 +242,66 @@ def test_what_the_plugin_cannot_run_is_refused(dist_world_of_one, tmp_path):
     args = wds_args(tmp_path)
     with pytest.raises(UserError, match="combined 1F1B"):
         LocalOptForwardStep(args)(iter([]), make_model(args), return_schedule_plan=True)
-    config = transformer_config(ModelConfig.from_args(args), ParallelConfig.from_args(args))
     args.mtp_num_layers = 1
     with pytest.raises(UserError, match="--mtp-num-layers"):
-        megatron_lm.check_megatron_config(args, config)
+        megatron_lm.check_megatron_config(args)
     args.mtp_num_layers = None
-    if not torch.cuda.is_available():
-        import dataclasses
+    megatron_lm.check_megatron_config(args)
 
-        fused = dataclasses.replace(config, persist_layer_norm=True)
-        with pytest.raises(UserError, match="--no-persist-layer-norm"):
-            megatron_lm.check_megatron_config(args, fused)
-    megatron_lm.check_megatron_config(args, config)
+
+# Megatron-LM's defaults for its fusions (megatron/training/arguments.py, 0.17-0.19): all on
+MEGATRON_LM_FUSION_DEFAULTS = dict(
+    no_persist_layer_norm=False, masked_softmax_fusion=True, bias_gelu_fusion=True,
+    bias_swiglu_fusion=True, bias_dropout_fusion=True, gradient_accumulation_fusion=True,
+    apply_rope_fusion=True)
+ALL_FUSION_FLAGS = ["--no-persist-layer-norm", "--no-masked-softmax-fusion",
+                    "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion",
+                    "--no-bias-dropout-fusion", "--no-gradient-accumulation-fusion",
+                    "--no-rope-fusion"]
+
+
+@pytest.mark.parametrize("machine, impl, installed, missing", [
+    ("cpu", "local", (), ALL_FUSION_FLAGS),
+    ("gpu", "local", (), ["--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+                          "--no-rope-fusion"]),
+    ("gpu", "local", ("transformer_engine",), ["--no-persist-layer-norm",
+                                               "--no-gradient-accumulation-fusion"]),
+    ("gpu", "local", ("apex", "fused_weight_gradient_mlp_cuda", "transformer_engine"), []),
+    ("gpu", "transformer_engine", ("transformer_engine",), []),
+])
+def test_fusions_without_their_kernels_are_refused_by_flag(monkeypatch, machine, impl,
+                                                           installed, missing):
+    """Megatron-LM's default fusions against what the machine has: without CUDA none runs; on
+    a GPU without TransformerEngine (the lent GPU machine) RoPE fusion raises in Megatron, and
+    under the local spec persistent layer norm and gradient-accumulation fusion need APEX. The
+    GPU and the installed packages are simulated (neither exists here)."""
+    import argparse
+    import importlib.util
+
+    from localopt_plugin.errors import UserError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(megatron_lm, "cuda_available", lambda: machine == "gpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        object() if name in installed else None) if name in (
+        "apex", "fused_weight_gradient_mlp_cuda", "transformer_engine") else real_find_spec(
+        name, *a))
+    args = argparse.Namespace(transformer_impl=impl, **MEGATRON_LM_FUSION_DEFAULTS)
+    assert megatron_lm.missing_fused_kernels(args) == missing
+    if missing:
+        with pytest.raises(UserError, match=" ".join(missing)):
+            megatron_lm.check_megatron_config(args)
+    for flag in missing:  # each named flag is the fix
+        dest, off = FLAG_TURNS_OFF[flag]
+        setattr(args, dest, off)
+    megatron_lm.check_megatron_config(args)
+
+
+# what each flag sets in Megatron-LM's parser
+FLAG_TURNS_OFF = {"--no-persist-layer-norm": ("no_persist_layer_norm", True),
+                  "--no-masked-softmax-fusion": ("masked_softmax_fusion", False),
+                  "--no-bias-gelu-fusion": ("bias_gelu_fusion", False),
+                  "--no-bias-swiglu-fusion": ("bias_swiglu_fusion", False),
+                  "--no-bias-dropout-fusion": ("bias_dropout_fusion", False),
+                  "--no-gradient-accumulation-fusion": ("gradient_accumulation_fusion", False),
+                  "--no-rope-fusion": ("apply_rope_fusion", False)}

@@ -1,7 +1,10 @@
 """Mask-free window attention with the shipped architecture (RoPE, GQA, RMSNorm, SwiGLU, untied):
 equal to the masked plain-PyTorch reference in loss and every gradient, no ``[queries, keys]``
-tensor kept for backward, the single-call (CUDA / dropout) path equal to the merged-block path,
-and activation recomputation (selective, full) giving the gradients of the run without it."""
+tensor kept for backward, the single-call (CUDA / dropout) path equal to the merged-block path
+and passing SDPA only calls the flash kernel takes, bf16 within its stated tolerance of fp32, and
+activation recomputation (selective, full) giving the gradients of the run without it. On a GPU
+(skipped elsewhere): the window call under the flash kernel alone, the GPU's numbers against the
+fp32 reference with and without recomputation, TransformerEngine's path against it."""
 
 from __future__ import annotations
 
@@ -59,24 +62,29 @@ def test_model_has_the_shipped_architecture(dist_world_of_one):
     assert not model.share_embeddings_and_output_weights
 
 
-def _window_against_masked_reference(first: int, perturb: str | None = None) -> None:
-    """Local Opt.'s loss and gradients against a plain-PyTorch masked reference; ``perturb``
-    breaks the reference the way a bug would break the window attention."""
-    model, tokens = make()
-    local = LocalOptimization(LAYOUT, fixed_window(first))(model, tokens)
-    local_grads = grads_of(model, local.loss)
-
+def _masked_reference_loss(model, tokens: torch.Tensor, first: int,
+                           perturb: str | None = None) -> torch.Tensor:
+    """The window's loss by the plain-PyTorch masked reference (the context's keys/values
+    detached); ``perturb`` breaks it the way a bug would break the window attention."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     start, end = LAYOUT.label_span(first, WINDOW)
-    positions = torch.arange(inputs.shape[1])
+    positions = torch.arange(inputs.shape[1], device=tokens.device)
     context = (positions >= LAYOUT.prefix_length) & (positions < start)
     if perturb == "dropped context":  # the window would not see the frames before it
         inputs = torch.where(context, torch.zeros_like(inputs), inputs)
     if perturb == "gradient through context":  # the context's keys/values not detached
         context = torch.zeros_like(context)
     logits = reference_logits(model, reference_hidden(model, inputs, detach_kv=context))
-    reference = F.cross_entropy(logits[:, start:end].reshape(-1, logits.shape[-1]),
-                                labels[:, start:end].reshape(-1))
+    return F.cross_entropy(logits[:, start:end].reshape(-1, logits.shape[-1]).float(),
+                           labels[:, start:end].reshape(-1))
+
+
+def _window_against_masked_reference(first: int, perturb: str | None = None) -> None:
+    """Local Opt.'s loss and gradients against the plain-PyTorch masked reference."""
+    model, tokens = make()
+    local = LocalOptimization(LAYOUT, fixed_window(first))(model, tokens)
+    local_grads = grads_of(model, local.loss)
+    reference = _masked_reference_loss(model, tokens, first, perturb)
     torch.testing.assert_close(local.loss, reference, rtol=1e-5, atol=1e-5)
     assert_same_grads(local_grads, grads_of(model, reference), rtol=1e-4, atol=1e-6)
 
@@ -128,16 +136,23 @@ def test_kept_context_is_read_without_copies():
         memory.read(1, 1, 4)
 
 
+def single_call_path(monkeypatch, model) -> list[SDPAttention]:
+    """Make ``model`` take the path CUDA takes (every key in one buffer, one SDPA call per
+    window) on this machine; returns its core attentions."""
+    monkeypatch.setattr(attention_module, "cuda_available", lambda: True)
+    cores = [m for m in model.modules() if isinstance(m, SDPAttention)]
+    for core in cores:
+        monkeypatch.setattr(core, "ordered_keys", True)
+    return cores
+
+
 def test_single_call_path_equals_merged_blocks(dist_world_of_one, monkeypatch):
     """The path CUDA and attention dropout take (every key in one buffer in position order,
     one SDPA call with a bottom-right causal bias) computes what the merged blocks compute."""
     model, tokens = make()
     merged = LocalOptimization(LAYOUT, fixed_window(3))(model, tokens)
     merged_grads = grads_of(model, merged.loss)
-    monkeypatch.setattr(attention_module, "cuda_available", lambda: True)
-    cores = [m for m in model.modules() if isinstance(m, SDPAttention)]
-    for core in cores:
-        monkeypatch.setattr(core, "ordered_keys", True)
+    cores = single_call_path(monkeypatch, model)
     calls = []
     real_ordered = attention_module.WindowKeys.ordered
     monkeypatch.setattr(attention_module.WindowKeys, "ordered",
@@ -146,6 +161,152 @@ def test_single_call_path_equals_merged_blocks(dist_world_of_one, monkeypatch):
     assert len(calls) == len(cores)
     torch.testing.assert_close(single.loss, merged.loss, rtol=1e-5, atol=1e-6)
     assert_same_grads(grads_of(model, single.loss), merged_grads)
+
+
+
+FLASH_HEAD_SIZES = range(8, 257, 8)  # what the flash kernel takes (head size <= 256, by 8)
+
+
+def _window_sdpa_calls(monkeypatch, materialise: bool = False) -> list[dict]:
+    """The SDPA calls of the window pass on the single-call path (CUDA's), recorded."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    model, tokens = make()
+    single_call_path(monkeypatch, model)
+    if materialise:  # negative control: the bias built into a [queries, keys] mask tensor
+        monkeypatch.setattr(attention_module, "causal_lower_right",
+                            lambda q, k: causal_lower_right(q, k)._materialize())
+    in_window, calls = [False], []
+    real_window, real_sdpa = SDPAttention._window, F.scaled_dot_product_attention
+
+    def window(self, query, keys):
+        in_window[0] = True
+        try:
+            return real_window(self, query, keys)
+        finally:
+            in_window[0] = False
+
+    def sdpa(query, key, value, **kwargs):
+        if in_window[0]:
+            calls.append(dict(query=query, key=key, value=value, heads=model.config.
+                              num_attention_heads, groups=model.config.num_query_groups,
+                              **kwargs))
+        return real_sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(SDPAttention, "_window", window)
+    monkeypatch.setattr(attention_module, "F", SimpleNamespace(scaled_dot_product_attention=sdpa))
+    LocalOptimization(LAYOUT, fixed_window(3))(model, tokens).loss.backward()
+    assert len(calls) == model.config.num_layers
+    return calls
+
+
+def _assert_flash_takes(call: dict) -> None:
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    query, key, value, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
+    queries, keys = query.shape[2], key.shape[2]
+    if mask is None:
+        assert call.get("is_causal") and queries == keys, "no mask: plain causal, square only"
+    else:
+        assert isinstance(mask, CausalBias), f"a {type(mask).__name__} mask rules flash out"
+        assert mask.variant == CausalVariant.LOWER_RIGHT and not call.get("is_causal")
+        assert (mask.seq_len_q, mask.seq_len_kv) == (queries, keys)
+    assert query.shape[-1] in FLASH_HEAD_SIZES, query.shape
+    # grouped keys by enable_gqa, not repeated to the query heads
+    assert query.shape[1] == call["heads"] and key.shape[1] == value.shape[1] == call["groups"]
+    assert call["groups"] < call["heads"] and call.get("enable_gqa")
+    assert all(t.stride(-1) == 1 for t in (query, key, value)), "flash needs a dense last dim"
+
+
+def test_window_calls_are_ones_the_flash_kernel_takes(dist_world_of_one, monkeypatch):
+    """On the single-call path CUDA takes, each window call passes SDPA what flash accepts:
+    no mask tensor (a ``causal_lower_right`` bias, which dispatches to flash as is), a head
+    size flash supports, grouped keys through ``enable_gqa``. (The GPU test below runs it
+    under the flash kernel alone; here no GPU is needed.)"""
+    calls = _window_sdpa_calls(monkeypatch)
+    assert all(c["query"].shape[2] < c["key"].shape[2] for c in calls)  # bottom-right case
+    for call in calls:
+        _assert_flash_takes(call)
+
+
+def test_the_flash_check_tells_a_materialised_mask(dist_world_of_one, monkeypatch):
+    """Negative control: the same calls with the bias built into a mask tensor fail."""
+    calls = _window_sdpa_calls(monkeypatch, materialise=True)
+    with pytest.raises(AssertionError, match="mask rules flash out"):
+        _assert_flash_takes(calls[0])
+
+
+# Local Opt. against the fp32 reference on the same weights: (loss, gradients) relative error;
+# a gradient's error is its norm over the reference gradient's norm. bf16 is the stated
+# tolerance of a bf16 run (weights, activations and attention in bf16) against fp32.
+TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 5e-2)}
+
+
+def _sharpened(model):
+    """Query/key weights x4: attention far from uniform, so a misaligned mask shows."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "linear_qkv.weight" in name:
+                param.mul_(4)
+    return model
+
+
+def _top_left_window(self, query, keys):
+    """A wrongly aligned window (top-left causal: window queries cut off from the keys before
+    them), for the negative controls (single-call path: every key in one buffer)."""
+    from torch.nn.attention.bias import causal_upper_left
+
+    k, v = keys.ordered()
+    return self._sdpa(query, k, v, attn_mask=causal_upper_left(query.shape[0], k.shape[0]))
+
+
+def against_fp32_reference(first: int, dtype: torch.dtype,
+                           recompute: str | None = None) -> dict[str, float]:
+    """Local Opt. in ``dtype`` (with ``recompute``), on the device models are built on, against
+    the plain-PyTorch masked reference in fp32 on the same sharpened weights; returns the
+    relative errors, AssertionError naming any outside :data:`TOLERANCES`."""
+    reference_model, tokens = make()
+    _sharpened(reference_model)
+    config = preset_model("test", bf16=dtype is torch.bfloat16)
+    if recompute:
+        config = dataclasses.replace(config, **RECOMPUTE[recompute])
+    model, _ = make(config)
+    model.to(dtype)  # as DeepSpeed's bf16 engine and Megatron-LM's Float16Module cast it
+    with torch.no_grad():
+        for (name, param), (ref_name, ref) in zip(model.named_parameters(),
+                                                  reference_model.named_parameters(),
+                                                  strict=True):
+            assert name == ref_name and param.dtype == dtype
+            param.copy_(ref)
+    model.train()
+    tokens = tokens.to(next(model.parameters()).device)
+    loss = LocalOptimization(LAYOUT, fixed_window(first))(model, tokens).loss
+    grads = grads_of(model, loss)
+    reference = _masked_reference_loss(reference_model, tokens, first)
+    reference_grads = grads_of(reference_model, reference)
+    assert grads.keys() == reference_grads.keys()
+    errors = {"loss": abs(float(loss) - float(reference)) / abs(float(reference))}
+    for name, want in reference_grads.items():
+        errors[name] = float((grads[name].float() - want).norm() / want.norm())
+    loss_tolerance, grad_tolerance = TOLERANCES[dtype]
+    outside = {k: e for k, e in errors.items()
+               if e > (loss_tolerance if k == "loss" else grad_tolerance) or e != e}
+    assert not outside, f"outside the {dtype} tolerance: {outside}"
+    return errors
+
+
+def test_bf16_is_within_its_stated_tolerance_of_fp32(dist_world_of_one):
+    """The bf16 tolerance the GPU tests use holds for a correct bf16 run (here on CPU)."""
+    errors = against_fp32_reference(3, torch.bfloat16)
+    assert 0 < errors["loss"]  # bf16 really ran: not the fp32 numbers
+
+
+def test_the_bf16_tolerance_tells_a_top_left_window(dist_world_of_one, monkeypatch):
+    """Negative control: a top-left aligned window lies outside the bf16 tolerance."""
+    monkeypatch.setattr(attention_module, "cuda_available", lambda: True)  # single-call path
+    monkeypatch.setattr(SDPAttention, "_window", _top_left_window)
+    with pytest.raises(AssertionError, match="outside the torch.bfloat16 tolerance"):
+        against_fp32_reference(3, torch.bfloat16)
 
 
 RECOMPUTE = {
@@ -245,23 +406,6 @@ def test_transformer_engine_without_te_is_a_clear_error():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _sharpened(model):
-    """Query/key weights x4: attention far from uniform, so a misaligned mask shows."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "linear_qkv.weight" in name:
-                param.mul_(4)
-    return model
-
-
-def _top_left_window(self, query, keys):
-    """A wrongly aligned window (top-left causal: window queries cut off from the keys before
-    them), for the negative control."""
-    from torch.nn.attention.bias import causal_upper_left
-
-    k, v = keys.ordered()
-    return self._sdpa(query, k, v, attn_mask=causal_upper_left(query.shape[0], k.shape[0]))
-
 
 @pytest.mark.gpu
 @gpu
@@ -297,9 +441,9 @@ def test_transformer_engine_path_equals_the_fp32_reference(dist_world_of_one, mo
 @gpu
 def test_the_window_call_alone_runs_a_fused_kernel_on_gpu(dist_world_of_one, monkeypatch):
     """Each window call (SDPAttention._window: the window's queries against the kept context
-    and themselves, bottom-right causal) runs with the math kernel switched off, so a call that
-    needed it raises; profiled alone it shows a fused kernel, no math kernel, and it keeps no
-    [queries, keys] mask for backward."""
+    and themselves, bottom-right causal) runs under the flash kernel alone, so a call that
+    needed another kernel (a materialised mask, the math kernel) raises; profiled alone it
+    shows flash, no math kernel, and it keeps no [queries, keys] mask for backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model, tokens = make(preset_model("test", bf16=True))
@@ -313,9 +457,8 @@ def test_the_window_call_alone_runs_a_fused_kernel_on_gpu(dist_world_of_one, mon
             shapes.append(tuple(tensor.shape))
             return tensor
 
-        fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.CUDNN_ATTENTION]
-        with sdpa_kernel(fused), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        flash_only = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+        with flash_only, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 out = real(self, query, keys)
@@ -331,7 +474,41 @@ def test_the_window_call_alone_runs_a_fused_kernel_on_gpu(dist_world_of_one, mon
     assert len(calls) == model.config.num_layers
     for names, shapes, queries, key_count in calls:
         assert queries < key_count  # the window after its context: the bottom-right case
-        assert any(k in names for k in ("flash", "fmha", "efficient_attention", "cudnn")), \
-            names[:2000]
+        assert "flash" in names, names[:2000]
         assert "attention_math" not in names, names[:2000]
         assert not [s for s in shapes if s[-2:] == (queries, key_count)], shapes
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("recompute", [None, "selective", "full-uniform"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_window_on_gpu_equals_the_fp32_reference(dist_world_of_one, monkeypatch, dtype,
+                                                 recompute):
+    """Local Opt.'s loss and every gradient on the GPU, with and without activation
+    recomputation, against the fp32 masked reference (:data:`TOLERANCES`: fp32 to fp32's,
+    bf16 to the stated bf16 tolerance); in bf16 each window call runs under the flash kernel
+    alone, so the numbers are flash's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    calls = []
+    if dtype is torch.bfloat16:
+        real = SDPAttention._window
+
+        def flash_only(self, query, keys):
+            calls.append(query.shape[0])
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return real(self, query, keys)
+
+        monkeypatch.setattr(SDPAttention, "_window", flash_only)
+    against_fp32_reference(3, dtype, recompute)
+    assert dtype is torch.float32 or len(calls) >= preset_model("test").num_layers
+
+
+@pytest.mark.gpu
+@gpu
+def test_the_gpu_comparison_tells_a_top_left_window(dist_world_of_one, monkeypatch):
+    """Negative control on the GPU: a top-left aligned window is outside the tolerance."""
+    monkeypatch.setattr(SDPAttention, "_window", _top_left_window)
+    with pytest.raises(AssertionError, match="outside the torch.bfloat16 tolerance"):
+        against_fp32_reference(3, torch.bfloat16)
