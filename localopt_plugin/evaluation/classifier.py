@@ -44,6 +44,7 @@ from localopt_plugin.data.procedural import (
     render_video,
 )
 from localopt_plugin.evaluation.fvd import feature_stats, frechet_distance
+from localopt_plugin.evaluation.segments import segments
 
 TRAIN_SEED_START = 2**31
 HELDOUT_SEED_START = 2**31 + 10**7  # the classifier's held-out accuracy
@@ -178,15 +179,15 @@ def video_features(videos: np.ndarray, weights: str | None = None) -> np.ndarray
     return _run(videos, "features", weights=weights)
 
 
-def class_accuracy(videos: np.ndarray, labels: np.ndarray, part_frames: int = 9,
+def class_accuracy(videos: np.ndarray, labels: np.ndarray, part_frames: int | None = 9,
                    weights: str | None = None) -> dict[str, float]:
     """Accuracy against the conditioning labels: the class, its shape and its motion, on the
-    whole videos and on their first and last ``part_frames`` frames (error accumulation shows
-    as a lower accuracy at the end)."""
+    whole videos and (``part_frames``) on their first and last ``part_frames`` frames (error
+    accumulation shows as a lower accuracy at the end)."""
     labels = np.asarray(labels)
     result = {}
     parts = {"": videos}
-    if videos.shape[1] > part_frames:
+    if part_frames and videos.shape[1] > part_frames:
         parts.update({"first frames ": videos[:, :part_frames],
                       "last frames ": videos[:, -part_frames:]})
     for part, clips in parts.items():
@@ -198,6 +199,26 @@ def class_accuracy(videos: np.ndarray, labels: np.ndarray, part_frames: int = 9,
         result[f"{part}motion accuracy"] = float(
             (predicted % motions == labels % motions).mean())
     return result
+
+
+def segment_report(videos: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+                   control: np.ndarray, weights: str | None = None) -> list[dict[str, Any]]:
+    """Per 17-frame segment of long videos: class, shape and motion accuracy and the Frechet
+    distance to the same segment of the ``reference`` real clips, beside that of as many
+    ``control`` real clips (the floor); drift from the first segment to the last is error
+    accumulation over time."""
+    report = []
+    for start, end in segments(videos.shape[1]):
+        real = video_features(reference[:, start:end], weights)
+        report.append({
+            "frames": [start, end],
+            **class_accuracy(videos[:, start:end], labels, part_frames=None, weights=weights),
+            "frechet distance": feature_distance(
+                video_features(videos[:, start:end], weights), real),
+            "frechet distance of real clips": feature_distance(
+                video_features(control[:, start:end], weights), real),
+        })
+    return report
 
 
 def feature_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -339,4 +360,6 @@ def class_report(videos: np.ndarray, labels: np.ndarray, background: str = "text
             video_features(decoded, weights), reference_features)
         report[f"real clips through {tokenizer} accuracy"] = float(
             (classify_videos(decoded, weights) == control_labels).mean())
+    if segments(frames):
+        report["segments"] = segment_report(videos, labels, reference, control, weights)
     return report

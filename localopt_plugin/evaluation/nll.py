@@ -17,12 +17,14 @@ import torch
 from localopt_plugin.data.inputs import null_condition
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
 from localopt_plugin.errors import UserError
+from localopt_plugin.evaluation.segments import LATENT_FRAMES, LATENT_STRIDE, segments
 from localopt_plugin.model import forward_hidden, token_losses
 
 
 @torch.no_grad()
 def nll_per_position(model, layout: SampleLayout, batches: Iterable[torch.Tensor]) -> dict:
-    """Mean next-token cross-entropy (nats) of every video token position and latent frame.
+    """Mean next-token cross-entropy (nats) of every video token position and latent frame,
+    and of each 17-frame segment (5 latent frames) of a longer video.
 
     ``batches`` yields full samples ``[b, seq_length]``; the forward is the ordinary causal one
     over the whole sequence, as in full-sequence training and the paper's inference.
@@ -42,7 +44,11 @@ def nll_per_position(model, layout: SampleLayout, batches: Iterable[torch.Tensor
     per_position = total / samples
     per_frame = per_position.reshape(layout.num_frames, layout.frame_tokens).mean(1)
     return {"num_samples": samples, "mean_nll": per_position.mean().item(),
-            "per_frame_nll": per_frame.tolist(), "per_position_nll": per_position.tolist()}
+            "per_frame_nll": per_frame.tolist(),
+            "per_segment_nll": [{"latent_frames": [s, e], "nll": per_frame[s:e].mean().item()}
+                                for s, e in segments(layout.num_frames, LATENT_FRAMES,
+                                                     LATENT_STRIDE)],
+            "per_position_nll": per_position.tolist()}
 
 
 def with_null_condition(tokens: torch.Tensor, vocab: Vocabulary,

@@ -3,6 +3,7 @@ stand-in for I3D, flow consistency, and the NLL-per-frame curve (math and CLI)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -147,6 +148,30 @@ def test_nll_per_frame_matches_the_full_sequence_loss(dist_world_of_one):
     assert np.mean(result["per_frame_nll"]) == pytest.approx(loss, rel=1e-5)
     assert result["num_samples"] == 6
 
+
+
+def test_nll_per_segment_of_a_long_sample(dist_world_of_one):
+    """9 latent frames (33-frame clips): two 17-frame segments of 5 latent frames sharing the
+    middle one, each the mean NLL of its tokens."""
+    from localopt_plugin import registry
+    from localopt_plugin.evaluation.nll import nll_per_position
+    from localopt_plugin.model import build_gpt_model
+
+    args = tiny_args("--synthetic-frames", "9")
+    source = registry.build("dataset", "synthetic-video-tokens",
+                            registry.config_from_args("dataset", "synthetic-video-tokens", args),
+                            seed=args.seed)
+    model = build_gpt_model(tiny_model(), source.vocab.size).eval()
+    batches = [b["tokens"] for b, _ in zip(source.valid.batches(2, 0, 1, seed=0), range(1),
+                                           strict=False)]
+    result = nll_per_position(model, source.layout, batches)
+    per_position = np.asarray(result["per_position_nll"]).reshape(9, -1)
+    assert [s["latent_frames"] for s in result["per_segment_nll"]] == [[0, 5], [4, 9]]
+    for segment, (start, end) in zip(result["per_segment_nll"], [(0, 5), (4, 9)], strict=True):
+        assert segment["nll"] == pytest.approx(per_position[start:end].mean(), rel=1e-6)
+    five = nll_per_position(model, dataclasses.replace(source.layout, num_frames=5),
+                            [b[:, :source.layout.label_span(0, 5)[1] + 1] for b in batches])
+    assert five["per_segment_nll"] == []  # one clip's length: no segments
 
 def test_eval_cli_nll_flow_and_plot_on_trained_checkpoint(tmp_path_factory, dist_world_of_one):
     from localopt_plugin.commands.evaluate import main
