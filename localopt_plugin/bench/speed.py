@@ -11,7 +11,9 @@ holds during the step, from the profiler's allocation events, which counts kept 
 logits and transients), optimized (loss-carrying) tokens/s and samples/s. Then, for Local Opt.:
 the **expected** step time under the sampler's distribution (what training costs), the
 **worst-window** peak memory (what must be provisioned) and the first window's, as ratios to
-full-sequence measured in the same run.
+full-sequence measured in the same run; and Local Opt. at **equal memory**: the largest
+micro-batch whose every window stays within full-sequence's peak, and its expected samples/s
+against full-sequence's (the speed-up a user who keeps their memory budget gets).
 """
 
 from __future__ import annotations
@@ -204,7 +206,58 @@ def run(args: argparse.Namespace) -> dict:
                 row.forward_backward_times.append(forward_backward)
     for row in rows:
         row.peak_bytes = peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))
-    return summarize(args, preset, layout, sampler, rows, batch, engines["none"])
+    result = summarize(args, preset, layout, sampler, rows, batch, engines["none"])
+    result["equal memory"] = equal_memory(args, preset, layout, sampler, rows, batch)
+    return result
+
+
+def equal_memory(args: argparse.Namespace, preset: Preset, layout: SampleLayout,
+                 sampler: WindowSampler, rows: list[Row], batch: int) -> dict:
+    """Local Opt. at the largest micro-batch whose every window's peak stays within
+    full-sequence's peak at the preset's: the throughput a user who keeps their memory budget
+    gets (samples/s against full-sequence's, the expectation over the sampler's windows)."""
+    full = rows[0]
+    windows = [r for r in rows if r.start is not None]
+    worst = max(windows, key=lambda r: r.peak_bytes)
+
+    def batch_of(size: int) -> torch.Tensor:
+        return torch.randint(0, preset.vocab, (size, layout.seq_length), device=default_device())
+
+    # a peak is affine in the micro-batch (what is held once, then per sample): two points
+    # of the worst window give the first guess, then every window is measured at it
+    per_sample = (peak_allocated_bytes(lambda: _step(worst, batch_of(2 * batch), 0))
+                  - worst.peak_bytes) / batch
+    micro_batch = batch + int((full.peak_bytes - worst.peak_bytes) // max(per_sample, 1))
+    peaks: dict[int, int] = {}
+    while micro_batch > batch:
+        tokens = batch_of(micro_batch)
+        peaks = {r.start: peak_allocated_bytes(lambda r=r, t=tokens: _step(r, t, 0))
+                 for r in windows}
+        if max(peaks.values()) <= full.peak_bytes:
+            break
+        micro_batch -= 1
+    full_samples = batch / statistics.median(full.step_times)
+    if micro_batch <= batch:
+        return {"micro batch": batch, "note": "no larger micro-batch fits full-sequence's peak",
+                "throughput ratio": None}
+    times: dict[int, list[float]] = {r.start: [] for r in windows}
+    for repeat in range(args.warmup + args.repeats):
+        for row in windows:
+            step_time, _ = _step(row, tokens, repeat)
+            if repeat >= args.warmup:
+                times[row.start].append(step_time)
+    probabilities = dict(zip(sampler.starts, sampler.probabilities(), strict=True))
+    expected = sum(probabilities[s] * statistics.median(t) for s, t in times.items())
+    return {
+        "micro batch": micro_batch,
+        "full-sequence micro batch": batch,
+        "worst-window peak memory (MB)": max(peaks.values()) / 2**20,
+        "full-sequence peak memory (MB)": full.peak_bytes / 2**20,
+        "expected step (ms)": 1e3 * expected,
+        "samples/s": micro_batch / expected,
+        "full-sequence samples/s": full_samples,
+        "throughput ratio": micro_batch / expected / full_samples,
+    }
 
 
 def summarize(args, preset: Preset, layout: SampleLayout, sampler: WindowSampler,
@@ -302,6 +355,17 @@ def format_table(result: dict) -> str:
         f"{local['worst-window memory ratio']:.3f}x at the worst window (start "
         f"{local['worst window start']}), {local['first-window memory ratio']:.3f}x at the "
         f"first")
+    equal = result.get("equal memory")
+    if equal and equal["throughput ratio"] is not None:
+        lines.append(
+            f"local-opt at equal memory: micro-batch {equal['micro batch']} (full-sequence "
+            f"{equal['full-sequence micro batch']}), worst-window peak "
+            f"{equal['worst-window peak memory (MB)']:.3g} MB <= full-sequence's "
+            f"{equal['full-sequence peak memory (MB)']:.3g} MB: {equal['samples/s']:.3g} "
+            f"samples/s expected, {equal['throughput ratio']:.2f}x full-sequence's "
+            f"{equal['full-sequence samples/s']:.3g}")
+    elif equal:
+        lines.append(f"local-opt at equal memory: {equal['note']}")
     for name, check in result["targets"].items():
         lines.append(f"target {name}: {check['ratio']:.3f} <= {check['target']} "
                      f"({'met' if check['met'] else 'MISSED'})")

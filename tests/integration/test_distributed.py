@@ -89,7 +89,8 @@ def test_pipeline_and_tensor_parallel_match_single_process(tmp_path, dist_world_
     the last stage receives) and TP=2 (Megatron parallel_state,
     gated MLP and query groups split over ranks) against one process, same global batch;
     layout-independent init makes them comparable. Their checkpoints convert to GPTModels that
-    generate the single process's tokens."""
+    generate the single process's tokens. TP=2 with Megatron's all-reduce after row-parallel
+    layers skipped fails the comparison."""
     flags = (*PRESET_TRAIN_FLAGS, *objective, "--zero-stage", "1", *SAME_VOCAB,
              "--eval-interval", "6", "--eval-iters", "2")
     keys = ["lm loss", "reco loss", "total loss", "valid full-sequence loss"]
@@ -104,6 +105,11 @@ def test_pipeline_and_tensor_parallel_match_single_process(tmp_path, dist_world_
         assert all(math.isfinite(r["grad norm"]) for r in records)
     if objective[1] == "local-opt":
         _converted_checkpoints_generate_the_same_tokens(tmp_path)
+        # negative control: TP=2 without the all-reduce after row-parallel layers differs
+        broken = run_train(tmp_path, *flags, "--tensor-model-parallel-size", "2", nproc=2,
+                           name="no-tp-reduction",
+                           script=REPO / "tests/helpers/train_skipping_tp_reduction.py")
+        assert _values(broken) != pytest.approx(_values(single), rel=1e-4)
 
 
 def _converted_checkpoints_generate_the_same_tokens(tmp_path):

@@ -74,6 +74,13 @@ def _check_speed_results(result: dict, printed: str) -> None:
     assert local["worst-window memory ratio"] == max(r["memory ratio"] for r in windows)
     assert set(result["targets"]) >= {"expected step", "expected forward+backward",
                                       "worst-window memory"}
+    # at equal memory: a larger micro-batch whose every window fits full-sequence's peak
+    equal = result["equal memory"]
+    assert equal["micro batch"] > equal["full-sequence micro batch"] == 1
+    assert equal["worst-window peak memory (MB)"] <= equal["full-sequence peak memory (MB)"]
+    assert equal["throughput ratio"] == pytest.approx(
+        equal["samples/s"] / equal["full-sequence samples/s"])
+    assert "local-opt at equal memory: micro-batch" in printed
 
 
 def test_an_environment_without_deepspeed_stops_the_check_at_once(tmp_path):
