@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():  # on a GPU (the GPU-marked tests) DeepSpeed picks CUDA
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
