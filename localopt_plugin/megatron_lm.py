@@ -209,12 +209,12 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
     Megatron-LM's own ``args.padded_vocab_size`` (from ``--vocab-size`` and its tokenizer) is
     replaced by the dataset's, so that its logs and FLOP counts describe the trained model."""
     args = megatron_args()
-    check_megatron_config(args)  # before Megatron's TransformerConfig raises on rope fusion
+    # the plugin's setup (its checks: before Megatron's TransformerConfig raises on a fusion)
+    vocab = video_source(args).vocab.size
     if config is None:
         from megatron.training.arguments import core_transformer_config_from_args
 
         config = core_transformer_config_from_args(args)
-    vocab = video_source(args).vocab.size
     if args.pipeline_model_parallel_size > 1:
         # the rows crossing stages vary with the drawn window, and a plan's rows are not
         # --seq-length (full-sequence runs the sample's input up to its last video token)

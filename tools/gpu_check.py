@@ -306,13 +306,13 @@ def main(argv: list[str] | None = None) -> int:
         "transformer_impl": "transformer_engine" if te else "local",
         "stages": [asdict(r) for r in results],
     }
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    files = sorted(os.listdir(args.out))
+    files = sorted({*os.listdir(args.out), "summary.json"})
     if len(files) > MAX_OUT_FILES:
         print(f"gpu_check: error: {len(files)} files in {args.out}, more than "
               f"{MAX_OUT_FILES}: {files}", flush=True)
         summary["ok"] = False
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     print(f"gpu_check: {'all stages passed' if summary['ok'] else 'FAILED'} in "
           f"{summary['seconds']} s; {args.out}/summary.json; files: {files}", flush=True)
     return 0 if summary["ok"] else 1

@@ -215,7 +215,9 @@ def equal_memory(args: argparse.Namespace, preset: Preset, layout: SampleLayout,
                  sampler: WindowSampler, rows: list[Row], batch: int) -> dict:
     """Local Opt. at the largest micro-batch whose every window's peak stays within
     full-sequence's peak at the preset's: the throughput a user who keeps their memory budget
-    gets (samples/s against full-sequence's, the expectation over the sampler's windows)."""
+    gets (samples/s against full-sequence's, the expectation over the sampler's windows).
+    Searched downwards from an affine guess (two peaks of the worst window), so a guess below
+    the true largest is not grown."""
     full = rows[0]
     windows = [r for r in rows if r.start is not None]
     worst = max(windows, key=lambda r: r.peak_bytes)

@@ -126,19 +126,27 @@ def test_flow_consistency_is_worse_for_shuffled_frames(class_id):
     assert original < 0.5 * broken, (original, broken)
 
 
-def test_nll_per_frame_matches_the_full_sequence_loss(dist_world_of_one):
+def _synthetic_validation(model_config, batch_size: int, count: int, *flags: str):
+    """A synthetic-video-tokens dataset (``flags``), a fresh model on it and ``count``
+    validation batches."""
     from localopt_plugin import registry
-    from localopt_plugin.evaluation.nll import nll_per_position
     from localopt_plugin.model import build_gpt_model
-    from localopt_plugin.objectives.sequence import FullSequence
 
-    args = tiny_args()
+    args = tiny_args(*flags)
     source = registry.build("dataset", "synthetic-video-tokens",
                             registry.config_from_args("dataset", "synthetic-video-tokens", args),
                             seed=args.seed)
-    model = build_gpt_model(tiny_model(), source.vocab.size).eval()
-    batches = [b["tokens"] for b, _ in zip(source.valid.batches(3, 0, 1, seed=0), range(2),
-                                           strict=False)]
+    model = build_gpt_model(model_config, source.vocab.size).eval()
+    batches = [b["tokens"] for b, _ in zip(source.valid.batches(batch_size, 0, 1, seed=0),
+                                           range(count), strict=False)]
+    return source, model, batches
+
+
+def test_nll_per_frame_matches_the_full_sequence_loss(dist_world_of_one):
+    from localopt_plugin.evaluation.nll import nll_per_position
+    from localopt_plugin.objectives.sequence import FullSequence
+
+    source, model, batches = _synthetic_validation(tiny_model(), 3, 2)
     result = nll_per_position(model, source.layout, batches)
     assert len(result["per_frame_nll"]) == source.layout.num_frames
     assert len(result["per_position_nll"]) == source.layout.num_frames * 16
@@ -149,21 +157,13 @@ def test_nll_per_frame_matches_the_full_sequence_loss(dist_world_of_one):
     assert result["num_samples"] == 6
 
 
-
 def test_nll_per_segment_of_a_long_sample(dist_world_of_one):
     """9 latent frames (33-frame clips): two 17-frame segments of 5 latent frames sharing the
-    middle one, each the mean NLL of its tokens."""
-    from localopt_plugin import registry
+    middle one, each the mean NLL of its tokens (the shipped architecture)."""
     from localopt_plugin.evaluation.nll import nll_per_position
-    from localopt_plugin.model import build_gpt_model
 
-    args = tiny_args("--synthetic-frames", "9")
-    source = registry.build("dataset", "synthetic-video-tokens",
-                            registry.config_from_args("dataset", "synthetic-video-tokens", args),
-                            seed=args.seed)
-    model = build_gpt_model(tiny_model(), source.vocab.size).eval()
-    batches = [b["tokens"] for b, _ in zip(source.valid.batches(2, 0, 1, seed=0), range(1),
-                                           strict=False)]
+    source, model, batches = _synthetic_validation(preset_model("test"), 2, 1,
+                                                   "--synthetic-frames", "9")
     result = nll_per_position(model, source.layout, batches)
     per_position = np.asarray(result["per_position_nll"]).reshape(9, -1)
     assert [s["latent_frames"] for s in result["per_segment_nll"]] == [[0, 5], [4, 9]]
