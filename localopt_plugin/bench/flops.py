@@ -38,6 +38,17 @@ def _causal_pairs(n: int) -> int:
     return n * (n + 1) // 2
 
 
+def _autograd_pairs(plan: ForwardPlan) -> int:
+    """(query, key) pairs the autograd pass attends to."""
+    tokens = plan.ids.shape[1]
+    if plan.context_ids is None:
+        return _causal_pairs(tokens)
+    head = plan.context_keep_from  # the re-run prefix, at positions [0, head)
+    kept = plan.context_ids.shape[1] - plan.context_keep_from
+    tail = tokens - head
+    return _causal_pairs(head) + tail * (head + kept) + _causal_pairs(tail)
+
+
 def plan_flops(plan: ForwardPlan, config: ModelConfig, vocab_size: int) -> float:
     """Training FLOPs of one micro-batch's plan (forward, backward, the no-grad context)."""
     batch = plan.ids.shape[0]
@@ -46,15 +57,24 @@ def plan_flops(plan: ForwardPlan, config: ModelConfig, vocab_size: int) -> float
     total = 0.0
     if context:
         total += layers * _layer_flops(config, context, _causal_pairs(context))
-    tokens = plan.ids.shape[1]
-    if context:
-        head = plan.context_keep_from  # the re-run prefix, at positions [0, head)
-        kept = context - plan.context_keep_from
-        tail = tokens - head
-        pairs = _causal_pairs(head) + tail * (head + kept) + _causal_pairs(tail)
-    else:
-        pairs = _causal_pairs(tokens)
-    forward = layers * _layer_flops(config, tokens, pairs)
+    forward = layers * _layer_flops(config, plan.ids.shape[1], _autograd_pairs(plan))
     forward += 2.0 * plan.labels.shape[1] * config.hidden_size * vocab_size  # output layer
     total += 3.0 * forward  # forward + backward (2x)
     return batch * total
+
+
+def recompute_flops(plan: ForwardPlan, config: ModelConfig) -> float:
+    """FLOPs activation recomputation adds to a plan's step (not counted by ``plan_flops``,
+    which counts the model's FLOPs): the autograd pass's layers run forward again (full:
+    ``--recompute-num-layers`` of each chunk under ``block``, all under ``uniform``) or only
+    their core attention (selective)."""
+    granularity = config.recompute_granularity
+    if granularity is None:
+        return 0.0
+    batch, tokens, pairs = plan.ids.shape[0], plan.ids.shape[1], _autograd_pairs(plan)
+    if granularity == "selective":
+        head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
+        return batch * config.num_layers * 2.0 * 2 * config.num_attention_heads * head_dim * pairs
+    layers = (config.num_layers if config.recompute_method == "uniform"
+              else config.recompute_num_layers)
+    return batch * layers * _layer_flops(config, tokens, pairs)

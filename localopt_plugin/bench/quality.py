@@ -12,6 +12,11 @@ to validate the FLOP model. Variants (the paper's ablation):
 * local-opt without the first-frame window (``--local-opt-first-window-prob 0``);
 * + first-frame window (uniform over all windows); + balanced (p = 0.5); + ReCo.
 
+``--preset cpu-long`` (``--sweep long``) trains on 65-frame clips (17 latent frames): full-sequence
+for its budget; fewer-frames and Local Opt. + balanced, with and without ReCo in its best form,
+at a quarter of that budget; Local Opt. + ReCo also at full-sequence's steps. Long videos are
+judged per 17-frame segment too (NLL, class accuracy, Frechet distance): error accumulation.
+
 ``--sweep reco`` runs ReCo's forms instead (which states, reduction, weight, pairs) on
 local-opt + balanced (writing ``reco-results.*``; in the ablation's ``--out`` the runs both
 share are reused). Every run is evaluated the same way: validation NLL per latent frame
@@ -68,6 +73,9 @@ class QualityPreset:
     eval_points: int
     generate_per_class: int
     lr: float
+    frames: int = 17  # frames per clip (65: 17 latent frames)
+    budget_fraction: float = 1.0  # the other variants' FLOPs, as a fraction of full-sequence's
+    sweep: str = "ablation"  # what --sweep runs by default
 
 
 PRESETS = {
@@ -79,6 +87,12 @@ PRESETS = {
     "gpu": QualityPreset(model="110m", model_flags="--bf16", micro_batch=16, full_steps=300,
                          window=2, videos=2400, valid_videos=96, background="calm",
                          eval_samples=96, eval_points=4, generate_per_class=2, lr=6e-4),
+    # 65-frame clips (17 latent frames), every other variant at a quarter of full-sequence's
+    # FLOPs; about 30 minutes per seed on a 2-core CPU (docs/RESULTS.md)
+    "cpu-long": QualityPreset(model="tiny", model_flags="", micro_batch=4, full_steps=100,
+                              window=4, videos=400, valid_videos=24, background="calm",
+                              eval_samples=24, eval_points=4, generate_per_class=2, lr=2e-3,
+                              frames=65, budget_fraction=0.25, sweep="long"),
 }
 
 
@@ -88,6 +102,7 @@ class Variant:
     objective: str
     first_window_prob: float | None = None  # None: uniform over all candidate windows
     reco: tuple[str, ...] = field(default_factory=tuple)  # --reco-* flags; set: ReCo on
+    same_steps: bool = False  # full-sequence's steps instead of a share of its FLOPs
 
     def flags(self) -> list[str]:
         flags = ["--objective", self.objective]
@@ -130,13 +145,25 @@ RECO_SWEEP = (  # the first three are the ablation's runs (reused in the same --
     Variant("ReCo final, mean, 0.1, frame pairs", "local-opt", first_window_prob=0.5,
             reco=(*RECO, "--reco-pairs", "adjacent-frame")),
 )
-SWEEPS = {"ablation": ABLATION, "reco": RECO_SWEEP}
+# the form the ReCo sweep found best: the paper's sum (lambda 0.1) before the final norm
+RECO_BEST = ("--reco-weight", "0.1", "--reco-reduction", "sum", "--reco-states", "pre-norm")
+LONG = (  # long clips: the rest at the preset's share of full-sequence's FLOPs
+    Variant("full-sequence", "full-sequence"),
+    Variant("fewer-frames", "fewer-frames"),
+    Variant("local-opt + balanced", "local-opt", first_window_prob=0.5),
+    Variant("local-opt + balanced + ReCo", "local-opt", first_window_prob=0.5, reco=RECO_BEST),
+    Variant("local-opt + balanced + ReCo, full-sequence's steps", "local-opt",
+            first_window_prob=0.5, reco=RECO_BEST, same_steps=True),
+)
+SWEEPS = {"ablation": ABLATION, "reco": RECO_SWEEP, "long": LONG}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--sweep", choices=sorted(SWEEPS), default="ablation",
-                        help="ablation: the paper's variants; reco: ReCo's forms")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
+                        help="ablation: the paper's variants; reco: ReCo's forms; long: "
+                        "long clips at a share of full-sequence's compute (default: the "
+                        "preset's: long for cpu-long, else ablation)")
     parser.add_argument("--data-path", nargs="+", default=None,
                         help="training shards (default: made by localopt-preprocess from the "
                         "preset's procedural videos into OUT/data)")
@@ -187,7 +214,8 @@ def make_data(out: str, preset: QualityPreset) -> tuple[list[str], list[str]]:
         if not os.path.exists(os.path.join(directory, "manifest.json")):
             _run([sys.executable, "-m", "localopt_plugin.commands.preprocess",
                   f"{kind}:{count}:{seed}", "--output", directory, "--videos-per-shard", "64",
-                  "--no-progress"], os.path.join(out, "data", f"{split}.log"))
+                  "--frames", str(preset.frames), "--no-progress"],
+                 os.path.join(out, "data", f"{split}.log"))
         paths.append(sorted(os.path.join(directory, f) for f in os.listdir(directory)
                             if f.endswith(".tar")))
     return paths[0], paths[1]
@@ -306,7 +334,11 @@ def score_classes(run_dir: str, background: str) -> dict:
         classes = json.load(f)
     keys = ("accuracy", "first frames accuracy", "last frames accuracy", "frechet distance",
             "frechet distance of real clips")
-    return {"classifier": classifier_digest(), **{key: classes.get(key) for key in keys}}
+    scores = {"classifier": classifier_digest(), **{key: classes.get(key) for key in keys}}
+    if classes.get("segments"):  # long videos: per 17-frame segment
+        for key in ("accuracy", "frechet distance", "frechet distance of real clips"):
+            scores[f"{key} per segment"] = [s[key] for s in classes["segments"]]
+    return scores
 
 
 def evaluate(args: argparse.Namespace, preset: QualityPreset, variant: Variant, row: dict,
@@ -324,9 +356,12 @@ def evaluate(args: argparse.Namespace, preset: QualityPreset, variant: Variant, 
           "--data-path", *valid, "--num-samples", str(preset.eval_samples),
           "--out", nll_file], os.path.join(run_dir, "nll.log"))
     with open(nll_file) as f:
-        per_frame = json.load(f)["per_frame_nll"]
+        nll = json.load(f)
+    per_frame = nll["per_frame_nll"]
     result = {"valid NLL": float(np.mean(per_frame)), "NLL per frame": per_frame,
               "first-frame NLL": per_frame[0], "last-frame NLL": per_frame[-1]}
+    if nll.get("per_segment_nll"):
+        result["NLL per segment"] = [s["nll"] for s in nll["per_segment_nll"]]
     samples = os.path.join(run_dir, "samples")
     mode = (["--mode", "chunked", "--chunk-frames", str(preset.window)]
             if variant.objective == "fewer-frames" else ["--mode", "full"])
@@ -355,6 +390,8 @@ def evaluate(args: argparse.Namespace, preset: QualityPreset, variant: Variant, 
 METRICS = ("steps", "compute (PFLOP)", "train time (s)", "peak memory (MB)", "valid NLL",
            "first-frame NLL", "last-frame NLL", "accuracy", "first frames accuracy",
            "last frames accuracy", "frechet distance", "flow warp error", "FVD")
+# long videos: one value per 17-frame segment (mean over seeds, segment by segment)
+SEGMENT_METRICS = ("NLL per segment", "accuracy per segment", "frechet distance per segment")
 
 
 def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
@@ -371,10 +408,20 @@ def summarize(rows: list[dict], variants: list[Variant]) -> list[dict]:
             if values:
                 entry[metric] = {"mean": float(np.mean(values)), "min": float(np.min(values)),
                                  "max": float(np.max(values))}
+        for metric in SEGMENT_METRICS:
+            values = [r[metric] for r in runs if r.get(metric)]
+            if values:
+                entry[metric] = [float(v) for v in np.mean(values, axis=0)]
+        if "NLL per segment" in entry:  # error accumulation: last segment against the first
+            entry["NLL drift (last - first segment)"] = (entry["NLL per segment"][-1]
+                                                         - entry["NLL per segment"][0])
         table.append(entry)
-    full = table[0]["train time (s)"]["mean"]
+    full = table[0]
     for entry in table:
-        entry["time / full-sequence time"] = entry["train time (s)"]["mean"] / full
+        entry["time / full-sequence time"] = (entry["train time (s)"]["mean"]
+                                              / full["train time (s)"]["mean"])
+        entry["compute / full-sequence compute"] = (entry["compute (PFLOP)"]["mean"]
+                                                    / full["compute (PFLOP)"]["mean"])
     return table
 
 
@@ -384,6 +431,7 @@ def run(args: argparse.Namespace) -> dict:
     if bool(args.data_path) != bool(args.valid_data_path):
         raise UserError("--data-path and --valid-data-path go together")
     preset = PRESETS[args.preset]
+    args.sweep = args.sweep or preset.sweep
     if args.full_steps:
         preset = dataclasses.replace(preset, full_steps=args.full_steps)
     if args.eval_samples:
@@ -408,8 +456,8 @@ def run(args: argparse.Namespace) -> dict:
         full_flops, _ = counter.steps(variants[0], seed, preset.full_steps)
         budget = float(np.sum(full_flops))
         for variant in variants:
-            steps = (preset.full_steps if variant is variants[0]
-                     else counter.steps_within(variant, seed, budget))
+            steps = (preset.full_steps if variant is variants[0] or variant.same_steps
+                     else counter.steps_within(variant, seed, budget * preset.budget_fraction))
             row_file = os.path.join(args.out, f"seed{seed}", variant.slug, "row.json")
             if os.path.exists(row_file):  # a finished run of an interrupted bench
                 with open(row_file) as f:
@@ -424,8 +472,8 @@ def run(args: argparse.Namespace) -> dict:
                             json.dump(row, f, indent=2)
                     rows.append(row)
                     continue
-            print(f"[quality] seed {seed}: {variant.name}: {steps} steps within "
-                  f"{budget / 1e15:.4f} PFLOP", flush=True)
+            print(f"[quality] seed {seed}: {variant.name}: {steps} steps (full-sequence's "
+                  f"budget: {budget / 1e15:.4f} PFLOP)", flush=True)
             row = train(args, preset, variant, seed, steps, data, counter)
             row.update(evaluate(args, preset, variant, row, data[1], background))
             row["background"] = background
@@ -440,6 +488,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _cell(value) -> str:
+    if isinstance(value, list):
+        return " ".join(f"{v:.3g}" for v in value)
     if isinstance(value, dict):
         mean, low, high = value["mean"], value["min"], value["max"]
         return f"{mean:.4g}" if low == high else f"{mean:.4g} ({low:.3g}-{high:.3g})"
@@ -447,9 +497,12 @@ def _cell(value) -> str:
 
 
 def format_table(result: dict) -> str:
-    columns = ["variant", *METRICS, "time / full-sequence time"]
+    columns = ["variant", *METRICS, "compute / full-sequence compute",
+               "time / full-sequence time", *SEGMENT_METRICS, "NLL drift (last - first segment)"]
     columns = [c for c in columns if any(c in e for e in result["summary"])]
-    out = [f"{result['sweep']} at equal training FLOPs, seeds {result['seeds']}: mean "
+    share = result["settings"]["budget_fraction"]
+    budget = "equal training FLOPs" if share == 1 else f"{share:g}x full-sequence's FLOPs"
+    out = [f"{result['sweep']} at {budget}, seeds {result['seeds']}: mean "
            "(min-max over seeds)", "", "| " + " | ".join(columns) + " |",
            "|" + "---|" * len(columns)]
     for entry in result["summary"]:

@@ -2,7 +2,8 @@
 full-sequence), ``window-scope`` (one window per step or per micro-batch at DP=2), ``loader``
 (video-wds loader throughput against what the benchmark model consumes), ``pipeline`` (what
 Local Opt.'s context rows cost between stages of Megatron's pipeline schedule) and ``quality``
-(the paper's ablation: cost and quality of each objective on one dataset)."""
+(the paper's ablation: cost and quality of each objective on one dataset) and ``plan`` (memory
+per GPU, FLOPs and what fits, predicted before a run)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from localopt_plugin.platform import configure_environment
 
 def _main(argv: Sequence[str] | None = None) -> int:
     configure_environment()
-    from localopt_plugin.bench import loader, pipeline, quality, speed, windows
+    from localopt_plugin.bench import loader, pipeline, planner, quality, speed, windows
 
     parser = argparse.ArgumentParser(prog="localopt-bench", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -25,9 +26,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     windows.add_args(commands.add_parser("window-scope",
                                          help=windows.__doc__.splitlines()[0]))
     pipeline.add_args(commands.add_parser("pipeline", help=pipeline.__doc__.splitlines()[0]))
+    planner.add_args(commands.add_parser("plan", help=planner.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     run = {"speed": speed.main, "loader": loader.main, "quality": quality.main,
-           "window-scope": windows.main, "pipeline": pipeline.main}[args.command]
+           "window-scope": windows.main, "pipeline": pipeline.main,
+           "plan": planner.main}[args.command]
     return run(args)
 
 

@@ -112,3 +112,28 @@ def test_quality_bench_spends_equal_flops(tmp_path, dist_world_of_one):
          str(tmp_path / "bad"), "--variants", "local-opt + typo"],
         cwd=REPO, capture_output=True, text=True, env=subprocess_env())
     assert bad.returncode != 0 and "unknown --variants" in bad.stderr
+
+
+def test_long_sweep_budgets_and_per_segment_summary():
+    """cpu-long: every variant but full-sequence at a quarter of its FLOPs (the same-steps one at
+    its steps); per-segment metrics averaged over seeds segment by segment, drift = last - first."""
+    from localopt_plugin.bench.quality import LONG, PRESETS, format_table, summarize
+
+    preset = PRESETS["cpu-long"]
+    assert preset.frames == 65 and preset.budget_fraction == 0.25 and preset.sweep == "long"
+    assert [v.same_steps for v in LONG] == [False, False, False, False, True]
+    rows = []
+    for seed, shift in ((1, 0.0), (2, 0.2)):
+        for index, variant in enumerate(LONG[:2]):
+            rows.append({"variant": variant.name, "seed": seed, "steps": 10, "train time (s)": 1.0,
+                         "compute (PFLOP)": 1.0 if index == 0 else 0.25,
+                         "NLL per segment": [5 + shift, 5.1 + shift, 5.3 + shift + index],
+                         "accuracy per segment": [0.5, 0.25, 0.0 + shift]})
+    table = summarize(rows, list(LONG[:2]))
+    assert table[1]["NLL per segment"] == pytest.approx([5.1, 5.2, 6.4])
+    assert table[1]["NLL drift (last - first segment)"] == pytest.approx(1.3)
+    assert table[0]["accuracy per segment"] == pytest.approx([0.5, 0.25, 0.1])
+    assert table[1]["compute / full-sequence compute"] == pytest.approx(0.25)
+    text = format_table({"sweep": "long", "seeds": [1, 2], "summary": table,
+                         "settings": {"budget_fraction": 0.25}})
+    assert "0.25x full-sequence's FLOPs" in text and "5.1 5.2 6.4" in text

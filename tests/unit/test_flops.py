@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers.configs import preset_model
-from helpers.flops_reference import attention_flops, product_flops
+from helpers.flops_reference import attention_flops, mask_pairs, product_flops
 
 from localopt_plugin.bench.flops import plan_flops
 from localopt_plugin.data.layout import SampleLayout
@@ -42,3 +42,32 @@ def test_later_windows_cost_more_and_full_sequence_most():
              for s in range(3)]
     full = plan_flops(FullSequence(LAYOUT).plan(tokens), config, VOCAB)
     assert costs == sorted(costs) and costs[-1] < full
+
+
+@pytest.mark.parametrize("objective", ["full-sequence", "window 2"])
+def test_recompute_flops_are_the_repeated_forward_torch_counts(dist_world_of_one, objective):
+    """Full recomputation's extra matrix products, counted by torch on the real model (the
+    recomputed forward runs under the counter too), equal ``recompute_flops`` less its attention
+    (the fused kernel the counter does not see: one forward of the autograd pass's pairs)."""
+    from localopt_plugin.bench.flops import recompute_flops
+
+    plain = preset_model("test")
+    recomputed = preset_model("test", recompute_granularity="full", recompute_method="uniform",
+                              recompute_num_layers=1)
+    tokens = torch.randint(0, VOCAB, (2, LAYOUT.seq_length))
+    plan = (FullSequence(LAYOUT) if objective == "full-sequence" else
+            LocalOptimization(LAYOUT, _window(2))).plan(tokens, 0, 0)
+    extra = (product_flops(build_gpt_model(recomputed, VOCAB, seed=1), plan)
+             - product_flops(build_gpt_model(plain, VOCAB, seed=1), plan))
+    width = plain.num_attention_heads * (plain.hidden_size // plain.num_attention_heads)
+    keys = plan.positions
+    if plan.context_ids is not None:
+        context = torch.arange(plan.context_ids.shape[1])
+        keys = torch.cat([plan.positions[:plan.context_keep_from],
+                          context[plan.context_keep_from:],
+                          plan.positions[plan.context_keep_from:]])
+    attention = 4 * width * plain.num_layers * plan.ids.shape[0] * mask_pairs(plan.positions,
+                                                                              keys)
+    assert extra > 0
+    assert recompute_flops(plan, recomputed) - attention == pytest.approx(extra, rel=1e-6)
+    assert recompute_flops(plan, plain) == 0
