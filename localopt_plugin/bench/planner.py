@@ -16,14 +16,15 @@ During a step the peak is the largest of four moments:
 
 * **the context pass** (Local Opt., no autograd): the keys/values kept so far and one layer's
   transient activations over the context tokens;
-
-* **the output layer's backward**: every layer's saved activations (``ACTIVATION`` elements per
-  token and layer, counted on the local spec's autograd graph), the kept context keys/values
-  with the window's own (Local Opt.), the logits' gradient and the output weight's gradient;
+* **the output layer's backward**: every layer's saved activations
+  (:func:`activation_elements` per token and layer, counted on the local spec), the kept
+  context keys/values with the window's own (Local Opt.), the logits' gradient and the output
+  weight's gradient;
 * **the end of the backward**: every parameter's gradient and the flat copy DeepSpeed's
   bucketed gradient all-reduce makes of them;
-* **a recomputed layer's backward** (full recomputation): the layers' saved inputs, the last
-  chunk's activations rebuilt, its gradients and the output layer's.
+* **a recomputed layer's backward** (full recomputation): the saved inputs (and, under
+  ``block``, the layers not recomputed), the last chunk's activations rebuilt (one layer under
+  ``block``), its gradients and the output layer's.
 
 ``--measure`` puts measured step peaks beside the predictions. Validated on CPU (fp32,
 tests/integration/test_planner.py and docs/planning.md); bf16 and tensor/pipeline parallel
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from localopt_plugin.bench.flops import plan_flops, recompute_flops
+from localopt_plugin.bench.speed import fixed_window
 from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.errors import UserError
 from localopt_plugin.model import ModelConfig, padded_vocab_size
@@ -148,14 +150,15 @@ def plan_memory(setup: Setup, plan: ForwardPlan) -> dict[str, float]:
     logits = loss_tokens * 4 * (setup.vocab / t + 4 * h)
     output_grad = counts["output"] / t * e
     if model.recompute_granularity == "full":
-        chunk = model.recompute_num_layers or 1
-        saved = in_flight * pass_tokens * (layers / chunk if model.recompute_method == "uniform"
-                                           else layers - chunk) * h * e
-        saved += in_flight * pass_tokens * per_layer * (0 if model.recompute_method == "uniform"
-                                                        else min(chunk, layers))
-        recomputed = pass_tokens * per_layer * min(chunk, layers)
+        chunk = min(model.recompute_num_layers or 1, layers)
+        if model.recompute_method == "uniform":  # every chunk of layers keeps its input only
+            inputs, kept_layers, rebuilt = -(-layers // chunk), 0, chunk
+        else:  # block: the first `chunk` layers keep their inputs, the others everything
+            inputs, kept_layers, rebuilt = chunk, layers - chunk, 1
+        saved = in_flight * pass_tokens * (inputs * h * e + kept_layers * per_layer)
+        recomputed = pass_tokens * per_layer * rebuilt
     else:
-        chunk, recomputed = 0, 0.0
+        rebuilt, recomputed = 0, 0.0
         saved = in_flight * pass_tokens * layers * per_layer
     # DeepSpeed all-reduces gradients through flat buckets: a copy of up to a bucket's worth
     bucket = min(gradients, ALLREDUCE_BUCKET_ELEMENTS * e)
@@ -170,7 +173,7 @@ def plan_memory(setup: Setup, plan: ForwardPlan) -> dict[str, float]:
         "end of backward": gradients + bucket + (kept if recomputed else 0.0),
         # the last chunk rebuilt: only the output layer's and that chunk's gradients exist
         "recomputed layer backward": (saved + kept + recomputed + output_grad
-                                      + min(chunk, layers) * counts["layer"] / t * e
+                                      + rebuilt * counts["layer"] / t * e
                                       + 2 * pass_tokens * h * e) if recomputed else 0.0,
     }
     phase = max(moments, key=moments.get)
@@ -190,26 +193,16 @@ class Estimate:
 
 
 def objectives(setup: Setup) -> tuple[SampleLayout, WindowSampler, list]:
+    """The planned rows: (name, window start or None, objective), and the sampler whose
+    probabilities weigh the windows."""
     layout = setup.layout
     sampler = WindowSampler(setup.frames, setup.window, setup.stride, 0,
                             first_prob=setup.first_prob)
-    fixed = [_Fixed(setup.window, s) for s in sampler.starts]
     named = [("full-sequence", None, FullSequence(layout)),
-             ("fewer-frames", None, FewerFrames(layout, _Fixed(setup.window)))]
-    named += [(f"local-opt, window at frame {w.start}", w.start, LocalOptimization(layout, w))
-              for w in fixed]
+             ("fewer-frames", None, FewerFrames(layout, fixed_window(0, setup.window)))]
+    named += [(f"local-opt, window at frame {s}", s,
+               LocalOptimization(layout, fixed_window(s, setup.window))) for s in sampler.starts]
     return layout, sampler, named
-
-
-@dataclass(frozen=True)
-class _Fixed:
-    """A sampler that always draws one start (what each planned row runs)."""
-
-    window_frames: int
-    start: int = 0
-
-    def draw(self, iteration: int, micro_batch: int) -> int:
-        return self.start
 
 
 def estimate(setup: Setup) -> list[Estimate]:

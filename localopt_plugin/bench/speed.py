@@ -95,7 +95,8 @@ class Row:
     peak_bytes: int = 0
 
 
-def _fixed_window(first: int, frames: int) -> SimpleNamespace:
+def fixed_window(first: int, frames: int) -> SimpleNamespace:
+    """A window sampler that always draws ``first``: what a measured or planned row runs."""
     return SimpleNamespace(window_frames=frames, draw=lambda iteration, micro_batch: first)
 
 
@@ -193,9 +194,9 @@ def run(args: argparse.Namespace) -> dict:
             Row("full-sequence + full recompute", engines["full"], FullSequence(layout),
                 video_tokens),
             Row("fewer-frames", engines["none"],
-                FewerFrames(layout, _fixed_window(0, preset.window)), window_tokens)]
+                FewerFrames(layout, fixed_window(0, preset.window)), window_tokens)]
     rows += [Row(f"local-opt, window at frame {s}", engines["none"],
-                 LocalOptimization(layout, _fixed_window(s, preset.window)), window_tokens, s)
+                 LocalOptimization(layout, fixed_window(s, preset.window)), window_tokens, s)
              for s in sampler.starts]
     tokens = torch.randint(0, preset.vocab, (batch, layout.seq_length), device=default_device())
     for repeat in range(args.warmup + args.repeats):

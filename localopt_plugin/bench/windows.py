@@ -23,10 +23,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from types import SimpleNamespace
 
 import torch
 
+from localopt_plugin.bench.speed import fixed_window
 from localopt_plugin.metric_names import STEP_TIME
 from localopt_plugin.objectives import LocalOptimization, WindowSampler
 
@@ -70,7 +70,7 @@ def gradient_variance(args: argparse.Namespace) -> dict:
         for m in range(args.micro_batches):
             tokens = next(samples)["tokens"]
             for s in sampler.starts:
-                fixed = SimpleNamespace(window_frames=args.window, draw=lambda i, mb, s=s: s)
+                fixed = fixed_window(s, args.window)
                 loss = LocalOptimization(layout, fixed)(model, tokens).loss
                 grads[m, s] = torch.cat([g.flatten() for g in
                                          torch.autograd.grad(loss, params)])
