@@ -390,6 +390,8 @@ def format_table(setup: Setup, result: dict) -> str:
              f"{setup.frame_tokens} tokens, micro-batch {setup.micro_batch}, window "
              f"{setup.window}/stride {setup.stride}, ZeRO-{setup.zero_stage}, TP "
              f"{setup.tensor_parallel} PP {setup.pipeline_parallel} DP {setup.data_parallel}",
+             *(["note: activations are counted on the local spec; TransformerEngine's layers "
+                "save other tensors (unvalidated)"] if m.transformer_impl != "local" else []),
              "| row | TFLOP/step | with recompute | weights+optimizer (GiB) | step peak (GiB) "
              "| peak moment | total (GiB) |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
