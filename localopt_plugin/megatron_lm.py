@@ -62,11 +62,18 @@ from localopt_plugin.model import (
     padded_vocab_size,
     token_losses,
 )
+from localopt_plugin.model.context_parallel import SequenceShard
 from localopt_plugin.objectives import (
     FullSequence,
     global_micro_batch,
 )
-from localopt_plugin.plan import ForwardPlan, objective_output, plan_hidden
+from localopt_plugin.plan import (
+    ForwardPlan,
+    objective_output,
+    optimized_rows,
+    plan_hidden,
+    plan_shards,
+)
 from localopt_plugin.platform import apply_megatron_lm_shims, cuda_available, default_device
 from localopt_plugin.plugin import PluginConfig, add_plugin_args, keep_recorded_settings
 from localopt_plugin.regularizers import apply_regularizers
@@ -322,11 +329,12 @@ class LocalOptForwardStep:
             hidden = plan_hidden(inner, plan)
         if not inner.post_process:
             return hidden, None
-        hidden = hidden[plan.loss_from:]
-        losses = token_losses(inner, hidden, plan.labels)
+        hidden, pre_norm_hidden, labels, shard = optimized_rows(
+            plan, plan_shards(inner, plan)[1], hidden, pre_norm["hidden"])
+        losses = token_losses(inner, hidden, labels)
         loss_func = self.eval_loss_func if evaluating else self.loss_func
-        return losses, functools.partial(loss_func, plan, hidden,
-                                         pre_norm["hidden"][plan.loss_from:], iteration)
+        return losses, functools.partial(loss_func, plan, hidden, pre_norm_hidden, shard,
+                                         iteration)
 
     def _check_pipelined(self, plan: ForwardPlan, model: GPTModel) -> None:
         rows = len(plan.positions) + (0 if plan.context_ids is None else plan.context_ids.shape[1])
@@ -337,12 +345,16 @@ class LocalOptForwardStep:
                                f"(model_provider does)")
 
     def loss_func(self, plan: ForwardPlan, hidden: torch.Tensor, pre_norm_hidden: torch.Tensor,
-                  iteration: int, output_tensor: torch.Tensor):
+                  shard: SequenceShard | None, iteration: int, output_tensor: torch.Tensor):
         """``(summed_loss, num_tokens, report)``: the objective's mean loss plus regularizers,
         times the token count, so Megatron's division by ``num_tokens`` (or, with
-        ``--calculate-per-token-loss``, by the global token count) recovers the plugin's loss."""
+        ``--calculate-per-token-loss``, by the global token count) recovers the plugin's loss.
+
+        Under context parallelism each rank's loss is its share of the sample's and Megatron's
+        DDP averages gradients over data x context-parallel ranks: the share is scaled by the
+        context-parallel size so that the shares' gradients sum (the reports are whole)."""
         out = objective_output(output_tensor, hidden, pre_norm_hidden, plan.first_frame,
-                               plan.num_frames, plan.metrics)
+                               plan.num_frames, plan.metrics, shard)
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=out.loss.device)
         total, metrics = apply_regularizers(out, self._regularizers, iteration)
         if self.args is not None:
@@ -350,14 +362,17 @@ class LocalOptForwardStep:
         # Megatron-LM logs every reported pair; the total is its own loss, not logged twice
         report = {k: _report(v, num_tokens) for k, v in metrics.items()
                   if k.endswith("loss") and k != TOTAL_LOSS}
-        return total * out.num_tokens, num_tokens, report
+        shares = 1 if shard is None else shard.world
+        return total * (out.num_tokens * shares), num_tokens, report
 
     def eval_loss_func(self, plan: ForwardPlan, hidden: torch.Tensor,
-                       pre_norm_hidden: torch.Tensor, iteration: int,
-                       output_tensor: torch.Tensor):
+                       pre_norm_hidden: torch.Tensor, shard: SequenceShard | None,
+                       iteration: int, output_tensor: torch.Tensor):
         """Evaluation: the full-sequence cross-entropy alone, in the same contract."""
-        lm_loss = output_tensor.float().mean()
-        num_tokens = torch.tensor(plan.labels.numel(), dtype=torch.int, device=lm_loss.device)
+        out = objective_output(output_tensor, hidden, pre_norm_hidden, plan.first_frame,
+                               plan.num_frames, shard=shard)
+        lm_loss = out.whole(out.loss)
+        num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=lm_loss.device)
         return lm_loss * num_tokens, num_tokens, {VALID_LOSS: _report(lm_loss, num_tokens)}
 
 
@@ -411,10 +426,16 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: list[int],
     if args.dataloader_type != "external":
         raise UserError("the plugin's datasets are streams: add --dataloader-type external")
     layout = video_source(args).layout
-    if args.seq_length != layout.input_length:
+    # Megatron-LM wants a multiple of 2 x CP under context parallelism; the plugin's plans
+    # split the sample's own tokens, so the next such multiple stands for them there
+    multiple = 2 * args.context_parallel_size if args.context_parallel_size > 1 else 1
+    expected = -(-layout.input_length // multiple) * multiple
+    if args.seq_length != expected:
+        why = (f", the multiple of 2 x --context-parallel-size Megatron-LM wants"
+               if multiple > 1 else "")
         raise UserError(f"--seq-length {args.seq_length} does not match the dataset's samples "
                         f"({layout.input_length} input tokens): set --seq-length "
-                        f"{layout.input_length}")
+                        f"{expected}{why}")
     train, valid, test = build_datasets(args, args.consumed_train_samples,
                                         args.consumed_valid_samples)
     if valid is None and args.eval_iters:

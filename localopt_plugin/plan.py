@@ -20,6 +20,7 @@ from localopt_plugin.model import (
     forward_hidden,
     token_losses,
 )
+from localopt_plugin.model.context_parallel import SequenceShard, context_parallel_group
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ObjectiveOutput:
     raster order), which regularizers such as ReCo act on.
     pre_norm_hidden: the same positions' residual stream before the final norm (every executor
     provides it: ReCo's default ``pre-norm`` form acts on it).
+    shard: under context parallelism, which rows of the optimized positions ``hidden`` holds on
+    this rank; ``loss`` (and every regularizer's) is then this rank's share of the whole
+    window's value: the shares sum to it over the context-parallel group, as the gradients do.
     """
 
     loss: torch.Tensor
@@ -60,21 +64,53 @@ class ObjectiveOutput:
     first_frame: int
     num_frames: int
     metrics: dict[str, float] = field(default_factory=dict)
+    shard: SequenceShard | None = None
+
+    def whole(self, share: torch.Tensor) -> torch.Tensor:
+        """The detached whole value of a per-rank share (itself without context parallelism)."""
+        return share.detach() if self.shard is None else self.shard.sum(share)
 
 
 def objective_output(losses: torch.Tensor, hidden: torch.Tensor, pre_norm_hidden: torch.Tensor,
                      first_frame: int, num_frames: int,
-                     metrics: dict[str, float] | None = None) -> ObjectiveOutput:
+                     metrics: dict[str, float] | None = None,
+                     shard: SequenceShard | None = None) -> ObjectiveOutput:
     """What a run of a plan yields, from its per-token losses ``[b, s]`` and the optimized
     positions' states: the one place every executor (whole model, DeepSpeed pipeline's last
-    stage, Megatron-LM's loss function) assembles it."""
-    return ObjectiveOutput(losses.float().mean(), hidden, pre_norm_hidden, losses.numel(),
-                           first_frame, num_frames, dict(metrics or {}))
+    stage, Megatron-LM's loss function) assembles it. With ``shard`` (context parallelism),
+    ``losses`` are this rank's rows and the loss is their share of the whole mean."""
+    if shard is None:
+        loss, count = losses.float().mean(), losses.numel()
+    else:
+        count = losses.shape[0] * shard.total
+        loss = losses.float().sum() / count
+    return ObjectiveOutput(loss, hidden, pre_norm_hidden, count, first_frame, num_frames,
+                           dict(metrics or {}), shard)
+
+
+def plan_shards(model, plan: ForwardPlan) -> tuple[SequenceShard | None, SequenceShard | None]:
+    """The context pass's and the autograd pass's slices on this rank (None, None without
+    context parallelism)."""
+    group = context_parallel_group(model)
+    if group is None:
+        return None, None
+    if not (model.pre_process and model.post_process):
+        raise NotImplementedError("context parallelism with pipeline parallelism is not "
+                                  "implemented: use --pipeline-model-parallel-size 1")
+    context = 0 if plan.context_ids is None else plan.context_ids.shape[1]
+    shards = [SequenceShard.split(length, group) if length else None
+              for length in (context, len(plan.positions))]
+    for shard in shards:
+        if shard is not None and min(shard.sizes) == 0:
+            raise ValueError(f"{shard.total} tokens do not give each of {shard.world} "
+                             f"context-parallel ranks one")
+    return shards[0], shards[1]
 
 
 def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
     """The context pass (``no_grad``, keeping keys/values) then the autograd pass of a plan;
-    returns the autograd pass's hidden states ``[s, b, h]``.
+    returns the autograd pass's hidden states ``[s, b, h]`` (this rank's rows of them under
+    context parallelism: see :func:`plan_shards`).
 
     On a stage of Megatron's pipeline schedule, where one tensor crosses stages, both streams
     travel in it: the context pass's ``c`` rows first, then the autograd pass's ``s`` rows. A
@@ -84,6 +120,7 @@ def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
     nothing into them, and the window's gradients are those of the whole-model run.
     """
     context = 0 if plan.context_ids is None else plan.context_ids.shape[1]
+    context_shard, shard = plan_shards(model, plan)
     received = None if model.pre_process else model.decoder.input_tensor
     if received is not None and received.shape[0] != context + len(plan.positions):
         raise RuntimeError(f"a pipeline stage received {received.shape[0]} rows for a plan of "
@@ -98,11 +135,11 @@ def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
             context_out = forward_hidden(
                 model, plan.context_ids if model.pre_process else None,
                 torch.arange(context, device=plan.ids.device), memory=memory,
-                store_from=plan.context_keep_from)
+                store_from=plan.context_keep_from, shard=context_shard)
     if received is not None:
         model.decoder.set_input_tensor(received[context:])
     hidden = forward_hidden(model, plan.ids if model.pre_process else None, plan.positions,
-                            memory=memory)
+                            memory=memory, shard=shard)
     if received is not None:
         model.decoder.set_input_tensor(received)
     if model.post_process or context_out is None:
@@ -110,10 +147,23 @@ def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
     return torch.cat([context_out, hidden])
 
 
+def optimized_rows(plan: ForwardPlan, shard: SequenceShard | None, hidden: torch.Tensor,
+                   pre_norm_hidden: torch.Tensor):
+    """This rank's rows of the optimized positions ``[loss_from, s)`` of a plan's autograd
+    pass: ``(hidden, pre_norm_hidden, labels, shard of those rows)`` (the shard is None without
+    context parallelism)."""
+    if shard is None:
+        return (hidden[plan.loss_from:], pre_norm_hidden[plan.loss_from:], plan.labels, None)
+    optimized = shard.from_row(plan.loss_from)
+    skip = max(0, plan.loss_from - shard.start)
+    return hidden[skip:], pre_norm_hidden[skip:], optimized.local(plan.labels, dim=1), optimized
+
+
 def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
     """Execute a plan on a whole (non-pipelined) GPTModel."""
     with final_norm_input(model) as pre_norm:
-        hidden = plan_hidden(model, plan)[plan.loss_from:]
-    return objective_output(token_losses(model, hidden, plan.labels), hidden,
-                            pre_norm["hidden"][plan.loss_from:], plan.first_frame,
-                            plan.num_frames, plan.metrics)
+        hidden = plan_hidden(model, plan)
+    hidden, pre_norm_hidden, labels, shard = optimized_rows(
+        plan, plan_shards(model, plan)[1], hidden, pre_norm["hidden"])
+    return objective_output(token_losses(model, hidden, labels), hidden, pre_norm_hidden,
+                            plan.first_frame, plan.num_frames, plan.metrics, shard)

@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
     parallel = ParallelConfig.from_args(args)
     init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                      args.seed, parallel.distributed_backend,
-                     parallel.distributed_timeout_minutes)
+                     parallel.distributed_timeout_minutes, parallel.context_parallel_size)
     import torch.distributed as dist
 
     configure_logging()

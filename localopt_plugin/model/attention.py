@@ -41,6 +41,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch.nn.attention.bias import causal_lower_right
 
+from localopt_plugin.model.context_parallel import (
+    SequenceShard,
+    heads_to_sequence,
+    replicate_groups,
+    sequence_to_heads,
+)
 from localopt_plugin.model.kv_memory import KVMemory
 from localopt_plugin.platform import cuda_available
 
@@ -53,22 +59,27 @@ class AttentionPlan(PackedSeqParams):
         tail) continue after the positions ``memory`` holds.
     memory: keys/values of earlier positions to attend to and/or to store into.
     store_from: store this forward's keys/values from token ``store_from`` on (detached).
+    shard: under context parallelism, this rank's slice of the forward's tokens; ``head``,
+        ``store_from`` and the memory's positions count the whole forward's tokens.
     """
 
     qkv_format: str = "sbhd"  # Megatron reads it: this is not a packed (thd) batch
     head: int = 0
     memory: KVMemory | None = None
     store_from: int | None = None
+    shard: SequenceShard | None = None
 
 
 def plan_for(positions: torch.Tensor, memory: KVMemory | None = None,
-             store_from: int | None = None) -> AttentionPlan | None:
-    """The plan for a forward over ``positions`` ([s], shared by the batch), or None when plain
-    causal attention computes the same (contiguous positions, nothing to attend to or keep)."""
+             store_from: int | None = None,
+             shard: SequenceShard | None = None) -> AttentionPlan | None:
+    """The plan for a forward over ``positions`` ([s], shared by the batch, the whole forward's
+    under context parallelism), or None when plain causal attention computes the same
+    (contiguous positions, nothing to attend to or keep, one rank)."""
     steps = positions.diff()
     if memory is None and store_from is None:
         if bool((steps == 1).all()):
-            return None
+            return None if shard is None else AttentionPlan(head=len(positions), shard=shard)
         raise ValueError("positions with gaps need the keys/values of the positions between "
                          "(a KVMemory)")
     if memory is None:
@@ -82,7 +93,7 @@ def plan_for(positions: torch.Tensor, memory: KVMemory | None = None,
             raise ValueError(f"positions after the first {head} must run contiguously from "
                              f"{expected} (the first position the memory does not hold), got "
                              f"{tail.tolist()[:4]}...")
-    return AttentionPlan(head=head, memory=memory, store_from=store_from)
+    return AttentionPlan(head=head, memory=memory, store_from=store_from, shard=shard)
 
 
 def context_memory(model: torch.nn.Module, kept_from: int, context_end: int,
@@ -222,8 +233,10 @@ class SDPAttention(MegatronModule):
         **_unused,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not support context parallelism")
+        self.context_parallel = config.context_parallel_size
+        if self.context_parallel > 1 and cp_comm_type not in (None, "a2a"):
+            raise ValueError(f"SDPAttention runs context parallelism as all-to-all (a2a), not "
+                             f"{cp_comm_type!r}: use --cp-comm-type a2a")
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise ValueError("SDPAttention supports only the vanilla softmax")
         tp = pg_collection.tp.size() if pg_collection is not None else (
@@ -232,6 +245,9 @@ class SDPAttention(MegatronModule):
         self.layer_number = max(1, layer_number)
         self.heads = divide(config.num_attention_heads, tp)
         self.groups = divide(config.num_query_groups or config.num_attention_heads, tp)
+        if self.heads % self.context_parallel:
+            raise ValueError(f"{self.heads} attention heads per tensor-parallel rank do not "
+                             f"split over --context-parallel-size {self.context_parallel}")
         self.softmax_scale = softmax_scale if softmax_scale is not None else (
             config.kv_channels**-0.5)
         self.dropout_p = (
@@ -248,7 +264,7 @@ class SDPAttention(MegatronModule):
         with rng:
             return F.scaled_dot_product_attention(
                 _bhsd(q), _bhsd(k), _bhsd(v), dropout_p=dropout_p, scale=self.softmax_scale,
-                enable_gqa=self.groups != self.heads, **kwargs)
+                enable_gqa=k.shape[2] != q.shape[2], **kwargs)
 
     def _window(self, query: torch.Tensor, keys: WindowKeys) -> torch.Tensor:
         merged_kernel = not cuda_available() and not (self.training and self.dropout_p > 0)
@@ -277,9 +293,21 @@ class SDPAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None:
             raise ValueError("SDPAttention does not support attention bias")
+        plan = packed_seq_params if isinstance(packed_seq_params, AttentionPlan) else None
+        shard = plan.shard if plan is not None else None
+        if (shard is None) != (self.context_parallel == 1):
+            raise RuntimeError(f"a forward under --context-parallel-size "
+                               f"{self.context_parallel} needs a plan sharded over as many "
+                               f"ranks (forward_hidden with a SequenceShard), got "
+                               f"{'none' if shard is None else shard.world}")
+        if shard is not None:  # [s / cp, b, n, d] -> [s, b, n / cp, d]
+            key, value = (replicate_groups(t, self.heads, shard.world) for t in (key, value))
+            query, key, value = (sequence_to_heads(t, shard) for t in (query, key, value))
         seq, batch = query.shape[0], query.shape[1]
-        if isinstance(packed_seq_params, AttentionPlan):
-            head, window = split_by_plan(self.layer_number, key, value, packed_seq_params)
+        if plan is not None and plan.memory is None and plan.store_from is None:
+            out = self._sdpa(query, key, value, is_causal=True)
+        elif plan is not None:
+            head, window = split_by_plan(self.layer_number, key, value, plan)
             parts = []
             if head:
                 parts.append(self._sdpa(query[:head], key[:head], value[:head],
@@ -293,5 +321,8 @@ class SDPAttention(MegatronModule):
             out = self._sdpa(query, key, value, attn_mask=~attention_mask)
         else:
             out = self._sdpa(query, key, value, is_causal=True)
-        # [b, heads, s, dim] -> [s, b, heads * dim]
-        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+        out = out.permute(2, 0, 1, 3)  # [b, heads, s, dim] -> [s, b, heads, dim]
+        if shard is not None:
+            out = heads_to_sequence(out, shard)
+            seq = out.shape[0]
+        return out.reshape(seq, batch, -1)

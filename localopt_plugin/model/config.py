@@ -169,6 +169,8 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    cp_comm_type: tuple[str, ...] = ("p2p",)
     sequence_parallel: bool = False
     distributed_backend: str | None = None
     distributed_timeout_minutes: float | None = None
@@ -178,6 +180,12 @@ class ParallelConfig:
         g = parser.add_argument_group("parallelism (Megatron-LM flags)")
         g.add_argument("--tensor-model-parallel-size", type=int, default=1)
         g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+        g.add_argument("--context-parallel-size", type=int, default=1,
+                       help="split each sample's tokens over this many ranks; attention runs "
+                       "head-sharded (all-to-all): needs --cp-comm-type a2a")
+        g.add_argument("--cp-comm-type", nargs="+", default=["p2p"],
+                       help="Megatron's context-parallel communication (default p2p, Megatron's "
+                       "ring); the plugin implements a2a (head-sharded, Ulysses)")
         g.add_argument("--sequence-parallel", action="store_true")
         g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                        help="default: nccl with CUDA, gloo without")
@@ -189,6 +197,8 @@ class ParallelConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ParallelConfig:
         config = cls(**fields_from(cls, args))
+        config = dataclasses.replace(config, cp_comm_type=tuple(config.cp_comm_type))
+        config.check_context_parallel()
         if config.distributed_backend == "nccl":
             _check_nccl()
         if config.sequence_parallel and config.tensor_model_parallel_size == 1:
@@ -199,9 +209,27 @@ class ParallelConfig:
                             "supported by the plugin's forward yet: drop it")
         return config
 
+    def check_context_parallel(self) -> None:
+        """Context parallelism as the plugin runs it (head-sharded all-to-all, no pipeline)."""
+        cp = self.context_parallel_size
+        if cp < 1:
+            raise UserError(f"--context-parallel-size must be >= 1, got {cp}")
+        if cp == 1:
+            return
+        if set(self.cp_comm_type) != {"a2a"}:
+            raise UserError(f"--cp-comm-type {' '.join(self.cp_comm_type)}: the plugin's "
+                            f"planned attention runs context parallelism head-sharded "
+                            f"(all-to-all) only; Megatron's default p2p (ring), allgather and "
+                            f"a2a+p2p are not implemented: pass --cp-comm-type a2a")
+        if self.pipeline_model_parallel_size > 1:
+            raise UserError("--context-parallel-size > 1 with --pipeline-model-parallel-size > "
+                            "1 is not implemented by the plugin: use one of them")
+
     @property
     def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        """Ranks that share one sample: tensor x pipeline x context parallel."""
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
 
     def check_model(self, model: ModelConfig) -> None:
         """The model splits over this layout."""
@@ -212,6 +240,14 @@ class ParallelConfig:
         if model.query_groups % tp:
             raise UserError(f"--num-query-groups {model.query_groups} is not divisible by "
                              f"--tensor-model-parallel-size {tp}")
+        cp = self.context_parallel_size
+        if (model.num_attention_heads // tp) % cp:
+            raise UserError(f"--num-attention-heads {model.num_attention_heads} / "
+                            f"--tensor-model-parallel-size {tp} does not split over "
+                            f"--context-parallel-size {cp} (heads are sharded over its ranks)")
+        if cp > 1 and model.transformer_impl != "local":
+            raise UserError("--context-parallel-size > 1 runs in the local spec's planned "
+                            "attention: use --transformer-impl local")
         if model.num_layers % pp:
             raise UserError(f"--num-layers {model.num_layers} is not divisible by "
                              f"--pipeline-model-parallel-size {pp}")
@@ -284,6 +320,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         pipeline_dtype=dtype,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        cp_comm_type=parallel.cp_comm_type[0] if parallel.context_parallel_size > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=model.use_cpu_initialization or not cuda_available(),
         recompute_granularity=model.recompute_granularity,

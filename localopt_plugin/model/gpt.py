@@ -27,6 +27,7 @@ from localopt_plugin.model.config import (
     padded_vocab_size,
     transformer_config,
 )
+from localopt_plugin.model.context_parallel import SequenceShard
 from localopt_plugin.model.init import canonical_parameters, initialize_parameters
 from localopt_plugin.model.kv_memory import KVMemory
 from localopt_plugin.platform import cuda_available
@@ -109,6 +110,7 @@ def forward_hidden(
     positions: torch.Tensor,
     memory: KVMemory | None = None,
     store_from: int | None = None,
+    shard: SequenceShard | None = None,
 ) -> torch.Tensor:
     """Final hidden states ``[s, b, h]`` (after the final norm) of tokens at ``positions``.
 
@@ -116,6 +118,8 @@ def forward_hidden(
     :func:`~localopt_plugin.model.attention.plan_for` for what may follow a gap).
     ``memory``/``store_from``: keys/values of earlier tokens to attend to / this forward's
     tokens to keep from ``store_from`` on. Without them this is the ordinary causal forward.
+    ``shard``: under context parallelism, this rank's slice of the tokens: the forward runs and
+    returns only those rows (``input_ids`` and ``positions`` are still the whole forward's).
     On a pipeline stage of Megatron's own schedule, a stage without the embedding takes its
     input from ``model.set_input_tensor`` and a stage before the last returns un-normed output.
     """
@@ -125,15 +129,22 @@ def forward_hidden(
     if int(positions.max()) >= max_positions:
         raise ValueError(f"position {int(positions.max())} exceeds --max-position-embeddings "
                          f"{max_positions}")
+    plan = plan_for(positions, memory, store_from, shard)
+    if shard is not None:
+        if shard.total != len(positions):
+            raise ValueError(f"a shard of {shard.total} rows for {len(positions)} positions")
+        positions = shard.local(positions)
+        input_ids = None if input_ids is None else shard.local(input_ids, dim=1)
     embedded = None
     if model.pre_process:
         embedded = model.embedding(
             input_ids=input_ids, position_ids=positions.unsqueeze(0).expand_as(input_ids))
     rotary = None
     if model.position_embedding_type == "rope":
-        rotary = model.rotary_pos_emb(int(positions.max()) + 1)[positions]
+        # packed_seq: the whole table, not Megatron's own per-CP-rank slice of it
+        rotary = model.rotary_pos_emb(int(positions.max()) + 1, packed_seq=True)[positions]
     return model.decoder(hidden_states=embedded, attention_mask=None, rotary_pos_emb=rotary,
-                         packed_seq_params=plan_for(positions, memory, store_from))
+                         packed_seq_params=plan)
 
 
 @contextlib.contextmanager

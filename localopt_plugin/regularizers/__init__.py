@@ -21,11 +21,13 @@ def apply_regularizers(out: ObjectiveOutput, regularizers,
 
     One place for what the DeepSpeed trainer, the DeepSpeed pipeline's loss function and the
     Megatron-LM loss function all compute.
+    Under context parallelism the losses are this rank's shares (their gradients sum over the
+    context-parallel ranks) and the metrics the whole values.
     """
-    total, metrics = out.loss, {LM_LOSS: out.loss.detach(), **out.metrics}
+    total, metrics = out.loss, {LM_LOSS: out.whole(out.loss), **out.metrics}
     for regularizer in regularizers:
         reg_loss, reg_metrics = regularizer(out, iteration)
         total = total + reg_loss
         metrics.update(reg_metrics)
-    metrics[TOTAL_LOSS] = total.detach()
+    metrics[TOTAL_LOSS] = out.whole(total)
     return total, metrics

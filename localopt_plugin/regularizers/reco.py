@@ -33,6 +33,7 @@ import torch
 
 from localopt_plugin.errors import UserError
 from localopt_plugin.metric_names import RECO_LOSS, RECO_RAW, RECO_WEIGHT
+from localopt_plugin.model.context_parallel import SequenceShard, rows_after
 from localopt_plugin.registry import register
 
 if TYPE_CHECKING:
@@ -46,12 +47,16 @@ ADAPTIVE_CAP = 10.0  # the adaptive weight never exceeds ADAPTIVE_CAP x --reco-w
 
 
 def reco_penalty(hidden: torch.Tensor, frame_tokens: int,
-                 pairs: str = "adjacent-token", reduction: str = "sum") -> torch.Tensor:
+                 pairs: str = "adjacent-token", reduction: str = "sum",
+                 shard: SequenceShard | None = None) -> torch.Tensor:
     """Unweighted ReCo: mean over pairs and batch of the squared L2 distance over the hidden dim.
 
     hidden: ``[s, b, h]`` with ``s`` a whole number of frames of ``frame_tokens`` tokens.
     Accumulates in at least float32 so that bf16/fp16 hidden states give an accurate value.
     With no pair (one position, or one frame for ``adjacent-frame``) the penalty is 0.
+    ``shard`` (context parallelism): ``hidden`` is this rank's rows of the ``s``; the pairs
+    that start here and end on a later rank get their far end from it (a halo of the pair's
+    stride), and the result is this rank's share of the whole mean.
     """
     if pairs == "adjacent-token":
         stride = 1
@@ -61,19 +66,24 @@ def reco_penalty(hidden: torch.Tensor, frame_tokens: int,
         raise ValueError(f"unknown ReCo pairs {pairs!r}; choose one of {', '.join(PAIR_MODES)}")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [s, b, h], got shape {tuple(hidden.shape)}")
-    if frame_tokens <= 0 or hidden.shape[0] % frame_tokens:
-        raise ValueError(f"{hidden.shape[0]} positions are not whole frames of "
-                         f"{frame_tokens} tokens")
+    length = hidden.shape[0] if shard is None else shard.total
+    if frame_tokens <= 0 or length % frame_tokens:
+        raise ValueError(f"{length} positions are not whole frames of {frame_tokens} tokens")
     h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
-    if h.shape[0] <= stride:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown ReCo reduction {reduction!r}; choose one of "
+                         f"{', '.join(REDUCTIONS)}")
+    if length <= stride:
         return h.new_zeros(())
-    diff = h[stride:] - h[:-stride]
-    if reduction == "sum":  # the paper's squared L2 norm
-        return diff.square().sum(-1).mean()
-    if reduction == "mean":  # per hidden dimension: the same lambda works at any hidden size
-        return diff.square().mean()
-    raise ValueError(f"unknown ReCo reduction {reduction!r}; choose one of "
-                     f"{', '.join(REDUCTIONS)}")
+    if shard is not None:
+        h = torch.cat([h, rows_after(h, shard, stride)])
+    diff = h[stride:] - h[:h.shape[0] - stride]
+    # reduction "sum": the paper's squared L2 norm; "mean": per hidden dimension (the same
+    # lambda works at any hidden size)
+    squared = diff.square().sum(-1) if reduction == "sum" else diff.square().mean(-1)
+    if shard is None:
+        return squared.mean()
+    return squared.sum() / ((length - stride) * hidden.shape[1])
 
 
 class ReCo:
@@ -142,19 +152,21 @@ class ReCo:
             # Disabled for this step: no penalty computed; "reco raw" NaN means "not computed".
             return out.loss.new_zeros(()), {RECO_LOSS: 0.0, RECO_RAW: math.nan,
                                             RECO_WEIGHT: 0.0}
-        if out.num_frames <= 0 or out.hidden.shape[0] % out.num_frames:
-            raise ValueError(f"hidden has {out.hidden.shape[0]} positions, not a whole number "
+        positions = out.hidden.shape[0] if out.shard is None else out.shard.total
+        if out.num_frames <= 0 or positions % out.num_frames:
+            raise ValueError(f"hidden has {positions} positions, not a whole number "
                              f"of {out.num_frames} frames")
-        frame_tokens = out.hidden.shape[0] // out.num_frames
+        frame_tokens = positions // out.num_frames
         if self.pairs == "adjacent-frame" and out.num_frames < 2:
             raise UserError("--reco-pairs adjacent-frame needs at least 2 optimized frames "
                              "(e.g. --local-opt-window-frames >= 2)")
         hidden = out.pre_norm_hidden if self.states == "pre-norm" else out.hidden
-        raw = reco_penalty(hidden, frame_tokens, self.pairs, self.reduction)
+        raw = reco_penalty(hidden, frame_tokens, self.pairs, self.reduction, out.shard)
+        whole_raw = out.whole(raw)  # raw is this rank's share under context parallelism
         if self.schedule == "adaptive":
-            weight = self.adaptive_weight(out.loss, raw)
+            weight = self.adaptive_weight(out.whole(out.loss), whole_raw)
         loss = weight * raw
-        return loss, {RECO_LOSS: loss.detach(), RECO_RAW: raw.detach(),
+        return loss, {RECO_LOSS: weight * whole_raw, RECO_RAW: whole_raw,
                       RECO_WEIGHT: weight}
 
 

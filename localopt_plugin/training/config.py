@@ -340,9 +340,10 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
     parallel = ParallelConfig.from_args(args)
     parallel.check_model(model)
     if world_size % parallel.model_parallel_size:
-        raise UserError(f"world size {world_size} is not divisible by tensor x pipeline "
-                        f"parallel size {parallel.tensor_model_parallel_size} x "
-                        f"{parallel.pipeline_model_parallel_size}")
+        raise UserError(f"world size {world_size} is not divisible by tensor x pipeline x "
+                        f"context parallel size {parallel.tensor_model_parallel_size} x "
+                        f"{parallel.pipeline_model_parallel_size} x "
+                        f"{parallel.context_parallel_size}")
     if parallel.pipeline_model_parallel_size > 1 and model.transformer_impl != "local":
         raise UserError("pipeline parallelism needs --transformer-impl local")
     if parallel.pipeline_model_parallel_size > 1 and model.recompute_granularity == "full":

@@ -30,6 +30,7 @@ def init_distributed(
     seed: int = 1234,
     backend: str | None = None,
     timeout_minutes: float | None = None,
+    context_parallel: int = 1,
 ) -> None:
     """Initialise torch.distributed (if needed), Megatron's parallel state and RNG streams."""
     apply_cpu_shims()
@@ -53,15 +54,16 @@ def init_distributed(
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     world = dist.get_world_size()
-    if world % (tensor_parallel * pipeline_parallel):
+    if world % (tensor_parallel * pipeline_parallel * context_parallel):
         raise UserError(
-            f"world size {world} is not divisible by tensor x pipeline parallel "
-            f"size {tensor_parallel} x {pipeline_parallel}"
+            f"world size {world} is not divisible by tensor x pipeline x context parallel "
+            f"size {tensor_parallel} x {pipeline_parallel} x {context_parallel}"
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
+            context_parallel_size=context_parallel,
         )
     seed_model_parallel_rng(seed)
 
@@ -95,6 +97,27 @@ class MegatronMpu:
 
     def get_model_parallel_group(self):
         return self._ps.get_tensor_model_parallel_group()
+
+    # DeepSpeed's sequence-parallel names (Ulysses) = Megatron's context parallelism: DeepSpeed
+    # then reduces gradients and partitions ZeRO state over data x context-parallel ranks and
+    # averages over data-parallel ranks only (context-parallel ranks hold shares of one loss).
+    def get_sequence_parallel_world_size(self) -> int:
+        return self._ps.get_context_parallel_world_size()
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self._ps.get_context_parallel_rank()
+
+    def get_sequence_parallel_group(self):
+        return self._ps.get_context_parallel_group()
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size(with_context_parallel=True)
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank(with_context_parallel=True)
+
+    def get_sequence_data_parallel_group(self):
+        return self._ps.get_data_parallel_group(with_context_parallel=True)
 
     def __getattr__(self, name: str):
         # get_data_parallel_*, get_tensor_model_parallel_*, get_pipeline_model_parallel_*, ...

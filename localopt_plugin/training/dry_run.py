@@ -77,9 +77,10 @@ def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> 
     parallel, model, plugin = config.parallel, config.model, config.plugin
     return {
         "world size": world_size,
-        "parallel layout (tp, pp, dp)": [parallel.tensor_model_parallel_size,
-                                         parallel.pipeline_model_parallel_size,
-                                         config.data_parallel_size],
+        "parallel layout (tp, pp, cp, dp)": [parallel.tensor_model_parallel_size,
+                                             parallel.pipeline_model_parallel_size,
+                                             parallel.context_parallel_size,
+                                             config.data_parallel_size],
         "objective": plugin.objective,
         "window": dataclasses.asdict(plugin.window),
         "regularizers": {name: (dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg)

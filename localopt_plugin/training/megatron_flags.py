@@ -84,7 +84,7 @@ LOSS_SCALING = {"--loss-scale": "loss_scale", "--initial-loss-scale": "initial_s
 
 # Accepted only with the value that turns the feature off.
 NEUTRAL_VALUES: dict[str, str] = {
-    "--context-parallel-size": "1", "--ds-sequence-parallel-size": "1",
+
     "--expert-model-parallel-size": "1", "--num-experts": "1", "--moe-expert-parallel-size": "1",
     "--attention-backend": "auto", "--ckpt-format": "torch", "--dataloader-type": "single",
     "--num-layers-per-virtual-pipeline-stage": "None", "--tensorboard-log-interval": "1",
@@ -102,11 +102,6 @@ REFUSED: dict[str, str] = {
     "use --zero-stage 1 (DeepSpeed ZeRO shards optimizer state the same way), " + PRETRAIN_HINT,
     "--overlap-param-gather": "overlaps Megatron's distributed-optimizer gathers; under "
     "localopt-train set zero_optimization.overlap_comm in the DeepSpeed JSON, " + PRETRAIN_HINT,
-    "--context-parallel-size": "context parallelism is not implemented in the plugin's window "
-    "attention yet: use --context-parallel-size 1",
-    "--cp-comm-type": "context parallelism is not implemented yet",
-    "--ds-sequence-parallel-size": "is DeepSpeed-Ulysses sequence parallelism, which the "
-    "plugin's window attention does not implement yet: use --ds-sequence-parallel-size 1",
     "--num-layers-per-virtual-pipeline-stage": "localopt-train's DeepSpeed pipeline has no "
     "virtual stages: drop it, or run Megatron-LM's own pretrain() with the plugin, whose "
     "interleaved schedule carries Local Opt. (docs/megatron-lm.md)",
@@ -216,6 +211,8 @@ def resolve_megatron_flags(args: argparse.Namespace, explicit: set[str]) -> list
         elif flag in NEUTRAL_VALUES and _value_text(value) == NEUTRAL_VALUES[flag]:
             notes.append(f"{flag} {_value_text(value)}: accepted (the value that changes "
                          f"nothing here)")
+        elif flag == "--ds-sequence-parallel-size":
+            notes.append(_ulysses(args, explicit, int(value)))
         elif flag == "--no-pipeline-parallel":
             if args.pipeline_model_parallel_size > 1:
                 raise UserError("--no-pipeline-parallel contradicts --pipeline-model-parallel-"
@@ -275,6 +272,23 @@ def _apply_aliases(args: argparse.Namespace, explicit: set[str]) -> list[str]:
         notes.append("--overlap-grad-reduce -> zero_optimization.overlap_comm true (DeepSpeed "
                      "overlaps the gradient reduction with backward)")
     return notes
+
+
+def _ulysses(args: argparse.Namespace, explicit: set[str], size: int) -> str:
+    """Megatron-DeepSpeed's ``--ds-sequence-parallel-size N`` (DeepSpeed-Ulysses: the sequence
+    split over N ranks, attention head-sharded by all-to-all) is the plugin's context
+    parallelism with ``--cp-comm-type a2a``."""
+    if size == 1:
+        return "--ds-sequence-parallel-size 1: accepted (the value that changes nothing here)"
+    if "context_parallel_size" in explicit and args.context_parallel_size != size:
+        raise UserError(f"--ds-sequence-parallel-size {size} contradicts "
+                        f"--context-parallel-size {args.context_parallel_size}")
+    if "cp_comm_type" in explicit and set(args.cp_comm_type) != {"a2a"}:
+        raise UserError(f"--ds-sequence-parallel-size {size} (all-to-all) contradicts "
+                        f"--cp-comm-type {' '.join(args.cp_comm_type)}")
+    args.context_parallel_size, args.cp_comm_type = size, ["a2a"]
+    return (f"--ds-sequence-parallel-size {size} -> --context-parallel-size {size} "
+            f"--cp-comm-type a2a (DeepSpeed-Ulysses' head-sharded all-to-all attention)")
 
 
 def _flag(dest: str) -> str:

@@ -24,18 +24,23 @@ from localopt_plugin.training.pipeline import plan_to_pipe
 class TrainingStep(torch.nn.Module):
     """The module DeepSpeed wraps: the GPT plus the objective and regularizers computing the loss.
 
-    forward returns the total loss, a dict of detached scalars to log and the token count.
+    forward returns the loss to backpropagate (the total loss times ``gradient_scale``), a dict
+    of detached scalars to log and the token count.
     """
 
-    def __init__(self, model: torch.nn.Module, objective, regularizers=()) -> None:
+    def __init__(self, model: torch.nn.Module, objective, regularizers=(),
+                 gradient_scale: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
         self.regularizers = list(regularizers)
+        self.gradient_scale = gradient_scale
 
     def forward(self, tokens: torch.Tensor, iteration: int, micro_batch: int):
         out = self.objective(self.model, tokens, iteration, micro_batch)
         total, metrics = apply_regularizers(out, self.regularizers, iteration)
+        if self.gradient_scale != 1.0:
+            total = total * self.gradient_scale
         return total, metrics, out.num_tokens
 
 
@@ -124,7 +129,8 @@ def evaluate(engine, source: VideoTokenSource, config: TrainConfig) -> float:
     else:
         for _ in range(eval_iters):
             tokens = next(stream)["tokens"].to(device)
-            total += full(engine.module.model, tokens).loss.float()
+            out = full(engine.module.model, tokens)
+            total += out.whole(out.loss).float()  # whole-sample loss under context parallelism
         total /= eval_iters
     engine.train()
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())

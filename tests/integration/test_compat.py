@@ -34,8 +34,8 @@ from localopt_plugin.model import padded_vocab_size
 SCRIPT_OUTCOMES = {
     "llama2_distributed": None,
     "gpt_1.3B_rope": ("--log-optimizer-states-to-tensorboard", set()),
-    "gpt_1.3B_seq_parallel_32k": ("--ds-sequence-parallel-size is DeepSpeed-Ulysses",
-                                  {"--log-optimizer-states-to-tensorboard"}),
+    # --ds-sequence-parallel-size 4 maps to --context-parallel-size 4 --cp-comm-type a2a
+    "gpt_1.3B_seq_parallel_32k": ("--log-optimizer-states-to-tensorboard", set()),
     "gpt_125M_MoE64": ("mixture-of-experts layers are not supported", {
         "--moe-eval-capacity-factor", "--moe-expert-parallel-size", "--moe-loss-coeff",
         "--moe-min-capacity", "--moe-train-capacity-factor", "--num-experts"}),

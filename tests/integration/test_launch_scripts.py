@@ -51,7 +51,7 @@ def test_scripts_dry_run(shards, tmp_path, script, model, low, high):
                GLOBAL_BATCH="64", MICRO_BATCH="2")
     summary = _dry_run(script, env)
     assert summary["world size"] == world
-    assert summary["parallel layout (tp, pp, dp)"] == [2, 1, world // 2]
+    assert summary["parallel layout (tp, pp, cp, dp)"] == [2, 1, 1, world // 2]
     assert summary["objective"] == "local-opt" and list(summary["regularizers"]) == ["reco"]
     reco = summary["regularizers"]["reco"]  # the scripts train ReCo's best-known form
     assert (reco["states"], reco["reduction"], reco["weight"]) == ("pre-norm", "sum", 0.1)

@@ -167,6 +167,30 @@ def test_pipeline_schedules_give_the_single_stage_losses(megatron_lm_python, sha
             assert _megatron_losses(logs[name], key) == pytest.approx(want, rel=1e-5), name
 
 
+def test_context_parallel_gives_the_single_rank_losses(megatron_lm_python, shards):
+    """Megatron-LM's pretrain() with --context-parallel-size 2 --cp-comm-type a2a (2 ranks, one
+    data-parallel rank: each sample's tokens split over both, attention head-sharded) gives one
+    process's per-iteration Local Opt. + ReCo losses: Megatron's DDP reduces the shares'
+    gradients over data x context ranks. Megatron wants --seq-length a multiple of 2 x CP."""
+    length = int(_layout_flags(megatron_lm_python, shards["train"])[1])
+    padded = str(-(-length // 4) * 4)
+    flags = (*COMMON, "--max-position-embeddings", padded, "--train-iters", "4",
+             "--reco-states", "pre-norm", "--reco-reduction", "sum", "--eval-interval", "1000",
+             "--eval-iters", "1", "--data-path", shards["train"], *MEGATRON_ONLY)
+    script = str(REPO / "examples" / "pretrain_video_gpt.py")
+    logs = {name: _torchrun(megatron_lm_python, nproc, script, *flags, *layout).stdout
+            for name, nproc, layout in (
+                ("cp1", 1, ("--seq-length", str(length))),
+                ("cp2", 2, ("--seq-length", padded, "--context-parallel-size", "2",
+                            "--cp-comm-type", "a2a")))}
+    sampler = WindowSampler(5, 2, 1, seed=1234, first_prob=0.5)
+    assert any(sampler.draw(iteration, 0) > 0 for iteration in range(4))
+    for key in ("lm loss", "reco loss"):
+        want = _megatron_losses(logs["cp1"], key)
+        assert len(want) == 4 and all(v > 0 for v in want), logs["cp1"][-3000:]
+        assert _megatron_losses(logs["cp2"], key) == pytest.approx(want, rel=1e-5), key
+
+
 @pytest.mark.parametrize("version", ["0.17.1", "0.18.2"])
 def test_pretrain_on_earlier_megatron_lm_versions(megatron_lm_python, shards, tmp_path,
                                                   version):
