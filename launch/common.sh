@@ -1,5 +1,5 @@
 # Sourced by the launch scripts of localopt-train: the model preset and the plugin's flags, as
-# bash arrays. MODEL=110m|770m|tiny|... picks a preset of localopt_plugin/model/presets.py (the
+# bash arrays (TP, PP, CP: tensor, pipeline and context parallel sizes). MODEL=110m|770m|tiny|... picks a preset of localopt_plugin/model/presets.py (the
 # paper's two sizes; tiny for CPU smoke runs); extra flags given to a script override it.
 # Everything here is an ordinary Megatron-LM flag except --preset and PLUGIN_ARGS.
 
@@ -15,6 +15,8 @@ TRAIN_ARGS=(
   --adam-beta1 0.9 --adam-beta2 0.95 --seed ${SEED:-1234}
   --tensor-model-parallel-size ${TP:-1} --pipeline-model-parallel-size ${PP:-1}
 )
+# CP=N: each sample's tokens split over N ranks, attention head-sharded (all-to-all)
+[ "${CP:-1}" != 1 ] && TRAIN_ARGS+=(--context-parallel-size ${CP} --cp-comm-type a2a)
 [ "${BF16:-1}" = 1 ] && TRAIN_ARGS+=(--bf16)
 
 OUTPUT_ARGS=(

@@ -431,7 +431,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: list[int],
     multiple = 2 * args.context_parallel_size if args.context_parallel_size > 1 else 1
     expected = -(-layout.input_length // multiple) * multiple
     if args.seq_length != expected:
-        why = (f", the multiple of 2 x --context-parallel-size Megatron-LM wants"
+        why = (", the multiple of 2 x --context-parallel-size Megatron-LM wants"
                if multiple > 1 else "")
         raise UserError(f"--seq-length {args.seq_length} does not match the dataset's samples "
                         f"({layout.input_length} input tokens): set --seq-length "

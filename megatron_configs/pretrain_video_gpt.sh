@@ -3,7 +3,8 @@
 #   DATA_PATH="shards/train-{000000..000099}.tar" SEQ_LENGTH=1283 MODEL=110m GPUS=8 \
 #     bash megatron_configs/pretrain_video_gpt.sh
 # Needs megatron.training (megatron-core >= 0.17, Python >= 3.12: tools/setup_megatron_lm_env.sh).
-# SEQ_LENGTH is the shards' input length (the trainer says so if it differs). On a machine
+# SEQ_LENGTH is the shards' input length (the trainer says so if it differs; with CP=N context
+# parallelism, the next multiple of 2N: Megatron-LM wants one). On a machine
 # without CUDA set CPU=1 (gloo, no fused kernels, no gradient clipping: see docs/megatron-lm.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ TRAIN_ARGS=(
   --train-iters ${TRAIN_ITERS:-100000} --lr ${LR:-3e-4} --min-lr 3e-5 --lr-decay-style cosine
   --lr-warmup-iters 2000 --weight-decay 0.05 --adam-beta1 0.9 --adam-beta2 0.95
   --tensor-model-parallel-size ${TP:-1} --transformer-impl ${TRANSFORMER_IMPL:-local}
+  --context-parallel-size ${CP:-1} --cp-comm-type a2a
   --eval-interval 1000 --eval-iters 20 --log-interval 10
   --save ${CHECKPOINTS:-checkpoints/megatron-lm-${MODEL:-110m}} --save-interval 1000
 )

@@ -357,9 +357,9 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     from localopt_plugin.model.presets import config_with_flags
 
     if args.context_parallel_size != 1:
-        raise UserError("--context-parallel-size > 1: the plugin does not run context "
-                        "parallelism yet (its attention refuses it), so the planner does not "
-                        "plan it; use --context-parallel-size 1")
+        raise UserError("--context-parallel-size > 1: the planner does not model context "
+                        "parallelism yet (measure it with localopt-bench speed "
+                        "--context-parallel-size N); plan with --context-parallel-size 1")
     tp = args.tensor_model_parallel_size
     if min(tp, args.pipeline_model_parallel_size, args.data_parallel_size,
            args.micro_batch_size, args.num_micro_batches, args.frames,

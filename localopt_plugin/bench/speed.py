@@ -58,9 +58,12 @@ PRESETS = {
     "paper17": Preset(5, 256, 2, 1, 0.5, "bench", 1, 8192, False,
                       expected_step=0.50, expected_forward_backward=0.45, worst_memory=0.55,
                       first_memory=0.45),
-    # longer videos: 17 latent frames x 256 tokens
+    # longer videos: 17 latent frames x 256 tokens (65-frame clips)
     "long": Preset(17, 256, 2, 1, 0.5, "bench", 1, 8192, False,
                    expected_step=0.20, expected_forward_backward=0.17, worst_memory=0.25),
+    # longer still: 33 latent frames x 256 tokens (129-frame clips)
+    "long129": Preset(33, 256, 2, 1, 0.5, "bench", 1, 8192, False,
+                      expected_step=0.12, expected_forward_backward=0.10, worst_memory=0.15),
     # on a GPU: the paper's setting at the 110m preset, bf16
     "gpu-paper17": Preset(5, 256, 2, 1, 0.5, "110m", 8, 16384, True,
                           expected_step=0.55, expected_forward_backward=0.55,
@@ -79,6 +82,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "'--num-layers 8 --transformer-impl transformer_engine'")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="default: the preset's")
+    parser.add_argument("--context-parallel-size", type=int, default=1,
+                        help="> 1: full-sequence and Local Opt. with each sample split over "
+                        "this many ranks (head-sharded attention) against one rank: the "
+                        "command launches both itself (torchrun, 1 thread per rank)")
+    parser.add_argument("--measure-context-parallel", default=None, help=argparse.SUPPRESS)
 
 
 @dataclass
@@ -100,15 +108,17 @@ def fixed_window(first: int, frames: int) -> SimpleNamespace:
     return SimpleNamespace(window_frames=frames, draw=lambda iteration, micro_batch: first)
 
 
-def _engine(model_config, vocab: int, seed: int):
-    """A DeepSpeed engine around the trainer's TrainingStep, as localopt-train builds it."""
+def _engine(model_config, vocab: int, seed: int, parallel=None):
+    """A DeepSpeed engine around the trainer's TrainingStep, as localopt-train builds it
+    (with Megatron's groups as its mpu under a ``parallel`` layout)."""
     import deepspeed
 
     from localopt_plugin.model import build_gpt_model
+    from localopt_plugin.training.distributed import MegatronMpu
     from localopt_plugin.training.optim import param_groups
     from localopt_plugin.training.steps import TrainingStep
 
-    model = build_gpt_model(model_config, vocab, seed=seed)
+    model = build_gpt_model(model_config, vocab, seed=seed, parallel=parallel)
     step = TrainingStep(model, None)
     groups = param_groups(step)
     optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=cuda_available())
@@ -117,7 +127,8 @@ def _engine(model_config, vocab: int, seed: int):
               "zero_optimization": {"stage": 0}, "bf16": {"enabled": model_config.bf16},
               "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=step, optimizer=optimizer,
-                                           model_parameters=groups, config=config)
+                                           model_parameters=groups, config=config,
+                                           mpu=None if parallel is None else MegatronMpu())
     return engine
 
 
@@ -139,8 +150,11 @@ def _step(row: Row, tokens: torch.Tensor, iteration: int) -> tuple[float, float]
 
 def peak_allocated_bytes(fn) -> int:
     """The peak growth of the bytes torch's allocator holds while ``fn()`` runs: CUDA's
-    ``max_memory_allocated``; on CPU the running total of the profiler's allocation events
-    (every tensor: activations, kept keys/values, logits, transients, gradients)."""
+    ``max_memory_allocated``; on CPU the peak of the bytes allocated during ``fn()`` and not
+    yet freed, from the profiler's allocation events in time order (every tensor:
+    activations, kept keys/values, logits, transients, gradients). The events' own running
+    total is not used: with gloo collectives it drifts upward from one profiled step to the
+    next while the process's memory does not."""
     if cuda_available():
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -153,14 +167,24 @@ def peak_allocated_bytes(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    totals = [0]  # the allocator's total relative to the start of profiling
+    events = []
     todo = list(prof.profiler.kineto_results.experimental_event_tree())
     while todo:
         node = todo.pop()
         if node.tag == _EventType.Allocation:
-            totals.append(node.extra_fields.total_allocated)
+            events.append((node.start_time_ns, node.extra_fields.alloc_size,
+                           node.extra_fields.ptr))
         todo.extend(node.children)
-    return max(totals)
+    live: dict[int, int] = {}
+    current = peak = 0
+    for _, size, pointer in sorted(events):
+        if size > 0:
+            live[pointer] = size
+            current += size
+        elif pointer in live:  # a free of a tensor allocated before fn() is not counted
+            current -= live.pop(pointer)
+        peak = max(peak, current)
+    return peak
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -376,6 +400,10 @@ def format_table(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.context_parallel_size > 1 or args.measure_context_parallel:
+        from localopt_plugin.bench import context_parallel
+
+        return context_parallel.main(args)
     result = run(args)
     print(format_table(result))
     if args.json:

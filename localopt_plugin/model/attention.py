@@ -22,6 +22,12 @@ kept context and the tail up to itself). No ``[queries, keys]`` mask tensor is e
 * the TransformerEngine core attention (``te_attention``) makes the same single call with
   ``causal_bottom_right``.
 
+Under context parallelism the plan carries this rank's slice of the forward's tokens
+(:class:`~localopt_plugin.model.context_parallel.SequenceShard`): :class:`SDPAttention` turns
+its sequence-sharded queries/keys/values into head-sharded whole sequences by all-to-all, runs
+the plan over them as one process would (keeping and reading only its heads' keys/values) and
+turns the output back.
+
 The plan rides in Megatron's ``packed_seq_params`` argument, which every transformer layer
 passes to its core attention and which Megatron's activation recomputation (selective and
 full) captures, so a recomputed forward runs the same plan: no module state is involved.

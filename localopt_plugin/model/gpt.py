@@ -81,6 +81,7 @@ def build_gpt_model(
     one derived from ``config`` (Megatron-LM passes its own).
     """
     parallel = parallel or ParallelConfig()
+    parallel.check_model(config)  # e.g. heads that do not split over TP x CP, CP with TE
     if config.max_position_embeddings is None:
         raise ValueError("ModelConfig.max_position_embeddings is unset (resolve it from the "
                          "data's sequence length first)")

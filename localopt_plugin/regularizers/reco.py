@@ -12,14 +12,14 @@ Optimization ``hidden`` holds only the window, so no pair reaches into the (deta
 frames.
 
 Parallelism. The regularizer needs only ``out.hidden``, so it runs wherever the loss is computed,
-i.e. on the last pipeline stage. Under tensor parallelism (without sequence parallelism, which
-the plugin rejects) the decoder's output after the final norm is replicated on every TP rank:
-row-parallel linears all-reduce their outputs and the norm is not sharded. Each TP rank therefore
-computes the identical penalty with no extra communication, exactly as each computes the same
-vocab-parallel cross-entropy; backpropagating the same ``dL/dh`` on every rank is what
-Megatron's layers expect (the column-parallel backward all-reduces its input gradients). With
-sequence parallelism ``hidden`` would be split along ``s`` and pairs straddling two shards would
-need a halo exchange.
+i.e. on the last pipeline stage. Under tensor parallelism the decoder's output after the final
+norm is replicated on every TP rank (row-parallel linears all-reduce their outputs, the norm is
+not sharded): each TP rank computes the identical penalty, as each computes the same
+vocab-parallel cross-entropy, and backpropagates the same ``dL/dh``. Under context parallelism
+``hidden`` is this rank's slice of the sequence (``out.shard``): the pairs that straddle two
+ranks get their far end from the next rank (:func:`~localopt_plugin.model.context_parallel.
+rows_after`, a halo of the pairs' stride), and each rank's penalty is its share of the whole
+mean; the shares' gradients sum over the ranks.
 """
 
 from __future__ import annotations

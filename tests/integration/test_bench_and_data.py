@@ -1,5 +1,6 @@
 """The speed benchmark's memory measure (its smoke run is the GPU check's rehearsal:
-test_gpu_check.py); the map-style batch source; the pipeline benchmark's counts."""
+test_gpu_check.py) and its context-parallel form; the map-style batch source; the pipeline
+benchmark's counts."""
 
 from __future__ import annotations
 
@@ -27,9 +28,41 @@ def test_peak_allocated_bytes_is_the_allocator_peak():
 
     peak = peak_allocated_bytes(fn)
     assert 12_000_000 <= peak < 12_000_000 + 4096, peak
-    held = torch.empty(3_000_000)  # held before: not counted
+    held = [torch.empty(3_000_000)]  # held before: not counted, nor is its free
     assert peak_allocated_bytes(lambda: torch.empty(250_000)) < 1_001_000
-    del held
+    assert 1_000_000 <= peak_allocated_bytes(lambda: (held.pop(), torch.empty(250_000))) < (
+        1_001_000)
+
+
+def test_context_parallel_speed_benchmark_reports_its_rows(tmp_path):
+    """``localopt-bench speed --context-parallel-size 2`` (a small model) launches its CP=1 and
+    CP=2 measurements itself and reports per row and in total the ratios of its own rows: the
+    expected Local Opt. step is recomputed here from the rows and the sampler's probabilities."""
+    out = tmp_path / "cp.json"
+    model = ("--model-flags=--num-layers 1 --hidden-size 64 --ffn-hidden-size 128 "
+             "--num-attention-heads 4 --num-query-groups 2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "localopt_plugin.commands.bench", "speed", "--preset", "paper17",
+         "--context-parallel-size", "2", "--repeats", "3", "--warmup", "0", model, "--json",
+         str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "CP=2 / CP=1 local-opt worst-window peak" in proc.stdout
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["window start"] for r in rows] == [None, 0, 1, 2, 3]
+    probabilities = {int(k): v for k, v in result["window probabilities"].items()}
+    assert sum(probabilities.values()) == pytest.approx(1)
+    for cp in (1, 2):
+        expected = sum(probabilities[r["window start"]] * r[f"CP={cp} median step (ms)"]
+                       for r in rows[1:]) / 1e3
+        assert result[f"CP={cp}"]["local-opt expected step"] == pytest.approx(expected)
+    assert result["ratios"]["full-sequence peak"] == pytest.approx(rows[0]["memory ratio"])
+    worst = max(r["CP=2 peak per rank (MB)"] for r in rows[1:]) / max(
+        r["CP=1 peak (MB)"] for r in rows[1:])
+    assert result["ratios"]["local-opt worst-window peak"] == pytest.approx(worst)
+    assert set(result["targets"]) == {"full-sequence peak", "local-opt worst-window peak",
+                                      "full-sequence step", "local-opt expected step"}
 
 
 class _Indices(torch.utils.data.Dataset):

@@ -52,6 +52,9 @@ def test_scripts_dry_run(shards, tmp_path, script, model, low, high):
     summary = _dry_run(script, env)
     assert summary["world size"] == world
     assert summary["parallel layout (tp, pp, cp, dp)"] == [2, 1, 1, world // 2]
+    if model == "110m":  # CP=2: context parallelism as the scripts pass it (12 heads, 4 groups)
+        layout = _dry_run(script, {**env, "CP": "2"})["parallel layout (tp, pp, cp, dp)"]
+        assert layout == [2, 1, 2, world // 4]
     assert summary["objective"] == "local-opt" and list(summary["regularizers"]) == ["reco"]
     reco = summary["regularizers"]["reco"]  # the scripts train ReCo's best-known form
     assert (reco["states"], reco["reduction"], reco["weight"]) == ("pre-norm", "sum", 0.1)

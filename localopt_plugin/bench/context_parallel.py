@@ -1,0 +1,213 @@
+"""``localopt-bench speed --context-parallel-size N``: per-rank peak memory and step time of
+full-sequence and Local Opt. (every window) with each sample split over N ranks, against one
+rank, in the same command.
+
+The command launches its measurements itself: first one rank (CP=1), then N ranks (torchrun,
+one thread each), each running the trainer's step (DeepSpeed engine with Megatron's groups,
+ZeRO-0) for every row: full-sequence, then Local Opt. at each window start of the sampler.
+Per row: the median step time of the slowest rank and the largest rank's peak of torch's
+allocated bytes (see :func:`~localopt_plugin.bench.speed.peak_allocated_bytes`); for Local
+Opt. the step time expected under the sampler's window distribution and the worst window's
+peak. Weights, gradients and optimizer state are not split by context parallelism, so the
+memory ratios are bounded below by their share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from localopt_plugin.data.layout import SampleLayout
+from localopt_plugin.errors import UserError
+from localopt_plugin.objectives import FullSequence, LocalOptimization, WindowSampler
+
+# ratios CP=N / CP=1 the issue set for CP=2 on the `long` preset
+TARGETS = {"full-sequence peak": 0.6, "local-opt worst-window peak": 0.7,
+           "full-sequence step": 0.65, "local-opt expected step": 0.65}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.measure_context_parallel:
+        measure(args)
+        return 0
+    result = run(args)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure at CP=1 then at CP=N (each its own torchrun launch); the summary."""
+    if args.repeats < 3:
+        raise UserError("--repeats must be at least 3 (medians of fewer are noise)")
+    measured = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for cp in (1, args.context_parallel_size):
+            out = Path(scratch) / f"cp{cp}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={cp}", "-m", "localopt_plugin.commands.bench", "speed",
+                   "--preset", args.preset, "--repeats", str(args.repeats), "--warmup",
+                   str(args.warmup), f"--model-flags={args.model_flags}",
+                   "--context-parallel-size", str(cp), "--measure-context-parallel", str(out)]
+            if args.micro_batch_size:
+                cmd += ["--micro-batch-size", str(args.micro_batch_size)]
+            print(f"measuring CP={cp} ({cp} rank{'s' if cp > 1 else ''}, 1 thread each) ...",
+                  file=sys.stderr, flush=True)
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                "MASTER_PORT")}
+            proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"})
+            if proc.returncode:
+                raise UserError(f"the CP={cp} measurement failed (exit {proc.returncode}): "
+                                f"{' '.join(cmd)}")
+            measured[cp] = json.loads(out.read_text())
+    return summarize(measured[1], measured[args.context_parallel_size])
+
+
+def _rows(preset, layout: SampleLayout, sampler: WindowSampler, batch: int):
+    from localopt_plugin.bench.speed import fixed_window
+
+    yield "full-sequence", None, FullSequence(layout), batch * preset.frames * preset.frame_tokens
+    for start in sampler.starts:
+        yield (f"local-opt, window at frame {start}", start,
+               LocalOptimization(layout, fixed_window(start, preset.window)),
+               batch * preset.window * preset.frame_tokens)
+
+
+def measure(args: argparse.Namespace) -> None:
+    """One rank of a measurement launch (``--measure-context-parallel OUT``)."""
+    from localopt_plugin.bench.speed import PRESETS, _engine, _step, peak_allocated_bytes
+    from localopt_plugin.model import ParallelConfig
+    from localopt_plugin.model.presets import config_with_flags
+    from localopt_plugin.platform import default_device
+    from localopt_plugin.training.distributed import init_distributed
+
+    cp = args.context_parallel_size
+    init_distributed(context_parallel=cp, seed=1234)
+    if dist.get_world_size() != cp:
+        raise UserError(f"--measure-context-parallel runs on exactly {cp} ranks, not "
+                        f"{dist.get_world_size()}")
+    preset = PRESETS[args.preset]
+    layout = SampleLayout(video_start=3, num_frames=preset.frames,
+                          frame_tokens=preset.frame_tokens)
+    model = config_with_flags(preset.model, args.model_flags,
+                              max_position_embeddings=layout.input_length, bf16=preset.bf16)
+    parallel = ParallelConfig(context_parallel_size=cp, cp_comm_type=("a2a",))
+    engine = _engine(model, preset.vocab, 1234, parallel=parallel)
+    batch = args.micro_batch_size or preset.micro_batch
+    sampler = WindowSampler(preset.frames, preset.window, preset.stride, 1234,
+                            first_prob=preset.first_prob)
+    generator = torch.Generator().manual_seed(1234)  # the same sample on every rank
+    tokens = torch.randint(0, preset.vocab, (batch, layout.seq_length),
+                           generator=generator).to(default_device())
+    rows = []
+    for name, start, objective, optimized in _rows(preset, layout, sampler, batch):
+        row = SimpleNamespace(engine=engine, objective=objective)
+        times = []
+        for repeat in range(args.warmup + args.repeats):
+            dist.barrier()
+            started = time.perf_counter()
+            _step(row, tokens, repeat)
+            slowest = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            if repeat >= args.warmup:
+                times.append(float(slowest))
+        peak = torch.tensor([peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))],
+                            dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        rows.append({"row": name, "window start": start, "step times (s)": times,
+                     "peak per rank (bytes)": float(peak), "optimized tokens": optimized})
+        if dist.get_rank() == 0:
+            print(f"CP={cp} {name}: median step {1e3 * statistics.median(times):.1f} ms, peak "
+                  f"{float(peak) / 2**20:.1f} MB per rank", file=sys.stderr, flush=True)
+    if dist.get_rank() == 0:
+        Path(args.measure_context_parallel).write_text(json.dumps({
+            "cp": cp, "preset": args.preset, "micro batch": batch,
+            "layout": {"frames": preset.frames, "frame_tokens": preset.frame_tokens,
+                       "window": preset.window, "stride": preset.stride,
+                       "first_window_prob": preset.first_prob},
+            "model": {"preset": preset.model, "flags": args.model_flags,
+                      "layers": model.num_layers, "hidden": model.hidden_size,
+                      "heads": model.num_attention_heads, "query groups": model.query_groups},
+            "window probabilities": dict(zip(sampler.starts, sampler.probabilities(),
+                                             strict=True)),
+            "repeats": args.repeats, "warmup": args.warmup, "rows": rows}))
+
+
+def _summary(measured: dict) -> dict:
+    rows = measured["rows"]
+    full = rows[0]
+    windows = rows[1:]
+    probabilities = {int(k): v for k, v in measured["window probabilities"].items()}
+    return {
+        "full-sequence step": statistics.median(full["step times (s)"]),
+        "full-sequence peak": full["peak per rank (bytes)"],
+        "local-opt expected step": sum(probabilities[r["window start"]]
+                                       * statistics.median(r["step times (s)"])
+                                       for r in windows),
+        "local-opt worst-window peak": max(r["peak per rank (bytes)"] for r in windows),
+    }
+
+
+def summarize(one: dict, many: dict) -> dict:
+    """Per row and in total: CP=N against CP=1, with the targets."""
+    cp = many["cp"]
+    table = []
+    for base, split in zip(one["rows"], many["rows"], strict=True):
+        table.append({
+            "row": base["row"], "window start": base["window start"],
+            "CP=1 median step (ms)": 1e3 * statistics.median(base["step times (s)"]),
+            f"CP={cp} median step (ms)": 1e3 * statistics.median(split["step times (s)"]),
+            f"CP={cp} min / max step (ms)": [1e3 * min(split["step times (s)"]),
+                                             1e3 * max(split["step times (s)"])],
+            "CP=1 peak (MB)": base["peak per rank (bytes)"] / 2**20,
+            f"CP={cp} peak per rank (MB)": split["peak per rank (bytes)"] / 2**20,
+            "step ratio": (statistics.median(split["step times (s)"])
+                           / statistics.median(base["step times (s)"])),
+            "memory ratio": split["peak per rank (bytes)"] / base["peak per rank (bytes)"],
+        })
+    base, split = _summary(one), _summary(many)
+    ratios = {name: split[name] / base[name] for name in base}
+    return {
+        "preset": one["preset"], "context parallel size": cp, "layout": one["layout"],
+        "micro batch": one["micro batch"], "model": one["model"],
+        "repeats": one["repeats"], "warmup": one["warmup"],
+        "device": f"CPU, {cp} ranks x 1 thread (gloo); CP=1: 1 rank x 1 thread",
+        "memory measure": "peak of torch's allocated bytes during the step (profiler "
+        "allocation events), the largest rank's",
+        "window probabilities": one["window probabilities"],
+        "rows": table,
+        "CP=1": base, f"CP={cp}": split, "ratios": ratios,
+        "targets": {name: {"ratio": ratios[name], "target": target,
+                           "met": ratios[name] <= target} for name, target in TARGETS.items()},
+    }
+
+
+def format_table(result: dict) -> str:
+    cp = result["context parallel size"]
+    columns = ["row", "CP=1 median step (ms)", f"CP={cp} median step (ms)", "step ratio",
+               "CP=1 peak (MB)", f"CP={cp} peak per rank (MB)", "memory ratio"]
+    lines = [f"preset {result['preset']}: {result['layout']}, micro-batch "
+             f"{result['micro batch']}, model {result['model']}, median of "
+             f"{result['repeats']} steps per row after {result['warmup']} warm-up; "
+             f"{result['device']}; memory: {result['memory measure']}",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in result["rows"]:
+        lines.append("| " + " | ".join(row[c] if isinstance(row[c], str) else f"{row[c]:.3g}"
+                                       for c in columns) + " |")
+    for name, check in result["targets"].items():
+        lines.append(f"CP={cp} / CP=1 {name}: {check['ratio']:.3f} <= {check['target']} "
+                     f"({'met' if check['met'] else 'MISSED'})")
+    return "\n".join(lines)
