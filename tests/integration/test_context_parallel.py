@@ -106,3 +106,17 @@ def test_deepspeed_layouts_with_context_parallelism(tmp_path):
                        script=TESTS / "helpers" / "train_reducing_over_data_parallel_only.py")
     assert _values(broken)[0] == pytest.approx(_values(single)[0], rel=1e-5)
     assert _values(broken, "grad norm") != pytest.approx(_values(single, "grad norm"), rel=1e-3)
+
+
+def test_context_parallel_run_resumes_exactly(tmp_path):
+    """CP=2 (ZeRO-1) saved at iteration 2 and resumed gives the uninterrupted run's losses."""
+    flags = (*PRESET_TRAIN_FLAGS, "--global-batch-size", "2", "--lr-decay-iters", "4",
+             *LOCAL_OPT, "--context-parallel-size", "2", *CP_FLAGS, "--zero-stage", "1")
+    whole = run_train(tmp_path, *flags, "--train-iters", "4", nproc=2, name="whole")
+    ckpt = str(tmp_path / "ckpt")
+    run_train(tmp_path, *flags, "--train-iters", "2", "--save", ckpt, "--save-interval", "2",
+              nproc=2, name="first")
+    resumed = run_train(tmp_path, *flags, "--train-iters", "4", "--load", ckpt, nproc=2,
+                        name="resumed")
+    assert [r["iteration"] for r in resumed if "lm loss" in r] == [3, 4]
+    assert _values(resumed) == _values(whole)[2:]
