@@ -198,6 +198,9 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
 def check_megatron_config(args: argparse.Namespace) -> None:
     """Refuse, naming the flag, what the plugin's model would otherwise drop silently and
     fusions that would stop the run deep inside Megatron."""
+    if getattr(args, "sequence_parallel", False) and args.tensor_model_parallel_size > 1:
+        raise UserError("--sequence-parallel under pretrain() is not implemented by the "
+                        "plugin's forward step yet (localopt-train runs it): drop it")
     if getattr(args, "mtp_num_layers", None):
         raise UserError("--mtp-num-layers (multi-token prediction) is not supported by the "
                         "plugin's objectives; drop it")
@@ -371,7 +374,7 @@ class LocalOptForwardStep:
         """Evaluation: the full-sequence cross-entropy alone, in the same contract."""
         out = objective_output(output_tensor, hidden, pre_norm_hidden, plan.first_frame,
                                plan.num_frames, shard=shard)
-        lm_loss = out.whole(out.loss)
+        lm_loss = out.lm_loss()
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=lm_loss.device)
         return lm_loss * num_tokens, num_tokens, {VALID_LOSS: _report(lm_loss, num_tokens)}
 

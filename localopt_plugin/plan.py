@@ -13,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
 from localopt_plugin.model import (
+    compute_logits,
     context_memory,
     final_norm_input,
     forward_hidden,
@@ -52,9 +55,12 @@ class ObjectiveOutput:
     raster order), which regularizers such as ReCo act on.
     pre_norm_hidden: the same positions' residual stream before the final norm (every executor
     provides it: ReCo's default ``pre-norm`` form acts on it).
-    shard: under context parallelism, which rows of the optimized positions ``hidden`` holds on
-    this rank; ``loss`` (and every regularizer's) is then this rank's share of the whole
-    window's value: the shares sum to it over the context-parallel group, as the gradients do.
+    shard: under context (or sequence) parallelism, which rows of the optimized positions
+    ``hidden`` holds on this rank; every regularizer's loss is then this rank's share of the
+    whole value: the shares sum to it over the shard's group, as their gradients do.
+    loss_shared: ``loss`` is such a share too (context parallelism: each rank computes the
+    cross-entropy of its rows); False under sequence parallelism, where the output layer
+    gathers the sequence and each tensor-parallel rank computes the whole.
     """
 
     loss: torch.Tensor
@@ -65,27 +71,35 @@ class ObjectiveOutput:
     num_frames: int
     metrics: dict[str, float] = field(default_factory=dict)
     shard: SequenceShard | None = None
+    loss_shared: bool = True
 
     def whole(self, share: torch.Tensor) -> torch.Tensor:
-        """The detached whole value of a per-rank share (itself without context parallelism)."""
+        """The detached whole value of a per-rank share of something computed on ``hidden``
+        (a regularizer's): summed over the ranks ``hidden`` is split over."""
         return share.detach() if self.shard is None else self.shard.sum(share)
+
+    def lm_loss(self) -> torch.Tensor:
+        """The detached whole LM loss (``loss`` is a share under context parallelism; under
+        sequence parallelism every tensor-parallel rank computes the whole)."""
+        return self.whole(self.loss) if self.loss_shared else self.loss.detach()
 
 
 def objective_output(losses: torch.Tensor, hidden: torch.Tensor, pre_norm_hidden: torch.Tensor,
                      first_frame: int, num_frames: int,
                      metrics: dict[str, float] | None = None,
-                     shard: SequenceShard | None = None) -> ObjectiveOutput:
+                     shard: SequenceShard | None = None,
+                     loss_shared: bool = True) -> ObjectiveOutput:
     """What a run of a plan yields, from its per-token losses ``[b, s]`` and the optimized
     positions' states: the one place every executor (whole model, DeepSpeed pipeline's last
     stage, Megatron-LM's loss function) assembles it. With ``shard`` (context parallelism),
     ``losses`` are this rank's rows and the loss is their share of the whole mean."""
-    if shard is None:
+    if shard is None or not loss_shared:
         loss, count = losses.float().mean(), losses.numel()
     else:
         count = losses.shape[0] * shard.total
         loss = losses.float().sum() / count
     return ObjectiveOutput(loss, hidden, pre_norm_hidden, count, first_frame, num_frames,
-                           dict(metrics or {}), shard)
+                           dict(metrics or {}), shard, loss_shared)
 
 
 def plan_shards(model, plan: ForwardPlan) -> tuple[SequenceShard | None, SequenceShard | None]:
@@ -154,15 +168,35 @@ def optimized_rows(plan: ForwardPlan, shard: SequenceShard | None, hidden: torch
     context parallelism)."""
     if shard is None:
         return (hidden[plan.loss_from:], pre_norm_hidden[plan.loss_from:], plan.labels, None)
-    optimized = shard.from_row(plan.loss_from)
+    optimized = shard.between(plan.loss_from)
     skip = max(0, plan.loss_from - shard.start)
     return hidden[skip:], pre_norm_hidden[skip:], optimized.local(plan.labels, dim=1), optimized
+
+
+def _sequence_parallel_output(model, plan: ForwardPlan, hidden: torch.Tensor,
+                              pre_norm_hidden: torch.Tensor) -> ObjectiveOutput:
+    """Under sequence parallelism ``hidden`` is this TP rank's even slice of the padded rows:
+    the output layer gathers them (every TP rank gets the whole loss), regularizers get this
+    rank's optimized rows."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    padded = SequenceShard(group, (hidden.shape[0],) * dist.get_world_size(group),
+                           dist.get_rank(group))
+    length = len(plan.positions)
+    shard = padded.between(plan.loss_from, length)
+    losses = model.compute_language_model_loss(
+        plan.labels, compute_logits(model, hidden)[plan.loss_from:length])
+    skip = max(0, plan.loss_from - padded.start)
+    rows = slice(skip, skip + shard.sizes[shard.rank])
+    return objective_output(losses, hidden[rows], pre_norm_hidden[rows], plan.first_frame,
+                            plan.num_frames, plan.metrics, shard, loss_shared=False)
 
 
 def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
     """Execute a plan on a whole (non-pipelined) GPTModel."""
     with final_norm_input(model) as pre_norm:
         hidden = plan_hidden(model, plan)
+    if model.config.sequence_parallel:
+        return _sequence_parallel_output(model, plan, hidden, pre_norm["hidden"])
     hidden, pre_norm_hidden, labels, shard = optimized_rows(
         plan, plan_shards(model, plan)[1], hidden, pre_norm["hidden"])
     return objective_output(token_losses(model, hidden, labels), hidden, pre_norm_hidden,

@@ -67,6 +67,8 @@ class AttentionPlan(PackedSeqParams):
     store_from: store this forward's keys/values from token ``store_from`` on (detached).
     shard: under context parallelism, this rank's slice of the forward's tokens; ``head``,
         ``store_from`` and the memory's positions count the whole forward's tokens.
+    padding: under sequence parallelism, rows after the forward's tokens (to split them evenly
+        over TP ranks): dropped before attention, zero outputs.
     """
 
     qkv_format: str = "sbhd"  # Megatron reads it: this is not a packed (thd) batch
@@ -74,6 +76,7 @@ class AttentionPlan(PackedSeqParams):
     memory: KVMemory | None = None
     store_from: int | None = None
     shard: SequenceShard | None = None
+    padding: int = 0  # rows appended for sequence parallelism: not attended to, not kept
 
 
 def plan_for(positions: torch.Tensor, memory: KVMemory | None = None,
@@ -310,6 +313,9 @@ class SDPAttention(MegatronModule):
             key, value = (replicate_groups(t, self.heads, shard.world) for t in (key, value))
             query, key, value = (sequence_to_heads(t, shard) for t in (query, key, value))
         seq, batch = query.shape[0], query.shape[1]
+        padding = plan.padding if plan is not None else 0
+        if padding:  # sequence parallelism's rows after the tokens (see AttentionPlan)
+            query, key, value = (t[:t.shape[0] - padding] for t in (query, key, value))
         if plan is not None and plan.memory is None and plan.store_from is None:
             out = self._sdpa(query, key, value, is_causal=True)
         elif plan is not None:
@@ -328,6 +334,8 @@ class SDPAttention(MegatronModule):
         else:
             out = self._sdpa(query, key, value, is_causal=True)
         out = out.permute(2, 0, 1, 3)  # [b, heads, s, dim] -> [s, b, heads, dim]
+        if padding:
+            out = torch.cat([out, out.new_zeros((padding, *out.shape[1:]))])
         if shard is not None:
             out = heads_to_sequence(out, shard)
             seq = out.shape[0]

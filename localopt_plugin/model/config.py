@@ -204,9 +204,12 @@ class ParallelConfig:
         if config.sequence_parallel and config.tensor_model_parallel_size == 1:
             # Megatron-LM's rule: sequence parallelism splits over TP ranks, so TP=1 turns it off
             return dataclasses.replace(config, sequence_parallel=False)
-        if config.sequence_parallel:
-            raise UserError("--sequence-parallel (with --tensor-model-parallel-size > 1) is not "
-                            "supported by the plugin's forward yet: drop it")
+        if config.sequence_parallel and config.pipeline_model_parallel_size > 1:
+            raise UserError("--sequence-parallel with --pipeline-model-parallel-size > 1 is not "
+                            "implemented by the plugin: drop one")
+        if config.sequence_parallel and config.context_parallel_size > 1:
+            raise UserError("--sequence-parallel with --context-parallel-size > 1 is not "
+                            "implemented by the plugin: drop one")
         return config
 
     def check_context_parallel(self) -> None:
@@ -245,6 +248,10 @@ class ParallelConfig:
             raise UserError(f"--num-attention-heads {model.num_attention_heads} / "
                             f"--tensor-model-parallel-size {tp} does not split over "
                             f"--context-parallel-size {cp} (heads are sharded over its ranks)")
+        if self.sequence_parallel and model.transformer_impl != "local":
+            raise UserError("--sequence-parallel runs on the local spec's sequence-parallel "
+                            "norms here (the TransformerEngine spec's padding is not "
+                            "implemented): use --transformer-impl local")
         if cp > 1 and model.transformer_impl != "local":
             raise UserError("--context-parallel-size > 1 runs in the local spec's planned "
                             "attention: use --transformer-impl local")

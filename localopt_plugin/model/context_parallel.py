@@ -75,10 +75,11 @@ class SequenceShard:
         """This rank's rows of a whole-sequence tensor (a view)."""
         return tensor.narrow(dim, self.start, self.sizes[self.rank])
 
-    def from_row(self, first: int) -> SequenceShard:
-        """The shard of rows ``[first, total)`` of this sequence (each rank's part of them)."""
-        sizes = tuple(max(0, stop - max(start, first))
-                      for start, stop in map(self.bounds, range(self.world)))
+    def between(self, first: int, stop: int | None = None) -> SequenceShard:
+        """The shard of rows ``[first, stop)`` of this sequence (each rank's part of them)."""
+        stop = self.total if stop is None else stop
+        sizes = tuple(max(0, min(hi, stop) - max(lo, first))
+                      for lo, hi in map(self.bounds, range(self.world)))
         return SequenceShard(self.group, sizes, self.rank)
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:

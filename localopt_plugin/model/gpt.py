@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from localopt_plugin.model.attention import SDPAttention, plan_for
@@ -30,6 +31,7 @@ from localopt_plugin.model.config import (
 from localopt_plugin.model.context_parallel import SequenceShard
 from localopt_plugin.model.init import canonical_parameters, initialize_parameters
 from localopt_plugin.model.kv_memory import KVMemory
+from localopt_plugin.model.sequence_parallel import SequenceParallelNorm, padded_rows
 from localopt_plugin.platform import cuda_available
 
 
@@ -43,9 +45,15 @@ def _with_core_attention(spec: ModuleSpec, core_attention: type) -> ModuleSpec:
         spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
-def layer_spec(config: ModelConfig) -> ModuleSpec:
+def _with_norm(spec: ModuleSpec, norm: type) -> ModuleSpec:
+    return dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm))
+
+
+def layer_spec(config: ModelConfig, sequence_parallel: bool = False) -> ModuleSpec:
     """Megatron-Core's GPT layer spec (local or TransformerEngine) with a core attention that
-    runs attention plans."""
+    runs attention plans (and, in the local spec under sequence parallelism, norms that
+    support it)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if config.transformer_impl == "transformer_engine":
@@ -59,9 +67,10 @@ def layer_spec(config: ModelConfig) -> ModuleSpec:
                              f"local") from None
         return _with_core_attention(
             gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), TEPlannedAttention)
-    return _with_core_attention(
+    spec = _with_core_attention(
         gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization),
         SDPAttention)
+    return _with_norm(spec, SequenceParallelNorm) if sequence_parallel else spec
 
 
 def build_gpt_model(
@@ -86,9 +95,13 @@ def build_gpt_model(
         raise ValueError("ModelConfig.max_position_embeddings is unset (resolve it from the "
                          "data's sequence length first)")
     megatron_config = megatron_config or transformer_config(config, parallel)
+    spec = layer_spec(config, megatron_config.sequence_parallel)
+    if megatron_config.sequence_parallel:  # the final norm too (one stage: no pipeline)
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * megatron_config.num_layers,
+                                          layer_norm=SequenceParallelNorm)
     model = GPTModel(
         config=megatron_config,
-        transformer_layer_spec=layer_spec(config),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(vocab_size, config.make_vocab_size_divisible_by,
                                      parallel.tensor_model_parallel_size),
         max_sequence_length=config.max_position_embeddings,
@@ -121,6 +134,8 @@ def forward_hidden(
     tokens to keep from ``store_from`` on. Without them this is the ordinary causal forward.
     ``shard``: under context parallelism, this rank's slice of the tokens: the forward runs and
     returns only those rows (``input_ids`` and ``positions`` are still the whole forward's).
+    Under sequence parallelism the forward is padded to a multiple of the TP size and returns
+    this TP rank's even slice of the padded rows.
     On a pipeline stage of Megatron's own schedule, a stage without the embedding takes its
     input from ``model.set_input_tensor`` and a stage before the last returns un-normed output.
     """
@@ -131,6 +146,13 @@ def forward_hidden(
         raise ValueError(f"position {int(positions.max())} exceeds --max-position-embeddings "
                          f"{max_positions}")
     plan = plan_for(positions, memory, store_from, shard)
+    pad = padded_rows(model, len(positions))
+    if pad:  # sequence parallelism splits evenly over TP ranks: pad the end (see its module)
+        positions = torch.cat([positions, positions[-1:].expand(pad)])
+        if input_ids is not None:
+            input_ids = torch.cat([input_ids, input_ids[:, -1:].expand(-1, pad)], dim=1)
+        if plan is not None:
+            plan = dataclasses.replace(plan, padding=pad)
     if shard is not None:
         if shard.total != len(positions):
             raise ValueError(f"a shard of {shard.total} rows for {len(positions)} positions")

@@ -21,13 +21,15 @@ def apply_regularizers(out: ObjectiveOutput, regularizers,
 
     One place for what the DeepSpeed trainer, the DeepSpeed pipeline's loss function and the
     Megatron-LM loss function all compute.
-    Under context parallelism the losses are this rank's shares (their gradients sum over the
-    context-parallel ranks) and the metrics the whole values.
+    Under context or sequence parallelism the losses are this rank's shares (their gradients
+    sum over the ranks) and the metrics the whole values.
     """
-    total, metrics = out.loss, {LM_LOSS: out.whole(out.loss), **out.metrics}
+    total, metrics = out.loss, {LM_LOSS: out.lm_loss(), **out.metrics}
+    whole_total = metrics[LM_LOSS]
     for regularizer in regularizers:
         reg_loss, reg_metrics = regularizer(out, iteration)
         total = total + reg_loss
+        whole_total = whole_total + out.whole(reg_loss)
         metrics.update(reg_metrics)
-    metrics[TOTAL_LOSS] = out.whole(total)
+    metrics[TOTAL_LOSS] = whole_total
     return total, metrics

@@ -15,8 +15,9 @@ Parallelism. The regularizer needs only ``out.hidden``, so it runs wherever the 
 i.e. on the last pipeline stage. Under tensor parallelism the decoder's output after the final
 norm is replicated on every TP rank (row-parallel linears all-reduce their outputs, the norm is
 not sharded): each TP rank computes the identical penalty, as each computes the same
-vocab-parallel cross-entropy, and backpropagates the same ``dL/dh``. Under context parallelism
-``hidden`` is this rank's slice of the sequence (``out.shard``): the pairs that straddle two
+vocab-parallel cross-entropy, and backpropagates the same ``dL/dh``. Under context
+parallelism (and under sequence parallelism, over the TP ranks) ``hidden`` is this rank's slice
+of the sequence (``out.shard``): the pairs that straddle two
 ranks get their far end from the next rank (:func:`~localopt_plugin.model.context_parallel.
 rows_after`, a halo of the pairs' stride), and each rank's penalty is its share of the whole
 mean; the shares' gradients sum over the ranks.
@@ -164,7 +165,7 @@ class ReCo:
         raw = reco_penalty(hidden, frame_tokens, self.pairs, self.reduction, out.shard)
         whole_raw = out.whole(raw)  # raw is this rank's share under context parallelism
         if self.schedule == "adaptive":
-            weight = self.adaptive_weight(out.whole(out.loss), whole_raw)
+            weight = self.adaptive_weight(out.lm_loss(), whole_raw)
         loss = weight * raw
         return loss, {RECO_LOSS: weight * whole_raw, RECO_RAW: whole_raw,
                       RECO_WEIGHT: weight}

@@ -130,7 +130,7 @@ def evaluate(engine, source: VideoTokenSource, config: TrainConfig) -> float:
         for _ in range(eval_iters):
             tokens = next(stream)["tokens"].to(device)
             out = full(engine.module.model, tokens)
-            total += out.whole(out.loss).float()  # whole-sample loss under context parallelism
+            total += out.lm_loss().float()  # the whole sample's under context parallelism
         total /= eval_iters
     engine.train()
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())

@@ -30,6 +30,7 @@ def test_context_parallel_layouts_and_the_ulysses_alias():
                    world=4)[1] == [2, 1, 2, 1]
     status, layout, _ = _layout("--ds-sequence-parallel-size", "2")
     assert (status, layout) == (0, [1, 1, 2, 1])
+    assert _layout("--sequence-parallel", "--tensor-model-parallel-size", "2")[1] == [2, 1, 1, 1]
 
 
 @pytest.mark.parametrize(("flags", "words"), [
@@ -42,6 +43,10 @@ def test_context_parallel_layouts_and_the_ulysses_alias():
      "does not split over --context-parallel-size 3"),
     (("--ds-sequence-parallel-size", "2", "--context-parallel-size", "4"), "contradicts"),
     (("--ds-sequence-parallel-size", "2", "--cp-comm-type", "p2p"), "contradicts"),
+    (("--sequence-parallel", "--tensor-model-parallel-size", "2",
+      "--pipeline-model-parallel-size", "2"), "--pipeline-model-parallel-size > 1"),
+    (("--sequence-parallel", "--tensor-model-parallel-size", "2", *CP2, "--cp-comm-type",
+      "a2a"), "--sequence-parallel with --context-parallel-size"),
 ])
 def test_context_parallel_settings_refused_with_the_fix(flags, words):
     status, _, stderr = _layout(*flags, world=6 if "3" in flags else 4)
@@ -62,7 +67,7 @@ def test_sequence_split_covers_every_row_once(length, world):
     assert rows == list(range(length))
     assert max(s.sizes[s.rank] for s in shards) - min(s.sizes[s.rank] for s in shards) <= 1
     for first in (0, 3, length - 1):
-        optimized = [s.from_row(first) for s in shards]
+        optimized = [s.between(first) for s in shards]
         kept = [i for s, o in zip(shards, optimized, strict=True)
                 for i in range(s.stop - o.sizes[o.rank], s.stop)]
         assert kept == list(range(first, length))
