@@ -73,6 +73,7 @@ from localopt_plugin.plan import (
     optimized_rows,
     plan_hidden,
     plan_shards,
+    sequence_parallel_rows,
 )
 from localopt_plugin.platform import apply_megatron_lm_shims, cuda_available, default_device
 from localopt_plugin.plugin import PluginConfig, add_plugin_args, keep_recorded_settings
@@ -198,9 +199,6 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
 def check_megatron_config(args: argparse.Namespace) -> None:
     """Refuse, naming the flag, what the plugin's model would otherwise drop silently and
     fusions that would stop the run deep inside Megatron."""
-    if getattr(args, "sequence_parallel", False) and args.tensor_model_parallel_size > 1:
-        raise UserError("--sequence-parallel under pretrain() is not implemented by the "
-                        "plugin's forward step yet (localopt-train runs it): drop it")
     if getattr(args, "mtp_num_layers", None):
         raise UserError("--mtp-num-layers (multi-token prediction) is not supported by the "
                         "plugin's objectives; drop it")
@@ -332,12 +330,17 @@ class LocalOptForwardStep:
             hidden = plan_hidden(inner, plan)
         if not inner.post_process:
             return hidden, None
-        hidden, pre_norm_hidden, labels, shard = optimized_rows(
-            plan, plan_shards(inner, plan)[1], hidden, pre_norm["hidden"])
-        losses = token_losses(inner, hidden, labels)
+        if inner.config.sequence_parallel:  # every TP rank has every row's loss
+            losses, hidden, pre_norm_hidden, shard = sequence_parallel_rows(
+                inner, plan, hidden, pre_norm["hidden"])
+        else:
+            hidden, pre_norm_hidden, labels, shard = optimized_rows(
+                plan, plan_shards(inner, plan)[1], hidden, pre_norm["hidden"])
+            losses = token_losses(inner, hidden, labels)
         loss_func = self.eval_loss_func if evaluating else self.loss_func
+        # under sequence parallelism every TP rank computes the whole loss (not a share)
         return losses, functools.partial(loss_func, plan, hidden, pre_norm_hidden, shard,
-                                         iteration)
+                                         not inner.config.sequence_parallel, iteration)
 
     def _check_pipelined(self, plan: ForwardPlan, model: GPTModel) -> None:
         rows = len(plan.positions) + (0 if plan.context_ids is None else plan.context_ids.shape[1])
@@ -348,7 +351,8 @@ class LocalOptForwardStep:
                                f"(model_provider does)")
 
     def loss_func(self, plan: ForwardPlan, hidden: torch.Tensor, pre_norm_hidden: torch.Tensor,
-                  shard: SequenceShard | None, iteration: int, output_tensor: torch.Tensor):
+                  shard: SequenceShard | None, loss_shared: bool, iteration: int,
+                  output_tensor: torch.Tensor):
         """``(summed_loss, num_tokens, report)``: the objective's mean loss plus regularizers,
         times the token count, so Megatron's division by ``num_tokens`` (or, with
         ``--calculate-per-token-loss``, by the global token count) recovers the plugin's loss.
@@ -357,7 +361,7 @@ class LocalOptForwardStep:
         DDP averages gradients over data x context-parallel ranks: the share is scaled by the
         context-parallel size so that the shares' gradients sum (the reports are whole)."""
         out = objective_output(output_tensor, hidden, pre_norm_hidden, plan.first_frame,
-                               plan.num_frames, plan.metrics, shard)
+                               plan.num_frames, plan.metrics, shard, loss_shared)
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=out.loss.device)
         total, metrics = apply_regularizers(out, self._regularizers, iteration)
         if self.args is not None:
@@ -365,15 +369,15 @@ class LocalOptForwardStep:
         # Megatron-LM logs every reported pair; the total is its own loss, not logged twice
         report = {k: _report(v, num_tokens) for k, v in metrics.items()
                   if k.endswith("loss") and k != TOTAL_LOSS}
-        shares = 1 if shard is None else shard.world
+        shares = shard.world if shard is not None and out.loss_shared else 1
         return total * (out.num_tokens * shares), num_tokens, report
 
     def eval_loss_func(self, plan: ForwardPlan, hidden: torch.Tensor,
                        pre_norm_hidden: torch.Tensor, shard: SequenceShard | None,
-                       iteration: int, output_tensor: torch.Tensor):
+                       loss_shared: bool, iteration: int, output_tensor: torch.Tensor):
         """Evaluation: the full-sequence cross-entropy alone, in the same contract."""
         out = objective_output(output_tensor, hidden, pre_norm_hidden, plan.first_frame,
-                               plan.num_frames, shard=shard)
+                               plan.num_frames, shard=shard, loss_shared=loss_shared)
         lm_loss = out.lm_loss()
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=lm_loss.device)
         return lm_loss * num_tokens, num_tokens, {VALID_LOSS: _report(lm_loss, num_tokens)}

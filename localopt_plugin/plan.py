@@ -173,11 +173,12 @@ def optimized_rows(plan: ForwardPlan, shard: SequenceShard | None, hidden: torch
     return hidden[skip:], pre_norm_hidden[skip:], optimized.local(plan.labels, dim=1), optimized
 
 
-def _sequence_parallel_output(model, plan: ForwardPlan, hidden: torch.Tensor,
-                              pre_norm_hidden: torch.Tensor) -> ObjectiveOutput:
+def sequence_parallel_rows(model, plan: ForwardPlan, hidden: torch.Tensor,
+                           pre_norm_hidden: torch.Tensor):
     """Under sequence parallelism ``hidden`` is this TP rank's even slice of the padded rows:
-    the output layer gathers them (every TP rank gets the whole loss), regularizers get this
-    rank's optimized rows."""
+    ``(per-token losses [b, s - loss_from] from the output layer, which gathers the rows, so
+    every TP rank has them all; this rank's optimized rows of hidden and pre_norm_hidden;
+    their shard)``."""
     group = parallel_state.get_tensor_model_parallel_group()
     padded = SequenceShard(group, (hidden.shape[0],) * dist.get_world_size(group),
                            dist.get_rank(group))
@@ -187,8 +188,7 @@ def _sequence_parallel_output(model, plan: ForwardPlan, hidden: torch.Tensor,
         plan.labels, compute_logits(model, hidden)[plan.loss_from:length])
     skip = max(0, plan.loss_from - padded.start)
     rows = slice(skip, skip + shard.sizes[shard.rank])
-    return objective_output(losses, hidden[rows], pre_norm_hidden[rows], plan.first_frame,
-                            plan.num_frames, plan.metrics, shard, loss_shared=False)
+    return losses, hidden[rows], pre_norm_hidden[rows], shard
 
 
 def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
@@ -196,7 +196,10 @@ def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
     with final_norm_input(model) as pre_norm:
         hidden = plan_hidden(model, plan)
     if model.config.sequence_parallel:
-        return _sequence_parallel_output(model, plan, hidden, pre_norm["hidden"])
+        losses, hidden, pre_norm_hidden, shard = sequence_parallel_rows(
+            model, plan, hidden, pre_norm["hidden"])
+        return objective_output(losses, hidden, pre_norm_hidden, plan.first_frame,
+                                plan.num_frames, plan.metrics, shard, loss_shared=False)
     hidden, pre_norm_hidden, labels, shard = optimized_rows(
         plan, plan_shards(model, plan)[1], hidden, pre_norm["hidden"])
     return objective_output(token_losses(model, hidden, labels), hidden, pre_norm_hidden,

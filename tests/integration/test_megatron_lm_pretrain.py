@@ -191,6 +191,24 @@ def test_context_parallel_gives_the_single_rank_losses(megatron_lm_python, shard
         assert _megatron_losses(logs["cp2"], key) == pytest.approx(want, rel=1e-5), key
 
 
+def test_sequence_parallel_gives_the_tensor_parallel_losses(megatron_lm_python, shards):
+    """pretrain() with TP=2 + --sequence-parallel (the local spec's sequence-parallel norms, the
+    plans padded to split evenly over the TP ranks, ReCo on the TP slices) gives TP=2's
+    per-iteration Local Opt. + ReCo losses."""
+    flags = (*COMMON, *_layout_flags(megatron_lm_python, shards["train"]), "--train-iters",
+             "4", "--reco-states", "pre-norm", "--reco-reduction", "sum", "--eval-interval",
+             "1000", "--eval-iters", "1", "--data-path", shards["train"], *MEGATRON_ONLY,
+             "--tensor-model-parallel-size", "2")
+    script = str(REPO / "examples" / "pretrain_video_gpt.py")
+    logs = {name: _torchrun(megatron_lm_python, 2, script, *flags, *extra).stdout
+            for name, extra in (("tp2", ()), ("tp2-sp", ("--sequence-parallel",)))}
+    assert re.search(r"sequence_parallel \.+ True", logs["tp2-sp"])  # Megatron kept it on
+    for key in ("lm loss", "reco loss"):
+        want = _megatron_losses(logs["tp2"], key)
+        assert len(want) == 4 and all(v > 0 for v in want), logs["tp2"][-3000:]
+        assert _megatron_losses(logs["tp2-sp"], key) == pytest.approx(want, rel=1e-5), key
+
+
 @pytest.mark.parametrize("version", ["0.17.1", "0.18.2"])
 def test_pretrain_on_earlier_megatron_lm_versions(megatron_lm_python, shards, tmp_path,
                                                   version):
