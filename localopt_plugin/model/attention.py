@@ -316,9 +316,7 @@ class SDPAttention(MegatronModule):
         padding = plan.padding if plan is not None else 0
         if padding:  # sequence parallelism's rows after the tokens (see AttentionPlan)
             query, key, value = (t[:t.shape[0] - padding] for t in (query, key, value))
-        if plan is not None and plan.memory is None and plan.store_from is None:
-            out = self._sdpa(query, key, value, is_causal=True)
-        elif plan is not None:
+        if plan is not None and (plan.memory is not None or plan.store_from is not None):
             head, window = split_by_plan(self.layer_number, key, value, plan)
             parts = []
             if head:
@@ -327,7 +325,7 @@ class SDPAttention(MegatronModule):
             if window is not None:
                 parts.append(self._window(query[head:], window))
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        elif packed_seq_params is not None:
+        elif packed_seq_params is not None and plan is None:
             raise ValueError("SDPAttention does not support packed (thd) sequences")
         elif attention_mask is not None:  # Megatron's masks are True where masked out
             out = self._sdpa(query, key, value, attn_mask=~attention_mask)

@@ -61,11 +61,11 @@ class SequenceShard:
 
     @property
     def start(self) -> int:
-        return sum(self.sizes[:self.rank])
+        return self.bounds(self.rank)[0]
 
     @property
     def stop(self) -> int:
-        return self.start + self.sizes[self.rank]
+        return self.bounds(self.rank)[1]
 
     def bounds(self, rank: int) -> tuple[int, int]:
         first = sum(self.sizes[:rank])
@@ -137,24 +137,21 @@ def heads_to_sequence(tensor: torch.Tensor, shard: SequenceShard) -> torch.Tenso
 def rows_after(tensor: torch.Tensor, shard: SequenceShard, count: int) -> torch.Tensor:
     """The ``count`` rows that follow this rank's slice (fewer at the sequence's end), gathered
     from the later ranks: the halo a pair ``(i, i + count)`` needs across shards."""
-    first, stop = shard.stop, min(shard.stop + count, shard.total)
+    def wanted(rank: int) -> tuple[int, int]:  # the rows after a rank's slice
+        stop = shard.bounds(rank)[1]
+        return stop, min(stop + count, shard.total)
 
-    def overlap(rank: int, want: tuple[int, int]) -> int:
-        lo, hi = shard.bounds(rank)
-        return max(0, min(hi, want[1]) - max(lo, want[0]))
+    def overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+        lo = max(a[0], b[0])
+        return lo, max(lo, min(a[1], b[1]))
 
-    wanted = [(b[1], min(b[1] + count, shard.total)) for b in map(shard.bounds,
-                                                                   range(shard.world))]
     mine = shard.bounds(shard.rank)
-    send_rows, send = [], []
-    for rank in range(shard.world):  # what each rank wants of my rows, in position order
-        lo, hi = max(mine[0], wanted[rank][0]), min(mine[1], wanted[rank][1])
-        send.append(max(0, hi - lo))
-        if hi > lo:
-            send_rows.append(tensor[lo - mine[0]:hi - mine[0]])
-    receive = [overlap(rank, (first, stop)) for rank in range(shard.world)]
-    outgoing = torch.cat(send_rows) if send_rows else tensor[:0]
-    return _AllToAll.apply(outgoing, send, receive, shard.group)
+    ranks = range(shard.world)
+    outgoing = [overlap(mine, wanted(rank)) for rank in ranks]  # in position order
+    incoming = [overlap(shard.bounds(rank), wanted(shard.rank)) for rank in ranks]
+    rows = torch.cat([tensor[lo - mine[0]:hi - mine[0]] for lo, hi in outgoing])
+    return _AllToAll.apply(rows, [hi - lo for lo, hi in outgoing],
+                           [hi - lo for lo, hi in incoming], shard.group)
 
 
 def replicate_groups(key: torch.Tensor, heads: int, cp: int) -> torch.Tensor:

@@ -390,6 +390,14 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
         flag_notes=tuple(flag_notes))
     objective = plugin.build_objective(layout)  # windows against the video length
     config.build_regularizers()
+    zero = ds.config["zero_optimization"]
+    if zero["stage"] == 3 and parallel.context_parallel_size > 1 and not zero.get(
+            "reduce_scatter", True):
+        raise UserError("zero_optimization.reduce_scatter false with ZeRO-3 and "
+                        "--context-parallel-size > 1: DeepSpeed then reduces large buckets "
+                        "with a reduce-scatter and small ones with an all-reduce that scale the "
+                        "context-parallel shares differently; leave reduce_scatter at its "
+                        "default (true)")
     if (getattr(objective, "sampler", None) is not None and plugin.window.scope == "micro-batch"
             and ds.config["zero_optimization"]["stage"] == 3 and dp > 1):
         raise UserError("ZeRO-3 gathers parameters module by module on every rank at once, so "

@@ -81,6 +81,7 @@ def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> 
                                              parallel.pipeline_model_parallel_size,
                                              parallel.context_parallel_size,
                                              config.data_parallel_size],
+        "sequence parallel": parallel.sequence_parallel,
         "objective": plugin.objective,
         "window": dataclasses.asdict(plugin.window),
         "regularizers": {name: (dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg)

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from localopt_plugin.data.source import VideoTokenSource
-from localopt_plugin.errors import UserError
 from localopt_plugin.metric_names import (
     GLOBAL_BATCH,
     GRAD_NORM,
@@ -65,26 +64,21 @@ class Trainer:
     objective: object
 
 
-def zero3_context_parallel_scale(config: TrainConfig) -> float:
-    """The factor ZeRO-3's gradient reduce-scatter misses under context parallelism.
+def _zero3_under_context_parallelism(module: TrainingStep, config: TrainConfig, mpu) -> None:
+    """What DeepSpeed's ZeRO-3 needs for context-parallel shares to sum, as stages 0-2 do.
 
-    DeepSpeed's ZeRO-3 reduce-scatter (``reduce_scatter: true``, its default) averages the
-    gradients over data x context-parallel ranks, where the context-parallel ranks' shares must
-    be summed (its stages 0-2 and its own ``reduce_scatter: false`` path divide by the
-    data-parallel size only): scaling the backpropagated loss by the context-parallel size
-    gives the same gradients as ZeRO-0 (tested).
+    DeepSpeed partitions a model it converts to ZeRO-3 over mpu's data-parallel group (data
+    ranks only): the module is converted here over data x context ranks, where its reduction
+    then runs. Its reduce-scatter (``reduce_scatter: true``; ``false`` is refused with context
+    parallelism by :func:`~localopt_plugin.training.config.resolve`) then averages over data x
+    context ranks where stages 0-2 divide by the data ranks only: the backpropagated loss is
+    scaled by the context-parallel size. Together they give ZeRO-0's gradients (tested).
     """
-    cp = config.parallel.context_parallel_size
-    zero = config.deepspeed.config["zero_optimization"]
-    if cp == 1 or zero["stage"] != 3:
-        return 1.0
-    if not zero.get("reduce_scatter", True):
-        raise UserError("zero_optimization.reduce_scatter false with ZeRO-3 and "
-                        "--context-parallel-size > 1: DeepSpeed then reduces large buckets "
-                        "with a reduce-scatter and small ones with an all-reduce that scale the "
-                        "context-parallel shares differently; leave reduce_scatter at its "
-                        "default (true)")
-    return float(cp)
+    import deepspeed
+
+    module.gradient_scale = float(config.parallel.context_parallel_size)
+    deepspeed.zero.Init(module=module, config_dict_or_path=config.deepspeed.config,
+                        data_parallel_group=mpu.get_sequence_data_parallel_group(), mpu=mpu)
 
 
 def setup(config: TrainConfig, source: VideoTokenSource) -> Trainer:
@@ -102,22 +96,15 @@ def setup(config: TrainConfig, source: VideoTokenSource) -> Trainer:
     else:
         model = build_gpt_model(config.model, source.vocab.size, parallel=config.parallel,
                                 seed=config.run.seed)
-        module = TrainingStep(model, objective, regularizers,
-                              zero3_context_parallel_scale(config))
+        module = TrainingStep(model, objective, regularizers)
         mpu = MegatronMpu()
-        if config.deepspeed.config["zero_optimization"]["stage"] == 3 and (
-                model.share_embeddings_and_output_weights):
+        zero3 = config.deepspeed.config["zero_optimization"]["stage"] == 3
+        if zero3 and model.share_embeddings_and_output_weights:
             # The output layer uses the embedding's (ZeRO-3 partitioned) weight.
             deepspeed.zero.register_external_parameter(
                 model.output_layer, model.shared_embedding_or_output_weight())
-        if config.deepspeed.config["zero_optimization"]["stage"] == 3 and (
-                config.parallel.context_parallel_size > 1):
-            # DeepSpeed partitions a model it converts to ZeRO-3 over mpu's data-parallel group
-            # (data-parallel ranks only); context-parallel ranks hold shares of every gradient,
-            # so partition over data x context ranks, where its reduction then runs.
-            deepspeed.zero.Init(module=module, config_dict_or_path=config.deepspeed.config,
-                                data_parallel_group=mpu.get_sequence_data_parallel_group(),
-                                mpu=mpu)
+        if zero3 and config.parallel.context_parallel_size > 1:
+            _zero3_under_context_parallelism(module, config, mpu)
     groups = param_groups(module)
     if is_rank0():
         for note in config.flag_notes:

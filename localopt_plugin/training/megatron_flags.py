@@ -84,7 +84,6 @@ LOSS_SCALING = {"--loss-scale": "loss_scale", "--initial-loss-scale": "initial_s
 
 # Accepted only with the value that turns the feature off.
 NEUTRAL_VALUES: dict[str, str] = {
-
     "--expert-model-parallel-size": "1", "--num-experts": "1", "--moe-expert-parallel-size": "1",
     "--attention-backend": "auto", "--ckpt-format": "torch", "--dataloader-type": "single",
     "--num-layers-per-virtual-pipeline-stage": "None", "--tensorboard-log-interval": "1",

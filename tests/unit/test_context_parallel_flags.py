@@ -5,6 +5,8 @@ halo exchange cover every row once."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers.configs import PRESET_TRAIN_FLAGS
 from helpers.launch import dry_run
@@ -30,7 +32,24 @@ def test_context_parallel_layouts_and_the_ulysses_alias():
                    world=4)[1] == [2, 1, 2, 1]
     status, layout, _ = _layout("--ds-sequence-parallel-size", "2")
     assert (status, layout) == (0, [1, 1, 2, 1])
-    assert _layout("--sequence-parallel", "--tensor-model-parallel-size", "2")[1] == [2, 1, 1, 1]
+    status, setup, _ = dry_run([*PRESET_TRAIN_FLAGS, "--sequence-parallel",
+                                "--tensor-model-parallel-size", "2"], world=2)
+    assert setup["parallel layout (tp, pp, cp, dp)"] == [2, 1, 1, 1]
+    assert setup["sequence parallel"] is True
+
+
+def test_zero3_reduce_scatter_off_refused_with_context_parallelism(tmp_path):
+    """DeepSpeed's ZeRO-3 with reduce_scatter false mixes two scalings of the context-parallel
+    shares: the dry run refuses it, naming the key."""
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2,
+                                  "zero_optimization": {"stage": 3, "reduce_scatter": False}}))
+    status, _, stderr = _layout(*CP2, "--cp-comm-type", "a2a", "--deepspeed_config",
+                                str(config))
+    assert status != 0 and "zero_optimization.reduce_scatter" in stderr, stderr[-2000:]
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2,
+                                  "zero_optimization": {"stage": 3}}))
+    assert _layout(*CP2, "--cp-comm-type", "a2a", "--deepspeed_config", str(config))[0] == 0
 
 
 @pytest.mark.parametrize(("flags", "words"), [
