@@ -60,7 +60,6 @@ from localopt_plugin.model import (
     build_gpt_model,
     final_norm_input,
     padded_vocab_size,
-    token_losses,
 )
 from localopt_plugin.model.context_parallel import SequenceShard
 from localopt_plugin.objectives import (
@@ -70,10 +69,8 @@ from localopt_plugin.objectives import (
 from localopt_plugin.plan import (
     ForwardPlan,
     objective_output,
-    optimized_rows,
+    optimized_outputs,
     plan_hidden,
-    plan_shards,
-    sequence_parallel_rows,
 )
 from localopt_plugin.platform import apply_megatron_lm_shims, cuda_available, default_device
 from localopt_plugin.plugin import PluginConfig, add_plugin_args, keep_recorded_settings
@@ -330,17 +327,11 @@ class LocalOptForwardStep:
             hidden = plan_hidden(inner, plan)
         if not inner.post_process:
             return hidden, None
-        if inner.config.sequence_parallel:  # every TP rank has every row's loss
-            losses, hidden, pre_norm_hidden, shard = sequence_parallel_rows(
-                inner, plan, hidden, pre_norm["hidden"])
-        else:
-            hidden, pre_norm_hidden, labels, shard = optimized_rows(
-                plan, plan_shards(inner, plan)[1], hidden, pre_norm["hidden"])
-            losses = token_losses(inner, hidden, labels)
+        losses, hidden, pre_norm_hidden, shard, loss_shard = optimized_outputs(
+            inner, plan, hidden, pre_norm["hidden"])
         loss_func = self.eval_loss_func if evaluating else self.loss_func
-        # under sequence parallelism every TP rank computes the whole loss (not a share)
         return losses, functools.partial(loss_func, plan, hidden, pre_norm_hidden, shard,
-                                         not inner.config.sequence_parallel, iteration)
+                                         loss_shard, iteration)
 
     def _check_pipelined(self, plan: ForwardPlan, model: GPTModel) -> None:
         rows = len(plan.positions) + (0 if plan.context_ids is None else plan.context_ids.shape[1])
@@ -351,8 +342,8 @@ class LocalOptForwardStep:
                                f"(model_provider does)")
 
     def loss_func(self, plan: ForwardPlan, hidden: torch.Tensor, pre_norm_hidden: torch.Tensor,
-                  shard: SequenceShard | None, loss_shared: bool, iteration: int,
-                  output_tensor: torch.Tensor):
+                  shard: SequenceShard | None, loss_shard: SequenceShard | None,
+                  iteration: int, output_tensor: torch.Tensor):
         """``(summed_loss, num_tokens, report)``: the objective's mean loss plus regularizers,
         times the token count, so Megatron's division by ``num_tokens`` (or, with
         ``--calculate-per-token-loss``, by the global token count) recovers the plugin's loss.
@@ -361,7 +352,7 @@ class LocalOptForwardStep:
         DDP averages gradients over data x context-parallel ranks: the share is scaled by the
         context-parallel size so that the shares' gradients sum (the reports are whole)."""
         out = objective_output(output_tensor, hidden, pre_norm_hidden, plan.first_frame,
-                               plan.num_frames, plan.metrics, shard, loss_shared)
+                               plan.num_frames, plan.metrics, shard, loss_shard)
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=out.loss.device)
         total, metrics = apply_regularizers(out, self._regularizers, iteration)
         if self.args is not None:
@@ -369,15 +360,16 @@ class LocalOptForwardStep:
         # Megatron-LM logs every reported pair; the total is its own loss, not logged twice
         report = {k: _report(v, num_tokens) for k, v in metrics.items()
                   if k.endswith("loss") and k != TOTAL_LOSS}
-        shares = shard.world if shard is not None and out.loss_shared else 1
+        shares = 1 if loss_shard is None else loss_shard.world
         return total * (out.num_tokens * shares), num_tokens, report
 
     def eval_loss_func(self, plan: ForwardPlan, hidden: torch.Tensor,
                        pre_norm_hidden: torch.Tensor, shard: SequenceShard | None,
-                       loss_shared: bool, iteration: int, output_tensor: torch.Tensor):
+                       loss_shard: SequenceShard | None, iteration: int,
+                       output_tensor: torch.Tensor):
         """Evaluation: the full-sequence cross-entropy alone, in the same contract."""
         out = objective_output(output_tensor, hidden, pre_norm_hidden, plan.first_frame,
-                               plan.num_frames, shard=shard, loss_shared=loss_shared)
+                               plan.num_frames, shard=shard, loss_shard=loss_shard)
         lm_loss = out.lm_loss()
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=lm_loss.device)
         return lm_loss * num_tokens, num_tokens, {VALID_LOSS: _report(lm_loss, num_tokens)}

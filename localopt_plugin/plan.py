@@ -24,6 +24,7 @@ from localopt_plugin.model import (
     token_losses,
 )
 from localopt_plugin.model.context_parallel import SequenceShard, context_parallel_group
+from localopt_plugin.model.sequence_parallel import sequence_parallel_local_rows
 
 
 @dataclass
@@ -55,12 +56,13 @@ class ObjectiveOutput:
     raster order), which regularizers such as ReCo act on.
     pre_norm_hidden: the same positions' residual stream before the final norm (every executor
     provides it: ReCo's default ``pre-norm`` form acts on it).
-    shard: under context (or sequence) parallelism, which rows of the optimized positions
+    shard: under context or sequence parallelism, which rows of the optimized positions
     ``hidden`` holds on this rank; every regularizer's loss is then this rank's share of the
     whole value: the shares sum to it over the shard's group, as their gradients do.
-    loss_shared: ``loss`` is such a share too (context parallelism: each rank computes the
-    cross-entropy of its rows); False under sequence parallelism, where the output layer
-    gathers the sequence and each tensor-parallel rank computes the whole.
+    loss_shard: the rows whose cross-entropy ``loss`` is this rank's share of (context
+    parallelism: each rank computes its rows'), or None when ``loss`` is whole (no context
+    parallelism; under sequence parallelism the output layer gathers the tensor-parallel
+    slices, so each tensor-parallel rank computes its context-parallel rank's share).
     """
 
     loss: torch.Tensor
@@ -71,7 +73,7 @@ class ObjectiveOutput:
     num_frames: int
     metrics: dict[str, float] = field(default_factory=dict)
     shard: SequenceShard | None = None
-    loss_shared: bool = True
+    loss_shard: SequenceShard | None = None
 
     def whole(self, share: torch.Tensor) -> torch.Tensor:
         """The detached whole value of a per-rank share of something computed on ``hidden``
@@ -79,27 +81,27 @@ class ObjectiveOutput:
         return share.detach() if self.shard is None else self.shard.sum(share)
 
     def lm_loss(self) -> torch.Tensor:
-        """The detached whole LM loss (``loss`` is a share under context parallelism; under
-        sequence parallelism every tensor-parallel rank computes the whole)."""
-        return self.whole(self.loss) if self.loss_shared else self.loss.detach()
+        """The detached whole LM loss."""
+        return self.loss.detach() if self.loss_shard is None else self.loss_shard.sum(self.loss)
 
 
 def objective_output(losses: torch.Tensor, hidden: torch.Tensor, pre_norm_hidden: torch.Tensor,
                      first_frame: int, num_frames: int,
                      metrics: dict[str, float] | None = None,
                      shard: SequenceShard | None = None,
-                     loss_shared: bool = True) -> ObjectiveOutput:
+                     loss_shard: SequenceShard | None = None) -> ObjectiveOutput:
     """What a run of a plan yields, from its per-token losses ``[b, s]`` and the optimized
     positions' states: the one place every executor (whole model, DeepSpeed pipeline's last
-    stage, Megatron-LM's loss function) assembles it. With ``shard`` (context parallelism),
-    ``losses`` are this rank's rows and the loss is their share of the whole mean."""
-    if shard is None or not loss_shared:
+    stage, Megatron-LM's loss function) assembles it. With ``loss_shard`` (context
+    parallelism), ``losses`` are this rank's rows and the loss is their share of the whole
+    mean."""
+    if loss_shard is None:
         loss, count = losses.float().mean(), losses.numel()
     else:
-        count = losses.shape[0] * shard.total
+        count = losses.shape[0] * loss_shard.total
         loss = losses.float().sum() / count
     return ObjectiveOutput(loss, hidden, pre_norm_hidden, count, first_frame, num_frames,
-                           dict(metrics or {}), shard, loss_shared)
+                           dict(metrics or {}), shard, loss_shard)
 
 
 def plan_shards(model, plan: ForwardPlan) -> tuple[SequenceShard | None, SequenceShard | None]:
@@ -108,9 +110,6 @@ def plan_shards(model, plan: ForwardPlan) -> tuple[SequenceShard | None, Sequenc
     group = context_parallel_group(model)
     if group is None:
         return None, None
-    if not (model.pre_process and model.post_process):
-        raise NotImplementedError("context parallelism with pipeline parallelism is not "
-                                  "implemented: use --pipeline-model-parallel-size 1")
     context = 0 if plan.context_ids is None else plan.context_ids.shape[1]
     shards = [SequenceShard.split(length, group) if length else None
               for length in (context, len(plan.positions))]
@@ -127,31 +126,37 @@ def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
     context parallelism: see :func:`plan_shards`).
 
     On a stage of Megatron's pipeline schedule, where one tensor crosses stages, both streams
-    travel in it: the context pass's ``c`` rows first, then the autograd pass's ``s`` rows. A
-    stage without the embedding reads them from ``model.decoder.input_tensor`` (``[c + s, b,
-    h]``); a stage before the last returns them (un-normed, see :func:`forward_hidden`). The
+    travel in it: the context pass's ``c`` rows first, then the autograd pass's ``s`` rows
+    (this rank's slices of each under context or sequence parallelism). A stage without the
+    embedding reads them from ``model.decoder.input_tensor`` (``[c + s, b, h]``); a stage
+    before the last returns them (un-normed, see :func:`forward_hidden`). The
     context rows are produced under ``no_grad``, so their gradient is zero: backward carries
     nothing into them, and the window's gradients are those of the whole-model run.
     """
     context = 0 if plan.context_ids is None else plan.context_ids.shape[1]
     context_shard, shard = plan_shards(model, plan)
     received = None if model.pre_process else model.decoder.input_tensor
-    if received is not None and received.shape[0] != context + len(plan.positions):
+    # this rank's rows of each stream: its context-parallel slice, or its sequence-parallel
+    # slice of the padded rows (what crosses pipeline stages)
+    context_rows, rows = (
+        sequence_parallel_local_rows(model, length if part is None else part.sizes[part.rank])
+        for part, length in ((context_shard, context), (shard, len(plan.positions))))
+    if received is not None and received.shape[0] != context_rows + rows:
         raise RuntimeError(f"a pipeline stage received {received.shape[0]} rows for a plan of "
-                           f"{context} context and {len(plan.positions)} autograd rows")
+                           f"{context_rows} context and {rows} autograd rows on this rank")
     memory, context_out = None, None
     if context:
         memory = context_memory(model, plan.context_keep_from, context,
                                 int(plan.positions[-1]) + 1)
         if received is not None:
-            model.decoder.set_input_tensor(received[:context])
+            model.decoder.set_input_tensor(received[:context_rows])
         with torch.no_grad():
             context_out = forward_hidden(
                 model, plan.context_ids if model.pre_process else None,
                 torch.arange(context, device=plan.ids.device), memory=memory,
                 store_from=plan.context_keep_from, shard=context_shard)
     if received is not None:
-        model.decoder.set_input_tensor(received[context:])
+        model.decoder.set_input_tensor(received[context_rows:])
     hidden = forward_hidden(model, plan.ids if model.pre_process else None, plan.positions,
                             memory=memory, shard=shard)
     if received is not None:
@@ -161,46 +166,68 @@ def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
     return torch.cat([context_out, hidden])
 
 
-def optimized_rows(plan: ForwardPlan, shard: SequenceShard | None, hidden: torch.Tensor,
-                   pre_norm_hidden: torch.Tensor):
-    """This rank's rows of the optimized positions ``[loss_from, s)`` of a plan's autograd
-    pass: ``(hidden, pre_norm_hidden, labels, shard of those rows)`` (the shard is None without
-    context parallelism)."""
+def optimized_outputs(model, plan: ForwardPlan, hidden: torch.Tensor,
+                      pre_norm_hidden: torch.Tensor):
+    """This rank's part of what a plan's autograd pass optimizes, from its hidden states and
+    residual stream (:func:`plan_hidden`, on the last pipeline stage): ``(per-token losses,
+    hidden, pre_norm_hidden, shard, loss_shard)`` in :class:`ObjectiveOutput`'s terms."""
+    shard = plan_shards(model, plan)[1]
+    if model.config.sequence_parallel:
+        return _sequence_parallel_outputs(model, plan, shard, hidden, pre_norm_hidden)
     if shard is None:
-        return (hidden[plan.loss_from:], pre_norm_hidden[plan.loss_from:], plan.labels, None)
+        hidden, pre_norm_hidden = hidden[plan.loss_from:], pre_norm_hidden[plan.loss_from:]
+        return token_losses(model, hidden, plan.labels), hidden, pre_norm_hidden, None, None
     optimized = shard.between(plan.loss_from)
     skip = max(0, plan.loss_from - shard.start)
-    return hidden[skip:], pre_norm_hidden[skip:], optimized.local(plan.labels, dim=1), optimized
+    hidden, pre_norm_hidden = hidden[skip:], pre_norm_hidden[skip:]
+    losses = token_losses(model, hidden, optimized.local(plan.labels, dim=1))
+    return losses, hidden, pre_norm_hidden, optimized, optimized
 
 
-def sequence_parallel_rows(model, plan: ForwardPlan, hidden: torch.Tensor,
-                           pre_norm_hidden: torch.Tensor):
-    """Under sequence parallelism ``hidden`` is this TP rank's even slice of the padded rows:
-    ``(per-token losses [b, s - loss_from] from the output layer, which gathers the rows, so
-    every TP rank has them all; this rank's optimized rows of hidden and pre_norm_hidden;
-    their shard)``."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    padded = SequenceShard(group, (hidden.shape[0],) * dist.get_world_size(group),
-                           dist.get_rank(group))
+def _sequence_parallel_outputs(model, plan: ForwardPlan, shard: SequenceShard | None,
+                               hidden: torch.Tensor, pre_norm_hidden: torch.Tensor):
+    """:func:`optimized_outputs` under sequence parallelism: ``hidden`` is this TP rank's even
+    slice of the padded rows (of this context-parallel rank's ``shard`` of them under both).
+    The output layer gathers the slices, so every TP rank has the losses of its CP rank's
+    rows; the states' shard runs over the tensor x context ranks (CP-major, as Megatron
+    orders that group), each rank's real optimized rows of its slice."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     length = len(plan.positions)
-    shard = padded.between(plan.loss_from, length)
-    losses = model.compute_language_model_loss(
-        plan.labels, compute_logits(model, hidden)[plan.loss_from:length])
-    skip = max(0, plan.loss_from - padded.start)
-    rows = slice(skip, skip + shard.sizes[shard.rank])
-    return losses, hidden[rows], pre_norm_hidden[rows], shard
+    if shard is None:
+        group, starts, counts, cp_rank = tp_group, (0,), (length,), 0
+    else:
+        group = parallel_state.get_tensor_and_context_parallel_group()
+        starts = tuple(shard.bounds(r)[0] for r in range(shard.world))
+        counts, cp_rank = shard.sizes, shard.rank
+    rank = cp_rank * tp + tp_rank
+    if dist.get_rank(group) != rank:
+        raise RuntimeError(f"the tensor x context group ranks this rank {dist.get_rank(group)}, "
+                           f"not {rank} (context-parallel rank x TP size + TP rank)")
+    sizes = []
+    for start, count in zip(starts, counts, strict=True):
+        per = -(-count // tp)  # padded rows per TP rank
+        for part in range(tp):
+            lo, hi = start + part * per, start + min((part + 1) * per, count)
+            sizes.append(max(0, min(hi, length) - max(lo, plan.loss_from)))
+    states = SequenceShard(group, tuple(sizes), rank)
+    first = max(0, plan.loss_from - starts[cp_rank])  # this CP rank's first optimized row
+    labels, loss_shard = plan.labels, None
+    if shard is not None:
+        loss_shard = shard.between(plan.loss_from)
+        labels = loss_shard.local(labels, dim=1)
+    logits = compute_logits(model, hidden)[first:counts[cp_rank]]
+    losses = model.compute_language_model_loss(labels, logits)
+    skip = max(0, plan.loss_from - (starts[cp_rank] + tp_rank * hidden.shape[0]))
+    rows = slice(skip, skip + sizes[rank])
+    return losses, hidden[rows], pre_norm_hidden[rows], states, loss_shard
 
 
 def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
     """Execute a plan on a whole (non-pipelined) GPTModel."""
     with final_norm_input(model) as pre_norm:
         hidden = plan_hidden(model, plan)
-    if model.config.sequence_parallel:
-        losses, hidden, pre_norm_hidden, shard = sequence_parallel_rows(
-            model, plan, hidden, pre_norm["hidden"])
-        return objective_output(losses, hidden, pre_norm_hidden, plan.first_frame,
-                                plan.num_frames, plan.metrics, shard, loss_shared=False)
-    hidden, pre_norm_hidden, labels, shard = optimized_rows(
-        plan, plan_shards(model, plan)[1], hidden, pre_norm["hidden"])
-    return objective_output(token_losses(model, hidden, labels), hidden, pre_norm_hidden,
-                            plan.first_frame, plan.num_frames, plan.metrics, shard)
+    losses, hidden, pre_norm_hidden, shard, loss_shard = optimized_outputs(
+        model, plan, hidden, pre_norm["hidden"])
+    return objective_output(losses, hidden, pre_norm_hidden, plan.first_frame, plan.num_frames,
+                            plan.metrics, shard, loss_shard)

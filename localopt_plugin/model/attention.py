@@ -67,8 +67,9 @@ class AttentionPlan(PackedSeqParams):
     store_from: store this forward's keys/values from token ``store_from`` on (detached).
     shard: under context parallelism, this rank's slice of the forward's tokens; ``head``,
         ``store_from`` and the memory's positions count the whole forward's tokens.
-    padding: under sequence parallelism, rows after the forward's tokens (to split them evenly
-        over TP ranks): dropped before attention, zero outputs.
+    padding: under sequence parallelism, rows after the forward's tokens (this context-parallel
+        rank's, under both) to split them evenly over TP ranks: dropped before attention (and
+        before the all-to-all), zero outputs.
     """
 
     qkv_format: str = "sbhd"  # Megatron reads it: this is not a packed (thd) batch
@@ -309,13 +310,13 @@ class SDPAttention(MegatronModule):
                                f"{self.context_parallel} needs a plan sharded over as many "
                                f"ranks (forward_hidden with a SequenceShard), got "
                                f"{'none' if shard is None else shard.world}")
-        if shard is not None:  # [s / cp, b, n, d] -> [s, b, n / cp, d]
-            key, value = (replicate_groups(t, self.heads, shard.world) for t in (key, value))
-            query, key, value = (sequence_to_heads(t, shard) for t in (query, key, value))
-        seq, batch = query.shape[0], query.shape[1]
+        batch = query.shape[1]
         padding = plan.padding if plan is not None else 0
         if padding:  # sequence parallelism's rows after the tokens (see AttentionPlan)
             query, key, value = (t[:t.shape[0] - padding] for t in (query, key, value))
+        if shard is not None:  # [s / cp, b, n, d] -> [s, b, n / cp, d]
+            key, value = (replicate_groups(t, self.heads, shard.world) for t in (key, value))
+            query, key, value = (sequence_to_heads(t, shard) for t in (query, key, value))
         if plan is not None and (plan.memory is not None or plan.store_from is not None):
             head, window = split_by_plan(self.layer_number, key, value, plan)
             parts = []
@@ -332,9 +333,8 @@ class SDPAttention(MegatronModule):
         else:
             out = self._sdpa(query, key, value, is_causal=True)
         out = out.permute(2, 0, 1, 3)  # [b, heads, s, dim] -> [s, b, heads, dim]
-        if padding:
-            out = torch.cat([out, out.new_zeros((padding, *out.shape[1:]))])
         if shard is not None:
             out = heads_to_sequence(out, shard)
-            seq = out.shape[0]
-        return out.reshape(seq, batch, -1)
+        if padding:
+            out = torch.cat([out, out.new_zeros((padding, *out.shape[1:]))])
+        return out.reshape(out.shape[0], batch, -1)

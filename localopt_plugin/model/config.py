@@ -204,16 +204,10 @@ class ParallelConfig:
         if config.sequence_parallel and config.tensor_model_parallel_size == 1:
             # Megatron-LM's rule: sequence parallelism splits over TP ranks, so TP=1 turns it off
             return dataclasses.replace(config, sequence_parallel=False)
-        if config.sequence_parallel and config.pipeline_model_parallel_size > 1:
-            raise UserError("--sequence-parallel with --pipeline-model-parallel-size > 1 is not "
-                            "implemented by the plugin: drop one")
-        if config.sequence_parallel and config.context_parallel_size > 1:
-            raise UserError("--sequence-parallel with --context-parallel-size > 1 is not "
-                            "implemented by the plugin: drop one")
         return config
 
     def check_context_parallel(self) -> None:
-        """Context parallelism as the plugin runs it (head-sharded all-to-all, no pipeline)."""
+        """Context parallelism as the plugin runs it (head-sharded all-to-all)."""
         cp = self.context_parallel_size
         if cp < 1:
             raise UserError(f"--context-parallel-size must be >= 1, got {cp}")
@@ -224,9 +218,6 @@ class ParallelConfig:
                             f"planned attention runs context parallelism head-sharded "
                             f"(all-to-all) only; Megatron's default p2p (ring), allgather and "
                             f"a2a+p2p are not implemented: pass --cp-comm-type a2a")
-        if self.pipeline_model_parallel_size > 1:
-            raise UserError("--context-parallel-size > 1 with --pipeline-model-parallel-size > "
-                            "1 is not implemented by the plugin: use one of them")
 
     @property
     def model_parallel_size(self) -> int:

@@ -18,7 +18,10 @@ from collections.abc import Iterator
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from localopt_plugin.model.attention import SDPAttention, plan_for
@@ -96,8 +99,9 @@ def build_gpt_model(
                          "data's sequence length first)")
     megatron_config = megatron_config or transformer_config(config, parallel)
     spec = layer_spec(config, megatron_config.sequence_parallel)
-    if megatron_config.sequence_parallel:  # the final norm too (one stage: no pipeline)
-        spec = TransformerBlockSubmodules(layer_specs=[spec] * megatron_config.num_layers,
+    if megatron_config.sequence_parallel:  # the final norm too; this stage's layers
+        layers = get_num_layers_to_build(megatron_config, vp_stage=vp_stage)
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * layers,
                                           layer_norm=SequenceParallelNorm)
     model = GPTModel(
         config=megatron_config,
@@ -134,8 +138,8 @@ def forward_hidden(
     tokens to keep from ``store_from`` on. Without them this is the ordinary causal forward.
     ``shard``: under context parallelism, this rank's slice of the tokens: the forward runs and
     returns only those rows (``input_ids`` and ``positions`` are still the whole forward's).
-    Under sequence parallelism the forward is padded to a multiple of the TP size and returns
-    this TP rank's even slice of the padded rows.
+    Under sequence parallelism the forward (this context-parallel rank's rows of it, under both)
+    is padded to a multiple of the TP size and returns this TP rank's even slice of them.
     On a pipeline stage of Megatron's own schedule, a stage without the embedding takes its
     input from ``model.set_input_tensor`` and a stage before the last returns un-normed output.
     """
@@ -146,6 +150,11 @@ def forward_hidden(
         raise ValueError(f"position {int(positions.max())} exceeds --max-position-embeddings "
                          f"{max_positions}")
     plan = plan_for(positions, memory, store_from, shard)
+    if shard is not None:
+        if shard.total != len(positions):
+            raise ValueError(f"a shard of {shard.total} rows for {len(positions)} positions")
+        positions = shard.local(positions)
+        input_ids = None if input_ids is None else shard.local(input_ids, dim=1)
     pad = padded_rows(model, len(positions))
     if pad:  # sequence parallelism splits evenly over TP ranks: pad the end (see its module)
         positions = torch.cat([positions, positions[-1:].expand(pad)])
@@ -153,11 +162,6 @@ def forward_hidden(
             input_ids = torch.cat([input_ids, input_ids[:, -1:].expand(-1, pad)], dim=1)
         if plan is not None:
             plan = dataclasses.replace(plan, padding=pad)
-    if shard is not None:
-        if shard.total != len(positions):
-            raise ValueError(f"a shard of {shard.total} rows for {len(positions)} positions")
-        positions = shard.local(positions)
-        input_ids = None if input_ids is None else shard.local(input_ids, dim=1)
     embedded = None
     if model.pre_process:
         embedded = model.embedding(

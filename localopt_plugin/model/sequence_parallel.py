@@ -69,3 +69,12 @@ def padded_rows(model: torch.nn.Module, length: int) -> int:
     if not model.config.sequence_parallel:
         return 0
     return -length % parallel_state.get_tensor_model_parallel_world_size()
+
+
+def sequence_parallel_local_rows(model: torch.nn.Module, length: int) -> int:
+    """Rows of a forward of ``length`` tokens this tensor-parallel rank holds: its even slice
+    of the padded rows under sequence parallelism, else all of them."""
+    if not model.config.sequence_parallel:
+        return length
+    return (length + padded_rows(model, length)) // (
+        parallel_state.get_tensor_model_parallel_world_size())

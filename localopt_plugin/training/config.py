@@ -344,6 +344,15 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
                         f"context parallel size {parallel.tensor_model_parallel_size} x "
                         f"{parallel.pipeline_model_parallel_size} x "
                         f"{parallel.context_parallel_size}")
+    if parallel.pipeline_model_parallel_size > 1 and parallel.context_parallel_size > 1:
+        raise UserError("--context-parallel-size > 1 with --pipeline-model-parallel-size > 1: "
+                        "localopt-train pipelines on DeepSpeed's pipeline engine, whose grid "
+                        "has no sequence-parallel axis; Megatron-LM's pretrain() (examples/"
+                        "pretrain_video_gpt.py) runs both, or use one of them")
+    if parallel.pipeline_model_parallel_size > 1 and parallel.sequence_parallel:
+        raise UserError("--sequence-parallel with --pipeline-model-parallel-size > 1 is not "
+                        "implemented by localopt-train's DeepSpeed pipeline stages; Megatron-LM's "
+                        "pretrain() (examples/pretrain_video_gpt.py) runs both, or drop one")
     if parallel.pipeline_model_parallel_size > 1 and model.transformer_impl != "local":
         raise UserError("pipeline parallelism needs --transformer-impl local")
     if parallel.pipeline_model_parallel_size > 1 and model.recompute_granularity == "full":

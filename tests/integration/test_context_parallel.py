@@ -78,7 +78,9 @@ def _values(records, key="lm loss"):
 def test_deepspeed_layouts_with_context_parallelism(tmp_path):
     """localopt-train with --context-parallel-size 2: CP=2 equals one process (ZeRO-0, a window
     per micro-batch), DP=2 x CP=2 (4 ranks) equals DP=2 (ZeRO-1), TP=2 x CP=2 (4 ranks, one
-    replicated query group per rank) equals TP=2, and ZeRO-3 with CP=2 equals ZeRO-0 with CP=2,
+    replicated query group per rank) equals TP=2, so does TP=2 x CP=2 with --sequence-parallel
+    (each context-parallel rank's rows padded and split over its TP ranks; ReCo's pairs across
+    the tensor x context slices), and ZeRO-3 with CP=2 equals ZeRO-0 with CP=2,
     over several iterations of Local Opt. + ReCo; with DeepSpeed reducing
     over data-parallel ranks only (not the context-parallel shares) CP=2 fails."""
     flags = (*PRESET_TRAIN_FLAGS, *LOCAL_OPT)
@@ -97,8 +99,10 @@ def test_deepspeed_layouts_with_context_parallelism(tmp_path):
     dp2 = run_train(tmp_path, *step, "--zero-stage", "1", nproc=2, name="dp2")
     same(run_train(tmp_path, *step, "--zero-stage", "1", *cp2, nproc=4, name="dp2cp2"), dp2)
     tp2 = ("--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64")
-    same(run_train(tmp_path, *micro, *tp2, *cp2, nproc=4, name="tp2cp2"),
-         run_train(tmp_path, *micro, *tp2, nproc=2, name="tp2"))
+    tp2_only = run_train(tmp_path, *micro, *tp2, nproc=2, name="tp2")
+    same(run_train(tmp_path, *micro, *tp2, *cp2, nproc=4, name="tp2cp2"), tp2_only)
+    same(run_train(tmp_path, *micro, *tp2, *cp2, "--sequence-parallel", nproc=4,
+                   name="tp2cp2-sp"), tp2_only)
     zero0 = run_train(tmp_path, *step, "--zero-stage", "0", *cp2, nproc=2, name="cp2-zero0")
     same(run_train(tmp_path, *step, "--zero-stage", "3", *cp2, nproc=2, name="cp2-zero3"),
          zero0)

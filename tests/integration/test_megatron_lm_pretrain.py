@@ -171,7 +171,9 @@ def test_context_parallel_gives_the_single_rank_losses(megatron_lm_python, shard
     """Megatron-LM's pretrain() with --context-parallel-size 2 --cp-comm-type a2a (2 ranks, one
     data-parallel rank: each sample's tokens split over both, attention head-sharded) gives one
     process's per-iteration Local Opt. + ReCo losses: Megatron's DDP reduces the shares'
-    gradients over data x context ranks. Megatron wants --seq-length a multiple of 2 x CP."""
+    gradients over data x context ranks. Megatron wants --seq-length a multiple of 2 x CP.
+    With Megatron's 1F1B pipeline schedule too (PP=2 x CP=2, 4 ranks): each stage sends its
+    rank's slices of both streams to the same context-parallel rank of the next."""
     length = int(_layout_flags(megatron_lm_python, shards["train"])[1])
     padded = str(-(-length // 4) * 4)
     flags = (*COMMON, "--max-position-embeddings", padded, "--train-iters", "4",
@@ -182,31 +184,51 @@ def test_context_parallel_gives_the_single_rank_losses(megatron_lm_python, shard
             for name, nproc, layout in (
                 ("cp1", 1, ("--seq-length", str(length))),
                 ("cp2", 2, ("--seq-length", padded, "--context-parallel-size", "2",
-                            "--cp-comm-type", "a2a")))}
+                            "--cp-comm-type", "a2a")),
+                ("pp2-cp2", 4, ("--seq-length", padded, "--context-parallel-size", "2",
+                                "--cp-comm-type", "a2a", "--pipeline-model-parallel-size",
+                                "2")))}
+    for setting in (r"context_parallel_size \.+ 2", r"pipeline_model_parallel_size \.+ 2"):
+        assert re.search(setting, logs["pp2-cp2"]), setting  # Megatron's args as it runs them
     sampler = WindowSampler(5, 2, 1, seed=1234, first_prob=0.5)
     assert any(sampler.draw(iteration, 0) > 0 for iteration in range(4))
     for key in ("lm loss", "reco loss"):
         want = _megatron_losses(logs["cp1"], key)
         assert len(want) == 4 and all(v > 0 for v in want), logs["cp1"][-3000:]
-        assert _megatron_losses(logs["cp2"], key) == pytest.approx(want, rel=1e-5), key
+        for name in ("cp2", "pp2-cp2"):
+            assert _megatron_losses(logs[name], key) == pytest.approx(want, rel=1e-5), name
 
 
 def test_sequence_parallel_gives_the_tensor_parallel_losses(megatron_lm_python, shards):
     """pretrain() with TP=2 + --sequence-parallel (the local spec's sequence-parallel norms, the
     plans padded to split evenly over the TP ranks, ReCo on the TP slices) gives TP=2's
-    per-iteration Local Opt. + ReCo losses."""
-    flags = (*COMMON, *_layout_flags(megatron_lm_python, shards["train"]), "--train-iters",
-             "4", "--reco-states", "pre-norm", "--reco-reduction", "sum", "--eval-interval",
-             "1000", "--eval-iters", "1", "--data-path", shards["train"], *MEGATRON_ONLY,
-             "--tensor-model-parallel-size", "2")
+    per-iteration Local Opt. + ReCo losses; with Megatron's 1F1B pipeline schedule too (PP=2,
+    4 ranks: each stage sends its TP rank's slices of both padded streams), and with
+    --context-parallel-size 2 (4 ranks: each context-parallel rank's rows padded and split
+    over its TP ranks, ReCo's pairs across the tensor x context slices)."""
+    length = int(_layout_flags(megatron_lm_python, shards["train"])[1])
+    padded = str(-(-length // 4) * 4)
+    flags = (*COMMON, "--seq-length", str(length), "--max-position-embeddings", padded,
+             "--train-iters", "4", "--reco-states", "pre-norm", "--reco-reduction", "sum",
+             "--eval-interval", "1000", "--eval-iters", "1", "--data-path", shards["train"],
+             *MEGATRON_ONLY, "--tensor-model-parallel-size", "2")
     script = str(REPO / "examples" / "pretrain_video_gpt.py")
-    logs = {name: _torchrun(megatron_lm_python, 2, script, *flags, *extra).stdout
-            for name, extra in (("tp2", ()), ("tp2-sp", ("--sequence-parallel",)))}
-    assert re.search(r"sequence_parallel \.+ True", logs["tp2-sp"])  # Megatron kept it on
+    logs = {name: _torchrun(megatron_lm_python, nproc, script, *flags, *extra).stdout
+            for name, nproc, extra in (
+                ("tp2", 2, ()), ("tp2-sp", 2, ("--sequence-parallel",)),
+                ("pp2-tp2-sp", 4, ("--sequence-parallel", "--pipeline-model-parallel-size",
+                                   "2")),
+                ("tp2-cp2-sp", 4, ("--sequence-parallel", "--seq-length", padded,
+                                   "--context-parallel-size", "2", "--cp-comm-type", "a2a")))}
+    for name in ("tp2-sp", "pp2-tp2-sp", "tp2-cp2-sp"):  # Megatron kept it on
+        assert re.search(r"sequence_parallel \.+ True", logs[name])
+    assert re.search(r"pipeline_model_parallel_size \.+ 2", logs["pp2-tp2-sp"])
+    assert re.search(r"context_parallel_size \.+ 2", logs["tp2-cp2-sp"])
     for key in ("lm loss", "reco loss"):
         want = _megatron_losses(logs["tp2"], key)
         assert len(want) == 4 and all(v > 0 for v in want), logs["tp2"][-3000:]
-        assert _megatron_losses(logs["tp2-sp"], key) == pytest.approx(want, rel=1e-5), key
+        for name in ("tp2-sp", "pp2-tp2-sp", "tp2-cp2-sp"):
+            assert _megatron_losses(logs[name], key) == pytest.approx(want, rel=1e-5), name
 
 
 @pytest.mark.parametrize("version", ["0.17.1", "0.18.2"])
