@@ -4,13 +4,16 @@ rank, in the same command.
 
 The command launches its measurements itself: first one rank (CP=1), then N ranks (torchrun,
 one thread each), each running the trainer's step (DeepSpeed engine with Megatron's groups,
-ZeRO-0) for every row: full-sequence, then Local Opt. at each window start of the sampler.
+ZeRO-0 unless ``--zero-stage``) for every row: full-sequence, then Local Opt. at each window
+start of the sampler.
 Per row: the median step time of the slowest rank and the largest rank's peak of torch's
 allocated bytes (see :func:`~localopt_plugin.bench.speed.peak_allocated_bytes`), the largest
 over 3 profiled steps; for Local
 Opt. the step time expected under the sampler's window distribution and the worst window's
-peak. Weights, gradients and optimizer state are not split by context parallelism, so the
-memory ratios are bounded below by their share.
+peak. Weights and (below ZeRO-2) gradients are not split by context parallelism, so the
+memory ratios are bounded below by their share; the measure counts what the step allocates
+(gradients, activations, kept keys/values, communication buffers), not what lives across steps
+(weights, optimizer state, ZeRO's preallocated bucket).
 """
 
 from __future__ import annotations
@@ -62,7 +65,10 @@ def run(args: argparse.Namespace) -> dict:
                    f"--nproc-per-node={cp}", "-m", "localopt_plugin.commands.bench", "speed",
                    "--preset", args.preset, "--repeats", str(args.repeats), "--warmup",
                    str(args.warmup), f"--model-flags={args.model_flags}",
-                   "--context-parallel-size", str(cp), "--measure-context-parallel", str(out)]
+                   "--context-parallel-size", str(cp), "--zero-stage", str(args.zero_stage),
+                   *(() if args.reduce_bucket_size is None else
+                     ("--reduce-bucket-size", str(args.reduce_bucket_size))),
+                   "--measure-context-parallel", str(out)]
             if args.micro_batch_size:
                 cmd += ["--micro-batch-size", str(args.micro_batch_size)]
             print(f"measuring CP={cp} ({cp} rank{'s' if cp > 1 else ''}, 1 thread each) ...",
@@ -107,7 +113,8 @@ def measure(args: argparse.Namespace) -> None:
     model = config_with_flags(preset.model, args.model_flags,
                               max_position_embeddings=layout.input_length, bf16=preset.bf16)
     parallel = ParallelConfig(context_parallel_size=cp, cp_comm_type=("a2a",))
-    engine = _engine(model, preset.vocab, 1234, parallel=parallel)
+    engine = _engine(model, preset.vocab, 1234, parallel=parallel, zero_stage=args.zero_stage,
+                     reduce_bucket_size=args.reduce_bucket_size)
     batch = args.micro_batch_size or preset.micro_batch
     sampler = WindowSampler(preset.frames, preset.window, preset.stride, 1234,
                             first_prob=preset.first_prob)
@@ -138,7 +145,8 @@ def measure(args: argparse.Namespace) -> None:
                   f"{float(peak) / 2**20:.1f} MB per rank", file=sys.stderr, flush=True)
     if dist.get_rank() == 0:
         Path(args.measure_context_parallel).write_text(json.dumps({
-            "cp": cp, "preset": args.preset, "micro batch": batch,
+            "cp": cp, "preset": args.preset, "micro batch": batch, "ZeRO stage": args.zero_stage,
+            "reduce bucket size": args.reduce_bucket_size,
             "layout": {"frames": preset.frames, "frame_tokens": preset.frame_tokens,
                        "window": preset.window, "stride": preset.stride,
                        "first_window_prob": preset.first_prob},
@@ -186,7 +194,8 @@ def summarize(one: dict, many: dict) -> dict:
     ratios = {name: split[name] / base[name] for name in base}
     return {
         "preset": one["preset"], "context parallel size": cp, "layout": one["layout"],
-        "micro batch": one["micro batch"], "model": one["model"],
+        "micro batch": one["micro batch"], "ZeRO stage": one["ZeRO stage"],
+        "reduce bucket size": one["reduce bucket size"], "model": one["model"],
         "repeats": one["repeats"], "warmup": one["warmup"],
         "device": f"CPU, {cp} ranks x 1 thread (gloo); CP=1: 1 rank x 1 thread",
         "memory measure": "peak of torch's allocated bytes during the step (profiler "
@@ -204,7 +213,9 @@ def format_table(result: dict) -> str:
     columns = ["row", "CP=1 median step (ms)", f"CP={cp} median step (ms)", "step ratio",
                "CP=1 peak (MB)", f"CP={cp} peak per rank (MB)", "memory ratio"]
     lines = [f"preset {result['preset']}: {result['layout']}, micro-batch "
-             f"{result['micro batch']}, model {result['model']}, median of "
+             f"{result['micro batch']}, ZeRO-{result['ZeRO stage']} (reduce bucket "
+             f"{result['reduce bucket size'] or 'default'}), model "
+             f"{result['model']}, median of "
              f"{result['repeats']} steps per row after {result['warmup']} warm-up; "
              f"{result['device']}; memory: {result['memory measure']}",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -86,6 +86,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="> 1: full-sequence and Local Opt. with each sample split over "
                         "this many ranks (head-sharded attention) against one rank: the "
                         "command launches both itself (torchrun, 1 thread per rank)")
+    parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2),
+                        help="with --context-parallel-size: DeepSpeed's ZeRO stage of both "
+                        "measurements (1-2 partition optimizer state, and 2 gradients, over "
+                        "data x context ranks); default 0")
+    parser.add_argument("--reduce-bucket-size", type=int, default=None,
+                        help="with --zero-stage 1-2: zero_optimization.reduce_bucket_size "
+                        "(elements; DeepSpeed's default 5e8 holds a whole small model's "
+                        "gradients, and ZeRO-2 allocates a buffer of that size every step)")
     parser.add_argument("--measure-context-parallel", default=None, help=argparse.SUPPRESS)
 
 
@@ -108,9 +116,14 @@ def fixed_window(first: int, frames: int) -> SimpleNamespace:
     return SimpleNamespace(window_frames=frames, draw=lambda iteration, micro_batch: first)
 
 
-def _engine(model_config, vocab: int, seed: int, parallel=None):
+def _engine(model_config, vocab: int, seed: int, parallel=None, zero_stage: int = 0,
+            reduce_bucket_size: int | None = None):
     """A DeepSpeed engine around the trainer's TrainingStep, as localopt-train builds it
-    (with Megatron's groups as its mpu under a ``parallel`` layout)."""
+    (with Megatron's groups as its mpu under a ``parallel`` layout; ZeRO 0-2 with DeepSpeed's
+    defaults otherwise, as ``localopt-train --zero-stage`` without a JSON)."""
+    zero = {"stage": zero_stage}
+    if reduce_bucket_size is not None:
+        zero["reduce_bucket_size"] = reduce_bucket_size
     import deepspeed
 
     from localopt_plugin.model import build_gpt_model
@@ -124,7 +137,8 @@ def _engine(model_config, vocab: int, seed: int, parallel=None):
     optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=cuda_available())
     config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
               "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "zero_optimization": {"stage": 0}, "bf16": {"enabled": model_config.bf16},
+              "zero_optimization": zero,
+              "bf16": {"enabled": model_config.bf16},
               "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=step, optimizer=optimizer,
                                            model_parameters=groups, config=config,

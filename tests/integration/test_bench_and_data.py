@@ -35,20 +35,22 @@ def test_peak_allocated_bytes_is_the_allocator_peak():
 
 
 def test_context_parallel_speed_benchmark_reports_its_rows(tmp_path):
-    """``localopt-bench speed --context-parallel-size 2`` (a small model) launches its CP=1 and
-    CP=2 measurements itself and reports per row and in total the ratios of its own rows: the
-    expected Local Opt. step is recomputed here from the rows and the sampler's probabilities."""
+    """``localopt-bench speed --context-parallel-size 2 --zero-stage 2`` (a small model) launches
+    its CP=1 and CP=2 measurements itself and reports per row and in total the ratios of its own
+    rows: the expected Local Opt. step is recomputed here from the rows and the sampler's
+    probabilities."""
     out = tmp_path / "cp.json"
     model = ("--model-flags=--num-layers 1 --hidden-size 64 --ffn-hidden-size 128 "
              "--num-attention-heads 4 --num-query-groups 2")
     proc = subprocess.run(
         [sys.executable, "-m", "localopt_plugin.commands.bench", "speed", "--preset", "paper17",
-         "--context-parallel-size", "2", "--repeats", "3", "--warmup", "0", model, "--json",
-         str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-        timeout=600)
+         "--context-parallel-size", "2", "--zero-stage", "2", "--repeats", "3", "--warmup", "0",
+         model, "--json", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True,
+        text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "CP=2 / CP=1 local-opt worst-window peak" in proc.stdout
     result = json.loads(out.read_text())
+    assert result["ZeRO stage"] == 2 and "ZeRO-2" in proc.stdout
     rows = result["rows"]
     assert [r["window start"] for r in rows] == [None, 0, 1, 2, 3]
     probabilities = {int(k): v for k, v in result["window probabilities"].items()}
