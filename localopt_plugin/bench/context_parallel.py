@@ -5,15 +5,16 @@ rank, in the same command.
 The command launches its measurements itself: first one rank (CP=1), then N ranks (torchrun,
 one thread each), each running the trainer's step (DeepSpeed engine with Megatron's groups,
 ZeRO-0 unless ``--zero-stage``) for every row: full-sequence, then Local Opt. at each window
-start of the sampler.
-Per row: the median step time of the slowest rank and the largest rank's peak of torch's
-allocated bytes (see :func:`~localopt_plugin.bench.speed.peak_allocated_bytes`), the largest
-over 3 profiled steps; for Local
-Opt. the step time expected under the sampler's window distribution and the worst window's
-peak. Weights and (below ZeRO-2) gradients are not split by context parallelism, so the
-memory ratios are bounded below by their share; the measure counts what the step allocates
-(gradients, activations, kept keys/values, communication buffers), not what lives across steps
-(weights, optimizer state, ZeRO's preallocated bucket).
+start of the sampler. Per row: the median step time of the slowest rank and the largest rank's
+peak of torch's allocated bytes (see :func:`~localopt_plugin.bench.speed.peak_allocated_bytes`),
+the largest over 3 profiled steps; for Local Opt. the step time expected under the sampler's
+window distribution and the worst window's peak. Weights and (below ZeRO-2) gradients are not
+split by context parallelism, so the memory ratios are bounded below by their share; the
+measure counts what the step allocates (gradients, activations, kept keys/values, communication
+buffers), not what lives across steps (weights, optimizer state, ZeRO's preallocated bucket).
+The optimizer step of each row and one gradient-sized all-reduce over the ranks are also timed,
+and the step ratios without them are reported beside the targets (informational): the part of
+a step context parallelism splits.
 """
 
 from __future__ import annotations
@@ -124,27 +125,32 @@ def measure(args: argparse.Namespace) -> None:
     rows = []
     for name, start, objective, optimized in _rows(preset, layout, sampler, batch):
         row = SimpleNamespace(engine=engine, objective=objective)
-        times = []
+        times, optimizer_times = [], []
         for repeat in range(args.warmup + args.repeats):
             dist.barrier()
             started = time.perf_counter()
-            _step(row, tokens, repeat)
-            slowest = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+            whole, forward_backward = _step(row, tokens, repeat)
+            slowest = torch.tensor([time.perf_counter() - started, whole - forward_backward],
+                                   dtype=torch.float64)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             if repeat >= args.warmup:
-                times.append(float(slowest))
+                times.append(float(slowest[0]))
+                optimizer_times.append(float(slowest[1]))
         # the largest of 3 profiled steps: under gloo the lifetimes of the collectives'
         # buffers vary from step to step (up to ~15 MB here), and the worst is provisioned
         peak = torch.tensor([max(peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))
                                  for _ in range(PROFILED_STEPS))], dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         rows.append({"row": name, "window start": start, "step times (s)": times,
+                     "optimizer step times (s)": optimizer_times,
                      "peak per rank (bytes)": float(peak), "optimized tokens": optimized})
         if dist.get_rank() == 0:
             print(f"CP={cp} {name}: median step {1e3 * statistics.median(times):.1f} ms, peak "
                   f"{float(peak) / 2**20:.1f} MB per rank", file=sys.stderr, flush=True)
+    reduction = _gradient_all_reduce_seconds(engine, args.repeats)
     if dist.get_rank() == 0:
         Path(args.measure_context_parallel).write_text(json.dumps({
+            "gradient all-reduce (s)": reduction,
             "cp": cp, "preset": args.preset, "micro batch": batch, "ZeRO stage": args.zero_stage,
             "reduce bucket size": args.reduce_bucket_size,
             "layout": {"frames": preset.frames, "frame_tokens": preset.frame_tokens,
@@ -158,19 +164,49 @@ def measure(args: argparse.Namespace) -> None:
             "repeats": args.repeats, "warmup": args.warmup, "rows": rows}))
 
 
+def _gradient_all_reduce_seconds(engine, repeats: int) -> float:
+    """The median time of one all-reduce of a gradient-sized buffer over the ranks (0 on one
+    rank): the communication a context-parallel step adds and cannot split."""
+    if dist.get_world_size() == 1:
+        return 0.0
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    buffer = params[0].new_zeros(sum(p.numel() for p in params))
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(buffer)
+        slowest = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        times.append(float(slowest))
+    return statistics.median(times[1:])
+
+
 def _summary(measured: dict) -> dict:
     rows = measured["rows"]
     full = rows[0]
     windows = rows[1:]
     probabilities = {int(k): v for k, v in measured["window probabilities"].items()}
+
+    def expected(key: str) -> float:
+        return sum(probabilities[r["window start"]] * statistics.median(r[key])
+                   for r in windows)
+
     return {
         "full-sequence step": statistics.median(full["step times (s)"]),
         "full-sequence peak": full["peak per rank (bytes)"],
-        "local-opt expected step": sum(probabilities[r["window start"]]
-                                       * statistics.median(r["step times (s)"])
-                                       for r in windows),
+        "local-opt expected step": expected("step times (s)"),
         "local-opt worst-window peak": max(r["peak per rank (bytes)"] for r in windows),
+        "full-sequence optimizer step": statistics.median(full["optimizer step times (s)"]),
+        "local-opt expected optimizer step": expected("optimizer step times (s)"),
     }
+
+
+def _without_fixed_costs(summary: dict, all_reduce: float) -> dict:
+    """Step times less what context parallelism cannot split: the optimizer step and the
+    gradient all-reduce (timed alone)."""
+    return {name: summary[f"{name} step"] - summary[f"{name} optimizer step"] - all_reduce
+            for name in ("full-sequence", "local-opt expected")}
 
 
 def summarize(one: dict, many: dict) -> dict:
@@ -191,7 +227,9 @@ def summarize(one: dict, many: dict) -> dict:
             "memory ratio": split["peak per rank (bytes)"] / base["peak per rank (bytes)"],
         })
     base, split = _summary(one), _summary(many)
-    ratios = {name: split[name] / base[name] for name in base}
+    ratios = {name: split[name] / base[name] for name in TARGETS}
+    reduction = many["gradient all-reduce (s)"]
+    rest = (_without_fixed_costs(base, 0.0), _without_fixed_costs(split, reduction))
     return {
         "preset": one["preset"], "context parallel size": cp, "layout": one["layout"],
         "micro batch": one["micro batch"], "ZeRO stage": one["ZeRO stage"],
@@ -203,6 +241,9 @@ def summarize(one: dict, many: dict) -> dict:
         "window probabilities": one["window probabilities"],
         "rows": table,
         "CP=1": base, f"CP={cp}": split, "ratios": ratios,
+        f"CP={cp} gradient all-reduce (s)": reduction,
+        "step ratios without the optimizer step and the gradient all-reduce": {
+            f"{name} step": rest[1][name] / rest[0][name] for name in rest[0]},
         "targets": {name: {"ratio": ratios[name], "target": target,
                            "met": ratios[name] <= target} for name, target in TARGETS.items()},
     }
@@ -225,4 +266,13 @@ def format_table(result: dict) -> str:
     for name, check in result["targets"].items():
         lines.append(f"CP={cp} / CP=1 {name}: {check['ratio']:.3f} <= {check['target']} "
                      f"({'met' if check['met'] else 'MISSED'})")
+    lines.append(f"not split by CP: the optimizer step (CP=1 / CP={cp} median, full-sequence "
+                 f"{1e3 * result['CP=1']['full-sequence optimizer step']:.0f} / "
+                 f"{1e3 * result[f'CP={cp}']['full-sequence optimizer step']:.0f} ms) and the "
+                 f"gradient all-reduce at CP={cp} "
+                 f"({1e3 * result[f'CP={cp} gradient all-reduce (s)']:.0f} ms, timed alone); "
+                 f"step ratios without them (informational, not the targets): " + ", ".join(
+                     f"{name} {ratio:.3f}" for name, ratio in result[
+                         "step ratios without the optimizer step and the gradient all-reduce"
+                     ].items()))
     return "\n".join(lines)

@@ -26,6 +26,12 @@ During a step the peak is the largest of four moments:
   ``block``, the layers not recomputed), the last chunk's activations rebuilt (one layer under
   ``block``), its gradients and the output layer's.
 
+Context parallelism (``--context-parallel-size N``): every pass's rows split over N ranks
+(the planner counts the largest slice), each rank keeping its share of the key/value heads over
+the whole context (replicated when fewer than N), ZeRO partitioning over data x context ranks;
+FLOPs stay the whole model's. Validated against ``localopt-bench speed --context-parallel-size``
+measurements (tests/integration/test_planner.py).
+
 ``--measure`` puts measured step peaks beside the predictions. Validated on CPU (fp32,
 tests/integration/test_planner.py and docs/planning.md); bf16 and tensor/pipeline parallel
 terms follow the same counts at their element sizes and shards, unvalidated until a GPU run
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +76,7 @@ class Setup:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     data_parallel: int = 1
+    context_parallel: int = 1
     num_micro_batches: int = 1  # per step and pipeline (gradient accumulation)
     prefix: int = 3  # BOS, condition, BOV
 
@@ -99,18 +107,30 @@ def parameter_counts(model: ModelConfig, vocab: int) -> dict[str, int]:
     return {"embedding": embedding, "output": output, "layer": layer, "final norm": norm}
 
 
-def activation_elements(model: ModelConfig, tensor_parallel: int = 1) -> tuple[float, float]:
+def key_value_heads(model: ModelConfig, tensor_parallel: int = 1,
+                    context_parallel: int = 1) -> int:
+    """Key/value heads per tensor-parallel rank, replicated until they split over the
+    context-parallel ranks (``model.context_parallel.replicate_groups``)."""
+    heads = max(model.query_groups // tensor_parallel, 1)
+    return heads * context_parallel // math.gcd(heads, context_parallel)
+
+
+def activation_elements(model: ModelConfig, tensor_parallel: int = 1,
+                        context_parallel: int = 1) -> tuple[float, float]:
     """Elements one layer saves for backward per token: (at the activation dtype, in fp32).
 
     Counted on the local spec (SDPA attention, SwiGLU, RMSNorm, RoPE): the MLP saves 5 ffn-sized
     tensors (fc1's two halves, the activation's input and output, fc2's input), the attention
     block and the residual stream 10 hidden-sized ones, queries/keys/values after RoPE 3 per
     key/value head, and in fp32 the attention's log-sum-exp per head and each norm's inverse
-    RMS. Tensor parallelism shards all but the residual stream and the norms' inputs (4 h)."""
+    RMS. Tensor parallelism shards all but the residual stream and the norms' inputs (4 h).
+    Per token of a context-parallel rank's slice the counts stay: the attention's inputs are
+    head-sharded over the whole sequence, the same elements, with key/value heads replicated
+    when they are fewer than the context-parallel ranks."""
     h, t = model.hidden_size, tensor_parallel
     f = model.ffn_hidden_size or 4 * h
     d = model.kv_channels or h // model.num_attention_heads
-    kv_heads = max(model.query_groups // t, 1)
+    kv_heads = key_value_heads(model, t, context_parallel)
     sharded = 5 * f / t + 6 * h / t + 3 * kv_heads * d
     return 4 * h + sharded, model.num_attention_heads / t + 2
 
@@ -128,22 +148,28 @@ def plan_memory(setup: Setup, plan: ForwardPlan) -> dict[str, float]:
         + counts["output"] / t + counts["final norm"],
     }
     params = max(per_stage.values())
-    dp, stage = setup.data_parallel, setup.zero_stage
-    weights = params * e / (dp if stage >= 3 else 1)
+    # ZeRO partitions over data x context ranks (DeepSpeed's sequence-parallel groups)
+    cp, stage = setup.context_parallel, setup.zero_stage
+    shards = setup.data_parallel * cp
+    weights = params * e / (shards if stage >= 3 else 1)
     # Adam's moments (fp32), and fp32 master weights when training in bf16/fp16
-    optimizer = params * (8 + (4 if e == 2 else 0)) / (dp if stage >= 1 else 1)
-    gradients = params * e / (dp if stage >= 2 else 1)
+    optimizer = params * (8 + (4 if e == 2 else 0)) / (shards if stage >= 1 else 1)
+    gradients = params * e / (shards if stage >= 2 else 1)
+
+    def rows(length: int) -> int:  # the most rows of a pass one context-parallel rank holds
+        return -(-length // cp)
 
     batch = plan.ids.shape[0]
-    pass_tokens = batch * plan.ids.shape[1]
-    loss_tokens = batch * plan.labels.shape[1]
+    pass_tokens = batch * rows(plan.ids.shape[1])
+    loss_tokens = batch * min(rows(plan.ids.shape[1]), plan.labels.shape[1])
     context = 0 if plan.context_ids is None else plan.context_ids.shape[1]
+    # each context-parallel rank keeps its share of the heads over the whole context
     kept_tokens = batch * (context + plan.ids.shape[1]) if context else 0
-    low, fp32 = activation_elements(model, t)
+    low, fp32 = activation_elements(model, t, cp)
     per_layer = low * e + fp32 * 4
     h = model.hidden_size
     d = model.kv_channels or h // model.num_attention_heads
-    kv_heads = max(model.query_groups // t, 1)
+    kv_heads = key_value_heads(model, t, cp) / cp
     in_flight = min(pp, setup.num_micro_batches) if pp > 1 else 1  # 1F1B on the first stage
     kept = in_flight * layers * kept_tokens * 2 * kv_heads * d * e
     # logits in fp32 with their gradient, and the output layer's input and its gradient
@@ -165,7 +191,7 @@ def plan_memory(setup: Setup, plan: ForwardPlan) -> dict[str, float]:
     # the no-grad context pass: the kept keys/values and one layer's transients at the MLP
     # (fc1's output, SwiGLU's three intermediates, the residual stream and norms)
     f = model.ffn_hidden_size or 4 * h
-    context_pass = kept + batch * context * (5 * f / t + 4 * h) * e if context else 0.0
+    context_pass = kept + batch * rows(context) * (5 * f / t + 4 * h) * e if context else 0.0
     moments = {
         "context pass": context_pass,
         "output layer backward": saved + kept + logits + output_grad,
@@ -293,6 +319,9 @@ def measure(setup: Setup) -> list[dict]:
     from localopt_plugin.platform import default_device
     from localopt_plugin.training.distributed import init_distributed
 
+    if setup.context_parallel > 1:
+        raise UserError("--measure runs one process: per-rank peaks under context parallelism "
+                        "are measured by localopt-bench speed --context-parallel-size N")
     if setup.tensor_parallel * setup.pipeline_parallel * setup.data_parallel > 1 or (
             setup.zero_stage):
         raise UserError("--measure runs one process with ZeRO-0: drop the parallel sizes and "
@@ -356,12 +385,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def setup_from_args(args: argparse.Namespace) -> Setup:
     from localopt_plugin.model.presets import config_with_flags
 
-    if args.context_parallel_size != 1:
-        raise UserError("--context-parallel-size > 1: the planner does not model context "
-                        "parallelism yet (measure it with localopt-bench speed "
-                        "--context-parallel-size N); plan with --context-parallel-size 1")
-    tp = args.tensor_model_parallel_size
-    if min(tp, args.pipeline_model_parallel_size, args.data_parallel_size,
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if min(tp, cp, args.pipeline_model_parallel_size, args.data_parallel_size,
            args.micro_batch_size, args.num_micro_batches, args.frames,
            args.frame_tokens) < 1:
         raise UserError("sizes, frames and micro-batches must be >= 1")
@@ -369,6 +394,10 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     if model.num_attention_heads % tp:
         raise UserError(f"--tensor-model-parallel-size {tp} must divide the "
                         f"{model.num_attention_heads} attention heads")
+    if (model.num_attention_heads // tp) % cp:
+        raise UserError(f"--context-parallel-size {cp} must divide the "
+                        f"{model.num_attention_heads // tp} attention heads per tensor-parallel "
+                        f"rank (heads are sharded over the context-parallel ranks)")
     if model.num_layers < args.pipeline_model_parallel_size:
         raise UserError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} "
                         f"exceeds the {model.num_layers} layers")
@@ -378,7 +407,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
                  first_prob=args.local_opt_first_window_prob,
                  micro_batch=args.micro_batch_size, zero_stage=args.zero_stage,
                  tensor_parallel=tp, pipeline_parallel=args.pipeline_model_parallel_size,
-                 data_parallel=args.data_parallel_size,
+                 data_parallel=args.data_parallel_size, context_parallel=cp,
                  num_micro_batches=args.num_micro_batches)
 
 
@@ -389,7 +418,8 @@ def format_table(setup: Setup, result: dict) -> str:
              f"{m.recompute_granularity or 'none'}; clip {setup.frames} latent frames x "
              f"{setup.frame_tokens} tokens, micro-batch {setup.micro_batch}, window "
              f"{setup.window}/stride {setup.stride}, ZeRO-{setup.zero_stage}, TP "
-             f"{setup.tensor_parallel} PP {setup.pipeline_parallel} DP {setup.data_parallel}",
+             f"{setup.tensor_parallel} PP {setup.pipeline_parallel} CP {setup.context_parallel} "
+             f"DP {setup.data_parallel}",
              *(["note: activations are counted on the local spec; TransformerEngine's layers "
                 "save other tensors (unvalidated)"] if m.transformer_impl != "local" else []),
              "| row | TFLOP/step | with recompute | weights+optimizer (GiB) | step peak (GiB) "

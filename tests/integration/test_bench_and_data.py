@@ -65,6 +65,16 @@ def test_context_parallel_speed_benchmark_reports_its_rows(tmp_path):
     assert result["ratios"]["local-opt worst-window peak"] == pytest.approx(worst)
     assert set(result["targets"]) == {"full-sequence peak", "local-opt worst-window peak",
                                       "full-sequence step", "local-opt expected step"}
+    # the informational ratio takes out what CP cannot split: the optimizer step (both sizes)
+    # and the gradient all-reduce (timed alone, CP=2 only)
+    reduction = result["CP=2 gradient all-reduce (s)"]
+    assert reduction > 0
+    one, two = result["CP=1"], result["CP=2"]
+    rest = ((two["full-sequence step"] - two["full-sequence optimizer step"] - reduction)
+            / (one["full-sequence step"] - one["full-sequence optimizer step"]))
+    assert result["step ratios without the optimizer step and the gradient all-reduce"][
+        "full-sequence step"] == pytest.approx(rest)
+    assert "step ratios without them" in proc.stdout
 
 
 class _Indices(torch.utils.data.Dataset):

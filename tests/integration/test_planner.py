@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers.launch import REPO, subprocess_env
 
 from localopt_plugin.bench.planner import Setup, estimate, fits, parameter_counts
@@ -23,6 +24,7 @@ FULL_RECOMPUTE = "--recompute-granularity full --recompute-method uniform --reco
 
 
 def _plan(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "plan.json"
     proc = subprocess.run([sys.executable, "-m", "localopt_plugin.commands.bench", "plan",
                            *flags, "--json", str(out)], cwd=REPO, capture_output=True,
@@ -81,12 +83,54 @@ def test_fits_returns_the_largest_that_fits():
             > result["full-sequence: longest clip (latent frames, micro-batch 1)"])
 
 
-def test_plan_command_prints_and_writes_json_and_refuses_context_parallel(tmp_path):
+def test_plan_command_prints_and_writes_json(tmp_path):
     flags = ("--preset", "110m", "--bf16", "--frames", "17", "--gpu-memory-gib", "80")
     proc, result = _plan(tmp_path, *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "expected speed-up" in proc.stdout and "largest micro-batch" in proc.stdout
     assert result["local-opt"]["expected speed-up (FLOPs)"] > 1
     assert len(result["rows"]) == 2 + 16  # full-sequence, fewer-frames, 16 windows
-    proc, _ = _plan(tmp_path / "cp", *flags, "--context-parallel-size", "2")
-    assert proc.returncode != 0 and "--context-parallel-size" in proc.stderr
+    proc, _ = _plan(tmp_path / "cp", *flags, "--context-parallel-size", "5")  # 12 heads
+    assert proc.returncode != 0 and "--context-parallel-size 5 must divide" in proc.stderr
+    proc, _ = _plan(tmp_path / "cp-measure", "--preset", "test", "--context-parallel-size", "2",
+                    "--measure")
+    assert proc.returncode != 0 and "localopt-bench speed --context-parallel-size" in proc.stderr
+
+
+def test_context_parallel_predictions_within_10_percent_of_measured(tmp_path):
+    """``localopt-bench plan --context-parallel-size 2`` against the per-rank step peaks of the
+    real trainer step on 2 ranks (tests/helpers/context_parallel_peaks.py: the smallest of 3
+    profiled steps, since gloo's buffer lifetimes vary), full-sequence and Local Opt.'s first
+    and last windows at a long clip; and context parallelism shrinks each prediction."""
+    flags = ("--preset", "test", "--vocab", str(VOCAB), "--frames", "17", "--frame-tokens",
+             "64", "--micro-batch-size", "2")
+    out = tmp_path / "peaks.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node=2", str(REPO / "tests" / "helpers" /
+                                              "context_parallel_peaks.py"), str(out), "test",
+                    "", str(VOCAB), "17", "64", "2"], cwd=REPO, check=True,
+                   env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, timeout=600)
+    measured = json.loads(out.read_text())
+    planned = {}
+    for cp in (1, 2):
+        proc, result = _plan(tmp_path / f"cp{cp}", *flags, "--context-parallel-size", str(cp))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        planned[cp] = {r["row"]: r["memory (GiB)"]["step peak"] * 1024 for r in result["rows"]}
+    assert list(measured) == ["full-sequence", "local-opt, window at frame 0",
+                              "local-opt, window at frame 15"]
+    for row, peak in measured.items():
+        assert planned[2][row] == pytest.approx(peak, rel=0.10), (row, planned[2][row], peak)
+        assert planned[2][row] < planned[1][row], row
+
+
+def test_key_value_heads_are_the_replicated_groups():
+    """The planner's kept/attended key/value heads per rank follow the attention's replication
+    (``replicate_groups``) for query groups fewer than, equal to and more than the ranks."""
+    from localopt_plugin.bench.planner import key_value_heads
+    from localopt_plugin.model.context_parallel import replicate_groups
+
+    for groups in (1, 2, 4):
+        model = config_with_flags("test", f"--num-attention-heads 8 --num-query-groups {groups}")
+        for cp in (1, 2, 4, 8):
+            key = torch.zeros(3, 1, groups, 4)
+            assert key_value_heads(model, 1, cp) == replicate_groups(key, 8, cp).shape[2]
