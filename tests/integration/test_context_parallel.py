@@ -80,9 +80,9 @@ def test_deepspeed_layouts_with_context_parallelism(tmp_path):
     per micro-batch), DP=2 x CP=2 (4 ranks) equals DP=2 (ZeRO-1), TP=2 x CP=2 (4 ranks, one
     replicated query group per rank) equals TP=2, so does TP=2 x CP=2 with --sequence-parallel
     (each context-parallel rank's rows padded and split over its TP ranks; ReCo's pairs across
-    the tensor x context slices), and ZeRO-3 with CP=2 equals ZeRO-0 with CP=2,
-    over several iterations of Local Opt. + ReCo; with DeepSpeed reducing
-    over data-parallel ranks only (not the context-parallel shares) CP=2 fails."""
+    the tensor x context slices; without ReCo's halo it fails), and ZeRO-3 with CP=2 equals
+    ZeRO-0 with CP=2, over several iterations of Local Opt. + ReCo; with DeepSpeed reducing over
+    data-parallel ranks only (not the context-parallel shares) CP=2 fails."""
     flags = (*PRESET_TRAIN_FLAGS, *LOCAL_OPT)
     micro = (*flags, "--local-opt-window-scope", "micro-batch")
     step = (*flags, "--local-opt-window-scope", "step")
@@ -103,6 +103,12 @@ def test_deepspeed_layouts_with_context_parallelism(tmp_path):
     same(run_train(tmp_path, *micro, *tp2, *cp2, nproc=4, name="tp2cp2"), tp2_only)
     same(run_train(tmp_path, *micro, *tp2, *cp2, "--sequence-parallel", nproc=4,
                    name="tp2cp2-sp"), tp2_only)
+    no_halo = run_train(tmp_path, *micro, *tp2, *cp2, "--sequence-parallel", nproc=4,
+                        name="tp2cp2-sp-no-halo",
+                        script=TESTS / "helpers" / "train_without_reco_halo.py")
+    assert _values(no_halo)[0] == pytest.approx(_values(tp2_only)[0], rel=1e-5)
+    assert _values(no_halo, "reco loss") != pytest.approx(_values(tp2_only, "reco loss"),
+                                                          rel=1e-4)
     zero0 = run_train(tmp_path, *step, "--zero-stage", "0", *cp2, nproc=2, name="cp2-zero0")
     same(run_train(tmp_path, *step, "--zero-stage", "3", *cp2, nproc=2, name="cp2-zero3"),
          zero0)
