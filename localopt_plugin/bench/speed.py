@@ -414,10 +414,16 @@ def format_table(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.reduce_bucket_size is not None and args.zero_stage == 0:
+        raise UserError("--reduce-bucket-size is zero_optimization.reduce_bucket_size, which "
+                        "DeepSpeed reads in ZeRO stages 1-2: add --zero-stage 1 or 2")
     if args.context_parallel_size > 1 or args.measure_context_parallel:
         from localopt_plugin.bench import context_parallel
 
         return context_parallel.main(args)
+    if args.zero_stage:
+        raise UserError("--zero-stage sets the context-parallel comparison's engines (with "
+                        "--context-parallel-size N > 1); the other speed rows run ZeRO-0")
     result = run(args)
     print(format_table(result))
     if args.json:

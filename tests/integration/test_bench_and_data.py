@@ -89,6 +89,19 @@ def _take(source, n, **kw):
     return [b["tokens"].view(-1).tolist() for b in itertools.islice(source.batches(**kw), n)]
 
 
+@pytest.mark.parametrize(("flags", "words"), [
+    (("--zero-stage", "2"), "--context-parallel-size N > 1"),
+    (("--context-parallel-size", "2", "--reduce-bucket-size", "1000000"), "--zero-stage 1 or 2"),
+])
+def test_speed_engine_settings_refused_where_not_used(capsys, flags, words):
+    """The ZeRO settings of the context-parallel comparison are refused where nothing would
+    read them (the single-process rows run ZeRO-0; DeepSpeed reads the bucket in stages 1-2)."""
+    from localopt_plugin.commands.bench import main
+
+    assert main(["speed", "--preset", "paper17", *flags]) == 2
+    assert words in capsys.readouterr().err
+
+
 def test_map_style_source_splits_ranks_and_resumes_exactly():
     source = MapStyleSource(_Indices())
     kw = {"micro_batch_size": 2, "dp_size": 2, "seed": 5}
