@@ -206,7 +206,7 @@ def _sequence_parallel_outputs(model, plan: ForwardPlan, shard: SequenceShard | 
                            f"not {rank} (context-parallel rank x TP size + TP rank)")
     sizes = []
     for start, count in zip(starts, counts, strict=True):
-        per = -(-count // tp)  # padded rows per TP rank
+        per = sequence_parallel_local_rows(model, count)  # padded rows per TP rank
         for part in range(tp):
             lo, hi = start + part * per, start + min((part + 1) * per, count)
             sizes.append(max(0, min(hi, length) - max(lo, plan.loss_from)))
