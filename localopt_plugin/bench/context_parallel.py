@@ -1,20 +1,21 @@
 """``localopt-bench speed --context-parallel-size N``: per-rank peak memory and step time of
-full-sequence and Local Opt. (every window) with each sample split over N ranks, against one
-rank, in the same command.
+full-sequence and Local Opt. (every window) with each sample split over N ranks, against one rank,
+in the same command.
 
-The command launches its measurements itself: first one rank (CP=1), then N ranks (torchrun,
-one thread each), each running the trainer's step (DeepSpeed engine with Megatron's groups,
-ZeRO-0 unless ``--zero-stage``) for every row: full-sequence, then Local Opt. at each window
-start of the sampler. Per row: the median step time of the slowest rank and the largest rank's
-peak of torch's allocated bytes (see :func:`~localopt_plugin.bench.speed.peak_allocated_bytes`),
-the largest over 3 profiled steps; for Local Opt. the step time expected under the sampler's
-window distribution and the worst window's peak. Weights and (below ZeRO-2) gradients are not
-split by context parallelism, so the memory ratios are bounded below by their share; the
-measure counts what the step allocates (gradients, activations, kept keys/values, communication
-buffers), not what lives across steps (weights, optimizer state, ZeRO's preallocated bucket).
-The optimizer step of each row and one gradient-sized all-reduce over the ranks are also timed,
-and the step ratios without them are reported beside the targets (informational): the part of
-a step context parallelism splits.
+The command launches its measurements itself: first one rank (CP=1), then N ranks (torchrun, one
+thread each), each running the trainer's step (DeepSpeed engine with Megatron's groups, ZeRO-0
+unless ``--zero-stage``) for every row: full-sequence, then Local Opt. at each window start of the
+sampler. Per row: the median step time of the slowest rank and the largest rank's peak of torch's
+allocated bytes (see :func:`~localopt_plugin.bench.speed.peak_allocated_bytes`), the smallest over 3
+profiled steps (on CPU each step's figure is an upper bound: buffers of the collectives that gloo's
+thread frees count until their address is reused); for Local Opt. the step time expected under the
+sampler's window distribution and the worst window's peak. Weights and (below ZeRO-2) gradients are
+not split by context parallelism, so the memory ratios are bounded below by their share; the measure
+counts what the step allocates (gradients, activations, kept keys/values, communication buffers),
+not what lives across steps (weights, optimizer state, ZeRO's preallocated bucket). The optimizer
+step of each row and one gradient-sized all-reduce over the ranks are also timed, and the step
+ratios without them are reported beside the targets (informational): the part of a step context
+parallelism splits.
 """
 
 from __future__ import annotations
@@ -136,9 +137,9 @@ def measure(args: argparse.Namespace) -> None:
             if repeat >= args.warmup:
                 times.append(float(slowest[0]))
                 optimizer_times.append(float(slowest[1]))
-        # the largest of 3 profiled steps: under gloo the lifetimes of the collectives'
-        # buffers vary from step to step (up to ~15 MB here), and the worst is provisioned
-        peak = torch.tensor([max(peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))
+        # the smallest of 3 profiled steps: each is an upper bound of the same peak, raised
+        # by the collectives' buffers gloo's thread frees unrecorded (see peak_of_allocations)
+        peak = torch.tensor([min(peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))
                                  for _ in range(PROFILED_STEPS))], dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         rows.append({"row": name, "window start": start, "step times (s)": times,
@@ -237,7 +238,8 @@ def summarize(one: dict, many: dict) -> dict:
         "repeats": one["repeats"], "warmup": one["warmup"],
         "device": f"CPU, {cp} ranks x 1 thread (gloo); CP=1: 1 rank x 1 thread",
         "memory measure": "peak of torch's allocated bytes during the step (profiler "
-        "allocation events), the largest rank's, the largest of 3 profiled steps",
+        "allocation events; a free made unrecorded on gloo's thread is taken when its address "
+        "is reused), the largest rank's, the smallest of 3 profiled steps",
         "window probabilities": one["window probabilities"],
         "rows": table,
         "CP=1": base, f"CP={cp}": split, "ratios": ratios,

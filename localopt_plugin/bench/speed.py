@@ -24,6 +24,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -165,10 +166,11 @@ def _step(row: Row, tokens: torch.Tensor, iteration: int) -> tuple[float, float]
 def peak_allocated_bytes(fn) -> int:
     """The peak growth of the bytes torch's allocator holds while ``fn()`` runs: CUDA's
     ``max_memory_allocated``; on CPU the peak of the bytes allocated during ``fn()`` and not
-    yet freed, from the profiler's allocation events in time order (every tensor:
-    activations, kept keys/values, logits, transients, gradients). The events' own running
-    total is not used: with gloo collectives it drifts upward from one profiled step to the
-    next while the process's memory does not."""
+    yet freed (:func:`peak_of_allocations`), from the profiler's allocation events (every
+    tensor: activations, kept keys/values, logits, transients, gradients). The events' own
+    running total is not used: it misses the frees made on threads the profiler does not
+    record (gloo's), so with collectives it drifts upward from one profiled step to the next
+    while the process's memory does not."""
     if cuda_available():
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -189,14 +191,24 @@ def peak_allocated_bytes(fn) -> int:
             events.append((node.start_time_ns, node.extra_fields.alloc_size,
                            node.extra_fields.ptr))
         todo.extend(node.children)
+    return peak_of_allocations(events)
+
+
+def peak_of_allocations(events: Iterable[tuple[int, int, int]]) -> int:
+    """The peak of the bytes allocated and not yet freed over ``(time, bytes, address)``
+    allocation events (negative bytes: a free). Frees of memory allocated before the first
+    event are not counted. An address allocated again with no free seen in between was freed
+    unseen: gloo's worker thread can drop a collective's buffer after the caller has, and the
+    profiler records no event on that thread. Such memory is counted until the address is
+    handed out again (the latest it can have been freed), or to the end if it never is."""
     live: dict[int, int] = {}
     current = peak = 0
-    for _, size, pointer in sorted(events):
+    for _, size, address in sorted(events):
+        if address in live:  # its free, seen now or missed before this new allocation
+            current -= live.pop(address)
         if size > 0:
-            live[pointer] = size
+            live[address] = size
             current += size
-        elif pointer in live:  # a free of a tensor allocated before fn() is not counted
-            current -= live.pop(pointer)
         peak = max(peak, current)
     return peak
 

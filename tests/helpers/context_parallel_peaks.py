@@ -2,10 +2,9 @@
 
 The real trainer step (a DeepSpeed engine with Megatron's groups, ZeRO-0) measured as
 ``localopt-bench speed`` measures it, for full-sequence and Local Opt.'s first and last windows
-of the planner's rows; per row the largest rank's peak, the smallest of 3 profiled steps: under
-gloo the collectives' buffers are released at varying times (up to ~15 MB later on the `long`
-bench), which is the transport's, not the plan's (the planner models the plan). Rank 0 writes
-OUT.json: {row: MiB}.
+of the planner's rows; per row the largest rank's peak, the smallest of 3 profiled steps (as the
+bench takes it: under gloo each step's figure is an upper bound, some of the collectives' buffers
+being freed unrecorded on gloo's thread). Rank 0 writes OUT.json: {row: MiB}.
 
 Usage: context_parallel_peaks.py OUT.json PRESET MODEL_FLAGS VOCAB FRAMES FRAME_TOKENS BATCH
 """

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers.launch import REPO, subprocess_env
 
-from localopt_plugin.bench.speed import peak_allocated_bytes
+from localopt_plugin.bench.speed import peak_allocated_bytes, peak_of_allocations
 from localopt_plugin.data.source import MapStyleSource
 
 
@@ -32,6 +32,18 @@ def test_peak_allocated_bytes_is_the_allocator_peak():
     assert peak_allocated_bytes(lambda: torch.empty(250_000)) < 1_001_000
     assert 1_000_000 <= peak_allocated_bytes(lambda: (held.pop(), torch.empty(250_000))) < (
         1_001_000)
+
+
+def test_a_free_the_profiler_missed_ends_when_the_address_is_reused():
+    """A collective's buffer freed on gloo's worker thread leaves no free event: its address
+    handed out again means it was freed by then (the old accounting kept both allocations)."""
+    mb = 2**20
+    events = [(0, 4 * mb, 0xA), (1, 8 * mb, 0xB),  # 12 MB live
+              (2, 6 * mb, 0xA),  # 0xA again, its free unseen: 14 MB live, not 18
+              (3, -8 * mb, 0xB), (4, -6 * mb, 0xA), (5, -3 * mb, 0xC)]  # 0xC: from before
+    assert peak_of_allocations(events) == 14 * mb
+    assert peak_of_allocations(reversed(events)) == 14 * mb  # ordered by time
+    assert peak_of_allocations([(0, 4 * mb, 0xA), (1, 1 * mb, 0xD)]) == 5 * mb  # never reused
 
 
 def test_context_parallel_speed_benchmark_reports_its_rows(tmp_path):

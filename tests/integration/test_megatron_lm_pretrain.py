@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ COMMON = (
     "--dataset", "video-wds", "--data-num-workers", "0",
 )
 MEGATRON_ONLY = (*MEGATRON_LM_CPU_FLAGS, "--log-interval", "1")
+PRETRAIN_SCRIPT = str(REPO / "examples" / "pretrain_video_gpt.py")
 NUMBER = r"([-+0-9.]+E[-+][0-9]+)"
 
 
@@ -99,9 +101,8 @@ def _run_both(python, shards, tmp_path, nproc, *extra, valid=False, env=None, me
     # with validation data Megatron-LM wants its splits named: --train-data-path
     train = "--train-data-path" if valid else "--data-path"
     valid_data = ("--valid-data-path", shards["valid"]) if valid else ()
-    megatron = _torchrun(python, nproc, str(REPO / "examples" / "pretrain_video_gpt.py"),
-                         *flags, *megatron, train, shards["train"], *valid_data,
-                         *MEGATRON_ONLY, env=env)
+    megatron = _torchrun(python, nproc, PRETRAIN_SCRIPT, *flags, *megatron, train,
+                         shards["train"], *valid_data, *MEGATRON_ONLY, env=env)
     metrics = tmp_path / f"localopt-{nproc}.jsonl"
     _torchrun(python, localopt_nproc or nproc, "-m", TRAIN_MODULE, *flags, *localopt,
               "--data-path",
@@ -110,12 +111,7 @@ def _run_both(python, shards, tmp_path, nproc, *extra, valid=False, env=None, me
     return megatron.stdout + megatron.stderr, records
 
 
-@pytest.mark.parametrize("layout", [(), ("--tensor-model-parallel-size", "2")],
-                         ids=["dp2", "tp2"])
-def test_pretrain_gives_localopt_train_losses(megatron_lm_python, shards, tmp_path, layout):
-    extra = (*layout, "--eval-interval", "1000", "--eval-iters", "1")
-    log, records = _run_both(megatron_lm_python, shards, tmp_path, 2, *extra)
-    assert "no validation split" in log and "turned off" in log  # no data: no evaluation
+def _assert_localopt_train_losses(log: str, records: list[dict]) -> None:
     for key in ("lm loss", "reco loss"):
         got = _megatron_losses(log, key)
         assert len(got) == ITERS, log[-3000:]
@@ -123,15 +119,17 @@ def test_pretrain_gives_localopt_train_losses(megatron_lm_python, shards, tmp_pa
     assert len({r["window start"] for r in records}) > 1  # windows with context were trained
 
 
-def test_pretrain_validation_reports_the_full_sequence_loss(megatron_lm_python, shards,
-                                                            tmp_path):
-    """Megatron-LM's first evaluation (iteration 10) reports localopt-train's full-sequence
-    validation loss on the same samples: one Megatron eval iteration is 2 micro-batches per rank
-    here, so localopt-train evaluates 2 micro-batches. (Later evaluations differ by design:
-    Megatron-LM reads on in its validation stream, localopt-train re-reads its first samples.)"""
+def test_pretrain_gives_localopt_train_losses_and_validation_loss(megatron_lm_python, shards,
+                                                                  tmp_path):
+    """DP=2 with validation data: the per-iteration losses of localopt-train, and Megatron-LM's
+    first evaluation (iteration 10) reports localopt-train's full-sequence validation loss on
+    the same samples: one Megatron eval iteration is 2 micro-batches per rank here, so
+    localopt-train evaluates 2 micro-batches. (Later evaluations differ by design: Megatron-LM
+    reads on in its validation stream, localopt-train re-reads its first samples.)"""
     log, records = _run_both(megatron_lm_python, shards, tmp_path, 2, "--eval-interval", "10",
                              valid=True, megatron=("--eval-iters", "1"),
                              localopt=("--eval-iters", "2"))
+    _assert_localopt_train_losses(log, records)
     got = [float(v) for v in re.findall(
         rf"validation loss at iteration 10 \| valid full-sequence loss value: {NUMBER}", log)]
     want = [r["valid full-sequence loss"] for r in records if r["iteration"] == 10]
@@ -139,64 +137,72 @@ def test_pretrain_validation_reports_the_full_sequence_loss(megatron_lm_python, 
     assert got == pytest.approx(want, rel=1e-4)
 
 
+def test_tensor_parallel_pretrain_without_validation_data(megatron_lm_python, shards, tmp_path):
+    """TP=2 with no validation data: the losses of localopt-train, evaluation turned off."""
+    log, records = _run_both(megatron_lm_python, shards, tmp_path, 2,
+                             "--tensor-model-parallel-size", "2", "--eval-interval", "1000",
+                             "--eval-iters", "1")
+    assert "no validation split" in log and "turned off" in log  # no data: no evaluation
+    _assert_localopt_train_losses(log, records)
+
+
 # Megatron's interleaved pipeline schedule: 4 layers as 2 virtual stages of 1 layer per rank
 INTERLEAVED = ("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
                "1")
 
 
-def test_pipeline_schedules_give_the_single_stage_losses(megatron_lm_python, shards):
-    """Local Opt. + ReCo (pre-norm, sum) under Megatron-LM's own pipeline schedules, 1F1B (PP=2)
-    and interleaved (2 virtual stages per rank), at the shipped architecture: per-iteration
-    losses equal one process's, in fp32. Windows with context cross the stages: the draws of
-    these iterations include starts after frame 0."""
-    flags = (*COMMON, *_layout_flags(megatron_lm_python, shards["train"]), "--num-layers", "4",
+@pytest.fixture(scope="module")
+def one_rank(megatron_lm_python, shards):
+    """One process's per-iteration Local Opt. + ReCo (pre-norm, sum) losses over 4 iterations
+    of a 4-layer model, whose draws include windows with context (starts after frame 0): the
+    reference of the pipeline and context-parallel layouts below. Its flags leave out
+    --seq-length (the tokens, or padded to a multiple of 2 x CP as Megatron wants under CP)."""
+    length = int(_layout_flags(megatron_lm_python, shards["train"])[1])
+    padded = str(-(-length // 4) * 4)
+    flags = (*COMMON, "--num-layers", "4", "--max-position-embeddings", padded,
              "--train-iters", "4", "--reco-states", "pre-norm", "--reco-reduction", "sum",
              "--eval-interval", "1000", "--eval-iters", "1", "--data-path", shards["train"],
              *MEGATRON_ONLY)
-    script = str(REPO / "examples" / "pretrain_video_gpt.py")
-    logs = {name: _torchrun(megatron_lm_python, nproc, script, *flags, *layout).stdout
-            for name, nproc, layout in (("pp1", 1, ()),
-                                        ("pp2", 2, ("--pipeline-model-parallel-size", "2")),
-                                        ("interleaved", 2, INTERLEAVED))}
+    log = _torchrun(megatron_lm_python, 1, PRETRAIN_SCRIPT, *flags, "--seq-length",
+                    str(length)).stdout
     sampler = WindowSampler(5, 2, 1, seed=1234, first_prob=0.5)
     assert any(sampler.draw(iteration, 0) > 0 for iteration in range(4))
-    for key in ("lm loss", "reco loss"):
-        want = _megatron_losses(logs["pp1"], key)
-        assert len(want) == 4 and all(v > 0 for v in want), logs["pp1"][-3000:]
-        for name in ("pp2", "interleaved"):
-            assert _megatron_losses(logs[name], key) == pytest.approx(want, rel=1e-5), name
+    losses = {key: _megatron_losses(log, key) for key in ("lm loss", "reco loss")}
+    for want in losses.values():
+        assert len(want) == 4 and all(v > 0 for v in want), log[-3000:]
+    return SimpleNamespace(flags=flags, length=str(length), padded=padded, losses=losses)
 
 
-def test_context_parallel_gives_the_single_rank_losses(megatron_lm_python, shards):
+def test_pipeline_schedules_give_the_single_stage_losses(megatron_lm_python, one_rank):
+    """Local Opt. + ReCo (pre-norm, sum) under Megatron-LM's own pipeline schedules, 1F1B (PP=2)
+    and interleaved (2 virtual stages per rank), at the shipped architecture: per-iteration
+    losses equal one process's, in fp32. Windows with context cross the stages."""
+    for name, layout in (("pp2", ("--pipeline-model-parallel-size", "2")),
+                         ("interleaved", INTERLEAVED)):
+        log = _torchrun(megatron_lm_python, 2, PRETRAIN_SCRIPT, *one_rank.flags, "--seq-length",
+                        one_rank.length, *layout).stdout
+        for key, want in one_rank.losses.items():
+            assert _megatron_losses(log, key) == pytest.approx(want, rel=1e-5), (name, key)
+
+
+def test_context_parallel_gives_the_single_rank_losses(megatron_lm_python, one_rank):
     """Megatron-LM's pretrain() with --context-parallel-size 2 --cp-comm-type a2a (2 ranks, one
     data-parallel rank: each sample's tokens split over both, attention head-sharded) gives one
     process's per-iteration Local Opt. + ReCo losses: Megatron's DDP reduces the shares'
     gradients over data x context ranks. Megatron wants --seq-length a multiple of 2 x CP.
     With Megatron's 1F1B pipeline schedule too (PP=2 x CP=2, 4 ranks): each stage sends its
     rank's slices of both streams to the same context-parallel rank of the next."""
-    length = int(_layout_flags(megatron_lm_python, shards["train"])[1])
-    padded = str(-(-length // 4) * 4)
-    flags = (*COMMON, "--max-position-embeddings", padded, "--train-iters", "4",
-             "--reco-states", "pre-norm", "--reco-reduction", "sum", "--eval-interval", "1000",
-             "--eval-iters", "1", "--data-path", shards["train"], *MEGATRON_ONLY)
-    script = str(REPO / "examples" / "pretrain_video_gpt.py")
-    logs = {name: _torchrun(megatron_lm_python, nproc, script, *flags, *layout).stdout
-            for name, nproc, layout in (
-                ("cp1", 1, ("--seq-length", str(length))),
-                ("cp2", 2, ("--seq-length", padded, "--context-parallel-size", "2",
-                            "--cp-comm-type", "a2a")),
-                ("pp2-cp2", 4, ("--seq-length", padded, "--context-parallel-size", "2",
-                                "--cp-comm-type", "a2a", "--pipeline-model-parallel-size",
-                                "2")))}
-    for setting in (r"context_parallel_size \.+ 2", r"pipeline_model_parallel_size \.+ 2"):
-        assert re.search(setting, logs["pp2-cp2"]), setting  # Megatron's args as it runs them
-    sampler = WindowSampler(5, 2, 1, seed=1234, first_prob=0.5)
-    assert any(sampler.draw(iteration, 0) > 0 for iteration in range(4))
-    for key in ("lm loss", "reco loss"):
-        want = _megatron_losses(logs["cp1"], key)
-        assert len(want) == 4 and all(v > 0 for v in want), logs["cp1"][-3000:]
-        for name in ("cp2", "pp2-cp2"):
-            assert _megatron_losses(logs[name], key) == pytest.approx(want, rel=1e-5), name
+    cp2 = ("--seq-length", one_rank.padded, "--context-parallel-size", "2", "--cp-comm-type",
+           "a2a")
+    for name, nproc, layout in (("cp2", 2, cp2),
+                                ("pp2-cp2", 4, (*cp2, "--pipeline-model-parallel-size", "2"))):
+        log = _torchrun(megatron_lm_python, nproc, PRETRAIN_SCRIPT, *one_rank.flags,
+                        *layout).stdout
+        settings = ("context_parallel", "pipeline_model_parallel")[:1 + (name == "pp2-cp2")]
+        for setting in settings:  # Megatron's args as it runs them
+            assert re.search(rf"{setting}_size \.+ 2", log), (name, setting)
+        for key, want in one_rank.losses.items():
+            assert _megatron_losses(log, key) == pytest.approx(want, rel=1e-5), (name, key)
 
 
 def test_sequence_parallel_gives_the_tensor_parallel_losses(megatron_lm_python, shards):
@@ -212,8 +218,7 @@ def test_sequence_parallel_gives_the_tensor_parallel_losses(megatron_lm_python, 
              "--train-iters", "4", "--reco-states", "pre-norm", "--reco-reduction", "sum",
              "--eval-interval", "1000", "--eval-iters", "1", "--data-path", shards["train"],
              *MEGATRON_ONLY, "--tensor-model-parallel-size", "2")
-    script = str(REPO / "examples" / "pretrain_video_gpt.py")
-    logs = {name: _torchrun(megatron_lm_python, nproc, script, *flags, *extra).stdout
+    logs = {name: _torchrun(megatron_lm_python, nproc, PRETRAIN_SCRIPT, *flags, *extra).stdout
             for name, nproc, extra in (
                 ("tp2", 2, ()), ("tp2-sp", 2, ("--sequence-parallel",)),
                 ("pp2-tp2-sp", 4, ("--sequence-parallel", "--pipeline-model-parallel-size",
@@ -268,8 +273,8 @@ def test_one_configuration_road_gives_both_trainers_the_same_first_step(megatron
              "--objective", "local-opt", "--regularizer", "reco", "--dataset", "video-wds",
              "--data-num-workers", "0", "--data-path", shards["train"], "--log-interval", "1")
     final = ("--reco-states", "final")
-    megatron = _torchrun(megatron_lm_python, 1, str(REPO / "examples" / "pretrain_video_gpt.py"),
-                         *flags, *final, *MEGATRON_ONLY, "--train-iters", "1", "--save",
+    megatron = _torchrun(megatron_lm_python, 1, PRETRAIN_SCRIPT, *flags, *final,
+                         *MEGATRON_ONLY, "--train-iters", "1", "--save",
                          str(tmp_path / "megatron"), "--save-interval", "1", "--ckpt-format",
                          "torch", "--no-save-optim", "--no-save-rng", "--eval-interval", "1000",
                          "--eval-iters", "1")
@@ -292,9 +297,8 @@ def test_one_configuration_road_gives_both_trainers_the_same_first_step(megatron
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grads["pretrain"][name], grad, rtol=1e-5, atol=1e-8,
                                    msg=name)
-    resumed = _torchrun(megatron_lm_python, 1,
-                        str(REPO / "examples" / "pretrain_video_gpt.py"), *flags,
-                        *MEGATRON_ONLY, "--train-iters", "2", "--load", str(tmp_path / "megatron"),
+    resumed = _torchrun(megatron_lm_python, 1, PRETRAIN_SCRIPT, *flags, *MEGATRON_ONLY,
+                        "--train-iters", "2", "--load", str(tmp_path / "megatron"),
                         "--ckpt-format", "torch", "--no-load-optim", "--no-load-rng",
                         "--eval-interval", "1000", "--eval-iters", "1")
     assert "localopt-plugin: --reco-states final: the checkpoint's setting" in resumed.stdout
