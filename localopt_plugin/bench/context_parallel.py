@@ -131,23 +131,21 @@ def measure(args: argparse.Namespace) -> None:
             dist.barrier()
             started = time.perf_counter()
             whole, forward_backward = _step(row, tokens, repeat)
-            slowest = torch.tensor([time.perf_counter() - started, whole - forward_backward],
-                                   dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            step, optimizer = _largest_over_ranks(time.perf_counter() - started,
+                                                  whole - forward_backward)
             if repeat >= args.warmup:
-                times.append(float(slowest[0]))
-                optimizer_times.append(float(slowest[1]))
+                times.append(step)
+                optimizer_times.append(optimizer)
         # the smallest of 3 profiled steps: each is an upper bound of the same peak, raised
         # by the collectives' buffers gloo's thread frees unrecorded (see peak_of_allocations)
-        peak = torch.tensor([min(peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))
-                                 for _ in range(PROFILED_STEPS))], dtype=torch.float64)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        (peak,) = _largest_over_ranks(min(peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))
+                                          for _ in range(PROFILED_STEPS)))
         rows.append({"row": name, "window start": start, "step times (s)": times,
                      "optimizer step times (s)": optimizer_times,
-                     "peak per rank (bytes)": float(peak), "optimized tokens": optimized})
+                     "peak per rank (bytes)": peak, "optimized tokens": optimized})
         if dist.get_rank() == 0:
             print(f"CP={cp} {name}: median step {1e3 * statistics.median(times):.1f} ms, peak "
-                  f"{float(peak) / 2**20:.1f} MB per rank", file=sys.stderr, flush=True)
+                  f"{peak / 2**20:.1f} MB per rank", file=sys.stderr, flush=True)
     reduction = _gradient_all_reduce_seconds(engine, args.repeats)
     if dist.get_rank() == 0:
         Path(args.measure_context_parallel).write_text(json.dumps({
@@ -177,10 +175,15 @@ def _gradient_all_reduce_seconds(engine, repeats: int) -> float:
         dist.barrier()
         started = time.perf_counter()
         dist.all_reduce(buffer)
-        slowest = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        times.append(float(slowest))
+        times.extend(_largest_over_ranks(time.perf_counter() - started))
     return statistics.median(times[1:])
+
+
+def _largest_over_ranks(*values: float) -> list[float]:
+    """Each value's largest over the ranks: the slowest rank's time, the largest rank's peak."""
+    largest = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return largest.tolist()
 
 
 def _summary(measured: dict) -> dict:
