@@ -15,12 +15,16 @@ counts what the step allocates (gradients, activations, kept keys/values, commun
 not what lives across steps (weights, optimizer state, ZeRO's preallocated bucket). The optimizer
 step of each row and one gradient-sized all-reduce over the ranks are also timed, and the step
 ratios without them are reported beside the targets (informational): the part of a step context
-parallelism splits.
+parallelism splits. So is what it adds: each row's all-to-alls (the attention's, forward and
+backward), recorded in one step and replayed alone, back to back (count, bytes, seconds); a third
+ratio takes them out too, leaving the computation, to tell the communication of a machine
+(gloo on CPU, NCCL on GPUs) from the split of the work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -140,12 +144,20 @@ def measure(args: argparse.Namespace) -> None:
         # by the collectives' buffers gloo's thread frees unrecorded (see peak_of_allocations)
         (peak,) = _largest_over_ranks(min(peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))
                                           for _ in range(PROFILED_STEPS)))
+        with recorded_all_to_alls() as calls:
+            _step(row, tokens, 0)
         rows.append({"row": name, "window start": start, "step times (s)": times,
                      "optimizer step times (s)": optimizer_times,
-                     "peak per rank (bytes)": peak, "optimized tokens": optimized})
+                     "peak per rank (bytes)": peak, "optimized tokens": optimized,
+                     "all-to-alls per step": len(calls),
+                     "all-to-all bytes sent per step": sum(c.input.numel()
+                                                           * c.input.element_size()
+                                                           for c in calls),
+                     "all-to-all times (s)": _replayed_seconds(calls, args.repeats)})
         if dist.get_rank() == 0:
             print(f"CP={cp} {name}: median step {1e3 * statistics.median(times):.1f} ms, peak "
-                  f"{peak / 2**20:.1f} MB per rank", file=sys.stderr, flush=True)
+                  f"{peak / 2**20:.1f} MB per rank, {len(calls)} all-to-alls", file=sys.stderr,
+                  flush=True)
     reduction = _gradient_all_reduce_seconds(engine, args.repeats)
     if dist.get_rank() == 0:
         Path(args.measure_context_parallel).write_text(json.dumps({
@@ -179,6 +191,46 @@ def _gradient_all_reduce_seconds(engine, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+@contextlib.contextmanager
+def recorded_all_to_alls():
+    """Every ``dist.all_to_all_single`` called inside (its arguments), the calls still made."""
+    calls = []
+    original = dist.all_to_all_single
+
+    def record(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+               async_op=False):
+        calls.append(SimpleNamespace(output=output, input=input, group=group,
+                                     output_split_sizes=output_split_sizes,
+                                     input_split_sizes=input_split_sizes))
+        return original(output, input, output_split_sizes, input_split_sizes, group, async_op)
+
+    dist.all_to_all_single = record
+    try:
+        yield calls
+    finally:
+        dist.all_to_all_single = original
+
+
+def _replayed_seconds(calls: list, repeats: int) -> list[float]:
+    """The slowest rank's time of the recorded all-to-alls made again alone, back to back, on
+    buffers of their sizes: the communication a step spends in them, without waiting for a
+    rank still computing. ``repeats`` times after one warm-up."""
+    from localopt_plugin.platform import cuda_available
+
+    sync = torch.cuda.synchronize if cuda_available() else (lambda: None)
+    buffers = [(torch.empty_like(c.output), torch.zeros_like(c.input)) for c in calls]
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        started = time.perf_counter()
+        for call, (received, sent) in zip(calls, buffers, strict=True):
+            dist.all_to_all_single(received, sent, call.output_split_sizes,
+                                   call.input_split_sizes, group=call.group)
+        sync()
+        times.extend(_largest_over_ranks(time.perf_counter() - started))
+    return times[1:]
+
+
 def _largest_over_ranks(*values: float) -> list[float]:
     """Each value's largest over the ranks: the slowest rank's time, the largest rank's peak."""
     largest = torch.tensor(values, dtype=torch.float64)
@@ -203,13 +255,17 @@ def _summary(measured: dict) -> dict:
         "local-opt worst-window peak": max(r["peak per rank (bytes)"] for r in windows),
         "full-sequence optimizer step": statistics.median(full["optimizer step times (s)"]),
         "local-opt expected optimizer step": expected("optimizer step times (s)"),
+        "full-sequence all-to-alls": statistics.median(full["all-to-all times (s)"]),
+        "local-opt expected all-to-alls": expected("all-to-all times (s)"),
     }
 
 
-def _without_fixed_costs(summary: dict, all_reduce: float) -> dict:
+def _without_fixed_costs(summary: dict, all_reduce: float, all_to_alls: bool = False) -> dict:
     """Step times less what context parallelism cannot split: the optimizer step and the
-    gradient all-reduce (timed alone)."""
+    gradient all-reduce (timed alone); with ``all_to_alls`` also less what it adds, the step's
+    all-to-alls (replayed alone)."""
     return {name: summary[f"{name} step"] - summary[f"{name} optimizer step"] - all_reduce
+            - (summary[f"{name} all-to-alls"] if all_to_alls else 0.0)
             for name in ("full-sequence", "local-opt expected")}
 
 
@@ -224,6 +280,10 @@ def summarize(one: dict, many: dict) -> dict:
             f"CP={cp} median step (ms)": 1e3 * statistics.median(split["step times (s)"]),
             f"CP={cp} min / max step (ms)": [1e3 * min(split["step times (s)"]),
                                              1e3 * max(split["step times (s)"])],
+            f"CP={cp} all-to-alls per step": split["all-to-alls per step"],
+            f"CP={cp} all-to-all MB sent per step": split["all-to-all bytes sent per step"] / 2**20,
+            f"CP={cp} all-to-alls alone (ms)": 1e3 * statistics.median(
+                split["all-to-all times (s)"]),
             "CP=1 peak (MB)": base["peak per rank (bytes)"] / 2**20,
             f"CP={cp} peak per rank (MB)": split["peak per rank (bytes)"] / 2**20,
             "step ratio": (statistics.median(split["step times (s)"])
@@ -234,6 +294,8 @@ def summarize(one: dict, many: dict) -> dict:
     ratios = {name: split[name] / base[name] for name in TARGETS}
     reduction = many["gradient all-reduce (s)"]
     rest = (_without_fixed_costs(base, 0.0), _without_fixed_costs(split, reduction))
+    computation = (_without_fixed_costs(base, 0.0, all_to_alls=True),
+                   _without_fixed_costs(split, reduction, all_to_alls=True))
     return {
         "preset": one["preset"], "context parallel size": cp, "layout": one["layout"],
         "micro batch": one["micro batch"], "ZeRO stage": one["ZeRO stage"],
@@ -249,6 +311,9 @@ def summarize(one: dict, many: dict) -> dict:
         f"CP={cp} gradient all-reduce (s)": reduction,
         "step ratios without the optimizer step and the gradient all-reduce": {
             f"{name} step": rest[1][name] / rest[0][name] for name in rest[0]},
+        "step ratios without the optimizer step, the gradient all-reduce and the all-to-alls": {
+            f"{name} step": computation[1][name] / computation[0][name]
+            for name in computation[0]},
         "targets": {name: {"ratio": ratios[name], "target": target,
                            "met": ratios[name] <= target} for name, target in TARGETS.items()},
     }
@@ -257,6 +322,7 @@ def summarize(one: dict, many: dict) -> dict:
 def format_table(result: dict) -> str:
     cp = result["context parallel size"]
     columns = ["row", "CP=1 median step (ms)", f"CP={cp} median step (ms)", "step ratio",
+               f"CP={cp} all-to-alls per step", f"CP={cp} all-to-alls alone (ms)",
                "CP=1 peak (MB)", f"CP={cp} peak per rank (MB)", "memory ratio"]
     lines = [f"preset {result['preset']}: {result['layout']}, micro-batch "
              f"{result['micro batch']}, ZeRO-{result['ZeRO stage']} (reduce bucket "
@@ -280,4 +346,11 @@ def format_table(result: dict) -> str:
                      f"{name} {ratio:.3f}" for name, ratio in result[
                          "step ratios without the optimizer step and the gradient all-reduce"
                      ].items()))
+    lines.append(f"added by CP: the all-to-alls (CP={cp}, replayed alone; full-sequence "
+                 f"{1e3 * result[f'CP={cp}']['full-sequence all-to-alls']:.0f} ms, Local Opt. "
+                 f"expected {1e3 * result[f'CP={cp}']['local-opt expected all-to-alls']:.0f} ms); "
+                 f"step ratios without them too, the computation (informational): " + ", ".join(
+                     f"{name} {ratio:.3f}" for name, ratio in result[
+                         "step ratios without the optimizer step, the gradient all-reduce and "
+                         "the all-to-alls"].items()))
     return "\n".join(lines)

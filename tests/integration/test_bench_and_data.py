@@ -87,6 +87,18 @@ def test_context_parallel_speed_benchmark_reports_its_rows(tmp_path):
     assert result["step ratios without the optimizer step and the gradient all-reduce"][
         "full-sequence step"] == pytest.approx(rest)
     assert "step ratios without them" in proc.stdout
+    # what CP adds, counted from the attention (1 layer): queries, keys, values there and the
+    # output back, once forward and once backward in a pass with autograd; the context pass
+    # of a window after frame 0 adds its forward's four
+    assert [r["CP=2 all-to-alls per step"] for r in rows] == [8, 8, 12, 12, 12]
+    assert all(r["CP=2 all-to-alls alone (ms)"] > 0 for r in rows)
+    computation = ((two["full-sequence step"] - two["full-sequence optimizer step"] - reduction
+                    - two["full-sequence all-to-alls"])
+                   / (one["full-sequence step"] - one["full-sequence optimizer step"]
+                      - one["full-sequence all-to-alls"]))
+    assert result["step ratios without the optimizer step, the gradient all-reduce and the "
+                  "all-to-alls"]["full-sequence step"] == pytest.approx(computation)
+    assert "the computation (informational)" in proc.stdout
 
 
 class _Indices(torch.utils.data.Dataset):
