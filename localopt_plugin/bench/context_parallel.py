@@ -2,8 +2,10 @@
 full-sequence and Local Opt. (every window) with each sample split over N ranks, against one rank,
 in the same command.
 
-The command launches its measurements itself: first one rank (CP=1), then N ranks (torchrun, one
-thread each), each running the trainer's step (DeepSpeed engine with Megatron's groups, ZeRO-0
+The command launches its measurements itself: first one rank (CP=1), then N single-rank runs at
+once (CP=1 under the load CP=N puts on the machine, without communication: the floor of the step
+ratio this machine allows, reported beside the targets), then N ranks (torchrun, one thread each),
+each running the trainer's step (DeepSpeed engine with Megatron's groups, ZeRO-0
 unless ``--zero-stage``) for every row: full-sequence, then Local Opt. at each window start of the
 sampler. Per row: the median step time of the slowest rank and the largest rank's peak of torch's
 allocated bytes (see :func:`~localopt_plugin.bench.speed.peak_allocated_bytes`), the smallest over 3
@@ -60,34 +62,50 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Measure at CP=1 then at CP=N (each its own torchrun launch); the summary."""
+    """Measure at CP=1, then N single-rank runs at once (the machine's load at CP=N, no
+    communication), then at CP=N, each its own torchrun launch; the summary."""
     if args.repeats < 3:
         raise UserError("--repeats must be at least 3 (medians of fewer are noise)")
-    measured = {}
+    cp = args.context_parallel_size
     with tempfile.TemporaryDirectory() as scratch:
-        for cp in (1, args.context_parallel_size):
-            out = Path(scratch) / f"cp{cp}.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={cp}", "-m", "localopt_plugin.commands.bench", "speed",
-                   "--preset", args.preset, "--repeats", str(args.repeats), "--warmup",
-                   str(args.warmup), f"--model-flags={args.model_flags}",
-                   "--context-parallel-size", str(cp), "--zero-stage", str(args.zero_stage),
-                   *(() if args.reduce_bucket_size is None else
-                     ("--reduce-bucket-size", str(args.reduce_bucket_size))),
-                   "--measure-context-parallel", str(out)]
-            if args.micro_batch_size:
-                cmd += ["--micro-batch-size", str(args.micro_batch_size)]
-            print(f"measuring CP={cp} ({cp} rank{'s' if cp > 1 else ''}, 1 thread each) ...",
-                  file=sys.stderr, flush=True)
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                "MASTER_PORT")}
-            proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"})
-            if proc.returncode:
-                raise UserError(f"the CP={cp} measurement failed (exit {proc.returncode}): "
-                                f"{' '.join(cmd)}")
-            measured[cp] = json.loads(out.read_text())
-    return summarize(measured[1], measured[args.context_parallel_size])
+        def measured(ranks: int, runs: int, what: str) -> list[dict]:
+            print(f"measuring {what} ...", file=sys.stderr, flush=True)
+            outs = [Path(scratch) / f"cp{ranks}-{i}.json" for i in range(runs)]
+            launches = [_launch(args, ranks, out) for out in outs]
+            for cmd, proc in launches:
+                if proc.wait():
+                    raise UserError(f"the {what} measurement failed (exit {proc.returncode}): "
+                                    f"{' '.join(cmd)}")
+            return [json.loads(out.read_text()) for out in outs]
+
+        (one,) = measured(1, 1, "CP=1 (1 rank, 1 thread)")
+        loaded = _slowest(measured(1, cp, f"CP=1, {cp} runs at once (1 thread each)"))
+        (split,) = measured(cp, 1, f"CP={cp} ({cp} ranks, 1 thread each)")
+    return summarize(one, split, loaded)
+
+
+def _launch(args: argparse.Namespace, ranks: int, out: Path) -> tuple[list[str], subprocess.Popen]:
+    """One measurement launch (torchrun, ``ranks`` ranks of one thread) writing ``out``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={ranks}", "-m", "localopt_plugin.commands.bench", "speed",
+           "--preset", args.preset, "--repeats", str(args.repeats), "--warmup",
+           str(args.warmup), f"--model-flags={args.model_flags}",
+           "--context-parallel-size", str(ranks), "--zero-stage", str(args.zero_stage),
+           *(() if args.reduce_bucket_size is None else
+             ("--reduce-bucket-size", str(args.reduce_bucket_size))),
+           "--measure-context-parallel", str(out)]
+    if args.micro_batch_size:
+        cmd += ["--micro-batch-size", str(args.micro_batch_size)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return cmd, subprocess.Popen(cmd, env={**env, "OMP_NUM_THREADS": "1"})
+
+
+def _slowest(runs: list[dict]) -> dict:
+    """Runs made at once as one: each row taken from the run whose median step was slowest."""
+    rows = [max(same, key=lambda r: statistics.median(r["step times (s)"]))
+            for same in zip(*(run["rows"] for run in runs), strict=True)]
+    return {**runs[0], "rows": rows}
 
 
 def _rows(preset, layout: SampleLayout, sampler: WindowSampler, batch: int):
@@ -269,14 +287,17 @@ def _without_fixed_costs(summary: dict, all_reduce: float, all_to_alls: bool = F
             for name in ("full-sequence", "local-opt expected")}
 
 
-def summarize(one: dict, many: dict) -> dict:
-    """Per row and in total: CP=N against CP=1, with the targets."""
+def summarize(one: dict, many: dict, loaded: dict) -> dict:
+    """Per row and in total: CP=N against CP=1, with the targets; beside them the floor this
+    machine sets, from N single-rank runs at once (``loaded``)."""
     cp = many["cp"]
     table = []
-    for base, split in zip(one["rows"], many["rows"], strict=True):
+    for base, split, busy in zip(one["rows"], many["rows"], loaded["rows"], strict=True):
         table.append({
             "row": base["row"], "window start": base["window start"],
             "CP=1 median step (ms)": 1e3 * statistics.median(base["step times (s)"]),
+            f"CP=1, {cp} at once median step (ms)": 1e3 * statistics.median(
+                busy["step times (s)"]),
             f"CP={cp} median step (ms)": 1e3 * statistics.median(split["step times (s)"]),
             f"CP={cp} min / max step (ms)": [1e3 * min(split["step times (s)"]),
                                              1e3 * max(split["step times (s)"])],
@@ -290,7 +311,7 @@ def summarize(one: dict, many: dict) -> dict:
                            / statistics.median(base["step times (s)"])),
             "memory ratio": split["peak per rank (bytes)"] / base["peak per rank (bytes)"],
         })
-    base, split = _summary(one), _summary(many)
+    base, split, busy = _summary(one), _summary(many), _summary(loaded)
     ratios = {name: split[name] / base[name] for name in TARGETS}
     reduction = many["gradient all-reduce (s)"]
     rest = (_without_fixed_costs(base, 0.0), _without_fixed_costs(split, reduction))
@@ -314,6 +335,10 @@ def summarize(one: dict, many: dict) -> dict:
         "step ratios without the optimizer step, the gradient all-reduce and the all-to-alls": {
             f"{name} step": computation[1][name] / computation[0][name]
             for name in computation[0]},
+        f"CP=1, {cp} at once": busy,
+        f"step ratio floors (CP=1 {cp} at once / {cp} / CP=1 alone)": {
+            name: busy[name] / cp / base[name]
+            for name in ("full-sequence step", "local-opt expected step")},
         "targets": {name: {"ratio": ratios[name], "target": target,
                            "met": ratios[name] <= target} for name, target in TARGETS.items()},
     }
@@ -321,7 +346,8 @@ def summarize(one: dict, many: dict) -> dict:
 
 def format_table(result: dict) -> str:
     cp = result["context parallel size"]
-    columns = ["row", "CP=1 median step (ms)", f"CP={cp} median step (ms)", "step ratio",
+    columns = ["row", "CP=1 median step (ms)", f"CP=1, {cp} at once median step (ms)",
+               f"CP={cp} median step (ms)", "step ratio",
                f"CP={cp} all-to-alls per step", f"CP={cp} all-to-alls alone (ms)",
                "CP=1 peak (MB)", f"CP={cp} peak per rank (MB)", "memory ratio"]
     lines = [f"preset {result['preset']}: {result['layout']}, micro-batch "
@@ -353,4 +379,8 @@ def format_table(result: dict) -> str:
                      f"{name} {ratio:.3f}" for name, ratio in result[
                          "step ratios without the optimizer step, the gradient all-reduce and "
                          "the all-to-alls"].items()))
+    floors = result[f"step ratio floors (CP=1 {cp} at once / {cp} / CP=1 alone)"]
+    lines.append(f"this machine's floor: CP=1 run {cp} times at once (no communication, each rank "
+                 f"under the load of CP={cp}), its step / {cp} against CP=1 alone: " + ", ".join(
+                     f"{name} {ratio:.3f}" for name, ratio in floors.items()))
     return "\n".join(lines)

@@ -99,6 +99,14 @@ def test_context_parallel_speed_benchmark_reports_its_rows(tmp_path):
     assert result["step ratios without the optimizer step, the gradient all-reduce and the "
                   "all-to-alls"]["full-sequence step"] == pytest.approx(computation)
     assert "the computation (informational)" in proc.stdout
+    # the machine's floor: CP=1 run twice at once, each step / 2, against CP=1 alone
+    floors = result["step ratio floors (CP=1 2 at once / 2 / CP=1 alone)"]
+    assert floors["full-sequence step"] == pytest.approx(
+        rows[0]["CP=1, 2 at once median step (ms)"] / 2 / rows[0]["CP=1 median step (ms)"])
+    loaded = sum(probabilities[r["window start"]] * r["CP=1, 2 at once median step (ms)"]
+                 for r in rows[1:]) / 1e3
+    assert result["CP=1, 2 at once"]["local-opt expected step"] == pytest.approx(loaded)
+    assert "this machine's floor" in proc.stdout
 
 
 class _Indices(torch.utils.data.Dataset):
