@@ -425,17 +425,18 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse the ZeRO flags where DeepSpeed would not read them (``speed`` and its
+    context-parallel comparison share one parser)."""
     if args.reduce_bucket_size is not None and args.zero_stage == 0:
         raise UserError("--reduce-bucket-size is zero_optimization.reduce_bucket_size, which "
                         "DeepSpeed reads in ZeRO stages 1-2: add --zero-stage 1 or 2")
-    if args.context_parallel_size > 1 or args.measure_context_parallel:
-        from localopt_plugin.bench import context_parallel
-
-        return context_parallel.main(args)
-    if args.zero_stage:
+    if args.zero_stage and not (args.context_parallel_size > 1 or args.measure_context_parallel):
         raise UserError("--zero-stage sets the context-parallel comparison's engines (with "
                         "--context-parallel-size N > 1); the other speed rows run ZeRO-0")
+
+
+def main(args: argparse.Namespace) -> int:
     result = run(args)
     print(format_table(result))
     if args.json:

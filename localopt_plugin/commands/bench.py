@@ -16,7 +16,15 @@ from localopt_plugin.platform import configure_environment
 
 def _main(argv: Sequence[str] | None = None) -> int:
     configure_environment()
-    from localopt_plugin.bench import loader, pipeline, planner, quality, speed, windows
+    from localopt_plugin.bench import (
+        context_parallel,
+        loader,
+        pipeline,
+        planner,
+        quality,
+        speed,
+        windows,
+    )
 
     parser = argparse.ArgumentParser(prog="localopt-bench", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +36,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     pipeline.add_args(commands.add_parser("pipeline", help=pipeline.__doc__.splitlines()[0]))
     planner.add_args(commands.add_parser("plan", help=planner.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
+    if args.command == "speed":
+        speed.check_args(args)
+        if args.context_parallel_size > 1 or args.measure_context_parallel:
+            return context_parallel.main(args)
     run = {"speed": speed.main, "loader": loader.main, "quality": quality.main,
            "window-scope": windows.main, "pipeline": pipeline.main,
            "plan": planner.main}[args.command]
