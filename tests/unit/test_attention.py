@@ -355,17 +355,21 @@ def test_recomputation_comparison_tells_a_recompute_without_the_plan(dist_world_
 
 
 def _recomputation_against_plain(monkeypatch, recompute: str, first: int) -> None:
+    from megatron.core.transformer import transformer_block
     from megatron.core.transformer.attention import Attention
-    from megatron.core.transformer.transformer_block import TransformerBlock
 
     plain_model, tokens = make()
     recomputing, _ = make(dataclasses.replace(preset_model("test"), **RECOMPUTE[recompute]))
     counted = []  # recomputed forwards of the window pass (the no-grad context pass enters
-    for owner, name in ((Attention, "_checkpointed_attention_forward"),  # them too: not counted)
-                        (TransformerBlock, "_checkpointed_forward")):
+    # them too: not counted); full recomputation's entry is a TransformerBlock method up to
+    # megatron-core 0.18, a function transformer_block imports from 0.19
+    full = ((transformer_block.TransformerBlock, "_checkpointed_forward")
+            if hasattr(transformer_block.TransformerBlock, "_checkpointed_forward")
+            else (transformer_block, "checkpointed_forward"))
+    for owner, name in ((Attention, "_checkpointed_attention_forward"), full):
         real = getattr(owner, name)
-        monkeypatch.setattr(owner, name, lambda self, *a, _real=real, _name=name, **k: (
-            torch.is_grad_enabled() and counted.append(_name), _real(self, *a, **k))[1])
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **k: (
+            torch.is_grad_enabled() and counted.append(_name), _real(*a, **k))[1])
     objective = LocalOptimization(LAYOUT, fixed_window(first))
     results, saved = [], []
     for model in (plain_model, recomputing):
