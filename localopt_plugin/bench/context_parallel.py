@@ -72,10 +72,16 @@ def run(args: argparse.Namespace) -> dict:
             print(f"measuring {what} ...", file=sys.stderr, flush=True)
             outs = [Path(scratch) / f"cp{ranks}-{i}.json" for i in range(runs)]
             launches = [_launch(args, ranks, out) for out in outs]
-            for cmd, proc in launches:
-                if proc.wait():
-                    raise UserError(f"the {what} measurement failed (exit {proc.returncode}): "
-                                    f"{' '.join(cmd)}")
+            try:
+                for cmd, proc in launches:
+                    if proc.wait():
+                        raise UserError(f"the {what} measurement failed (exit "
+                                        f"{proc.returncode}): {' '.join(cmd)}")
+            finally:  # a failed launch stops the ones made with it (torchrun stops its ranks)
+                for _, proc in launches:
+                    if proc.poll() is None:
+                        proc.terminate()
+                        proc.wait()
             return [json.loads(out.read_text()) for out in outs]
 
         (one,) = measured(1, 1, "CP=1 (1 rank, 1 thread)")
@@ -162,7 +168,7 @@ def measure(args: argparse.Namespace) -> None:
         # by the collectives' buffers gloo's thread frees unrecorded (see peak_of_allocations)
         (peak,) = _largest_over_ranks(min(peak_allocated_bytes(lambda r=row: _step(r, tokens, 0))
                                           for _ in range(PROFILED_STEPS)))
-        with recorded_all_to_alls() as calls:
+        with _recorded_all_to_alls() as calls:
             _step(row, tokens, 0)
         rows.append({"row": name, "window start": start, "step times (s)": times,
                      "optimizer step times (s)": optimizer_times,
@@ -210,7 +216,7 @@ def _gradient_all_reduce_seconds(engine, repeats: int) -> float:
 
 
 @contextlib.contextmanager
-def recorded_all_to_alls():
+def _recorded_all_to_alls():
     """Every ``dist.all_to_all_single`` called inside (its arguments), the calls still made."""
     calls = []
     original = dist.all_to_all_single

@@ -50,6 +50,17 @@ SCRIPT_OUTCOMES = {
         "--use-distributed-optimizer"}),
 }
 FP16_ON_CPU = "fp16 is not supported on this device"
+
+
+def fp16_trains_here() -> bool:
+    """DeepSpeed's answer for this machine's accelerator: yes on CUDA and on CPUs whose oneDNN
+    has fp16 (AVX-512 FP16, e.g. Intel Sapphire Rapids), no on others. The fp16 refusal is
+    what a dry run gives only where it says no."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 # DeepSpeed JSON -> words of its one error line (None: passes)
 JSON_OUTCOMES = {
     "alcf_generateDSconfig_bfloat16": None,
@@ -132,8 +143,8 @@ def test_deepspeed_json_dry_run(name, shards, tmp_path):
                                   "gradient_accumulation_steps")]
     world = batch[0] // (batch[1] * batch[2]) if all(isinstance(v, int) for v in batch) else 1
     expected = JSON_OUTCOMES.get(name)
-    if expected == FP16_ON_CPU and torch.cuda.is_available():
-        pytest.skip("fp16 runs on this GPU; the CPU refusal is what is tested")
+    if expected == FP16_ON_CPU and fp16_trains_here():
+        expected = None  # its fp16 section trains on this device: the JSON passes
     status, setup, stderr = dry_run(["--preset", "test", "--data-path", shards, "--deepspeed",
                                      "--deepspeed_config", str(path)], world)
     if expected is None:
@@ -186,8 +197,9 @@ def test_bfloat16_alias_and_batch_inference(shards, tmp_path):
     (["--overlap-grad-reduce"], "applies only under ZeRO: add --zero-stage 1"),
 ])
 def test_what_would_crash_at_start_fails_the_dry_run(argv, words, tmp_path):
-    if argv[0] == "--fp16" and torch.cuda.is_available():
-        pytest.skip("fp16 runs on this GPU")
+    if argv[0] == "--fp16" and fp16_trains_here():
+        pytest.skip("fp16 trains on this device (DeepSpeed's accelerator says so); "
+                    "test_fp16_is_refused_where_the_accelerator_has_none tests the refusal")
     if "{zero}" in argv:  # DeepSpeed's pydantic check of the ZeRO section
         path = tmp_path / "zero.json"
         path.write_text(json.dumps({"zero_optimization": {"stage": 2,
@@ -195,6 +207,25 @@ def test_what_would_crash_at_start_fails_the_dry_run(argv, words, tmp_path):
         argv = [a.replace("{zero}", str(path)) for a in argv]
     status, _, stderr = dry_run(["--preset", "test", *argv])
     assert status == 2 and words in one_error_line(stderr), stderr[-2000:]
+
+
+def test_fp16_is_refused_where_the_accelerator_has_none(monkeypatch):
+    """The refusal of fp16 on a device without it, on every machine: DeepSpeed's accelerator is
+    told to answer no (a mock: on a CPU with AVX-512 FP16, or a GPU, such a device is not here).
+    The same JSON passes where it answers yes."""
+    from deepspeed.accelerator import get_accelerator
+
+    from localopt_plugin.errors import UserError
+    from localopt_plugin.training.deepspeed_config import check_with_deepspeed
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "fp16": {"enabled": True}}
+    accelerator = type(get_accelerator())
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda self: True)
+    check_with_deepspeed(cfg, 1, bf16=False, fp16=True)
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda self: False)
+    with pytest.raises(UserError, match=f"^{FP16_ON_CPU} .*train in bf16 here"):
+        check_with_deepspeed(cfg, 1, bf16=False, fp16=True)
 
 
 def test_overlap_grad_reduce_reaches_deepspeed_under_zero():
