@@ -206,13 +206,7 @@ def _gradient_all_reduce_seconds(engine, repeats: int) -> float:
         return 0.0
     params = [p for p in engine.module.parameters() if p.requires_grad]
     buffer = params[0].new_zeros(sum(p.numel() for p in params))
-    times = []
-    for _ in range(repeats + 1):
-        dist.barrier()
-        started = time.perf_counter()
-        dist.all_reduce(buffer)
-        times.extend(_largest_over_ranks(time.perf_counter() - started))
-    return statistics.median(times[1:])
+    return statistics.median(_slowest_rank_seconds(lambda: dist.all_reduce(buffer), repeats))
 
 
 @contextlib.contextmanager
@@ -239,17 +233,27 @@ def _replayed_seconds(calls: list, repeats: int) -> list[float]:
     """The slowest rank's time of the recorded all-to-alls made again alone, back to back, on
     buffers of their sizes: the communication a step spends in them, without waiting for a
     rank still computing. ``repeats`` times after one warm-up."""
+    buffers = [(torch.empty_like(c.output), torch.zeros_like(c.input)) for c in calls]
+
+    def replay() -> None:
+        for call, (received, sent) in zip(calls, buffers, strict=True):
+            dist.all_to_all_single(received, sent, call.output_split_sizes,
+                                   call.input_split_sizes, group=call.group)
+
+    return _slowest_rank_seconds(replay, repeats)
+
+
+def _slowest_rank_seconds(fn, repeats: int) -> list[float]:
+    """``fn()``'s time on the slowest rank, the ranks starting together, ``repeats`` times
+    after one warm-up; on a GPU until its queued work is done."""
     from localopt_plugin.platform import cuda_available
 
     sync = torch.cuda.synchronize if cuda_available() else (lambda: None)
-    buffers = [(torch.empty_like(c.output), torch.zeros_like(c.input)) for c in calls]
     times = []
     for _ in range(repeats + 1):
         dist.barrier()
         started = time.perf_counter()
-        for call, (received, sent) in zip(calls, buffers, strict=True):
-            dist.all_to_all_single(received, sent, call.output_split_sizes,
-                                   call.input_split_sizes, group=call.group)
+        fn()
         sync()
         times.extend(_largest_over_ranks(time.perf_counter() - started))
     return times[1:]
