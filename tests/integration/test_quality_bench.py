@@ -16,6 +16,44 @@ from helpers.launch import REPO, subprocess_env
 pytestmark = pytest.mark.slow
 
 
+def _run_dir(out, row):
+    slug = "".join(c if c.isalnum() else "-" for c in row["variant"]).strip("-")
+    return out / f"seed{row['seed']}" / slug
+
+
+def _rows_are_their_runs_evaluations(out, result):
+    """Each row's figures are what the evaluators wrote for that run's own checkpoint and
+    samples: none taken from another run, none mapped to the wrong key (first/last swapped),
+    and results.md is the JSON's table."""
+    from localopt_plugin.bench.quality import format_table
+    from localopt_plugin.data.procedural import NUM_CLASSES
+
+    per_frame_of_runs = []
+    for row in result["runs"]:
+        run_dir = _run_dir(out, row)
+        nll = json.loads((run_dir / "nll.json").read_text())
+        assert nll["checkpoint"] == row["checkpoint"] == str(run_dir / "checkpoint")
+        per_frame = nll["per_frame_nll"]
+        assert len(per_frame) == 5 and row["NLL per frame"] == per_frame
+        assert (row["first-frame NLL"], row["last-frame NLL"]) == (per_frame[0], per_frame[-1])
+        assert row["valid NLL"] == pytest.approx(sum(per_frame) / 5, rel=1e-12)
+        per_frame_of_runs.append(tuple(per_frame))
+        flow = json.loads((run_dir / "flow.json").read_text())
+        videos = sorted(flow["videos"])
+        assert [p.rsplit("/", 1)[-1] for p in videos] == [
+            f"class{c:02d}_00.mp4" for c in range(NUM_CLASSES)]  # one per class, this run's
+        assert all(p.startswith(str(run_dir / "samples")) for p in videos)
+        means = [flow["videos"][p]["mean"] for p in videos]
+        assert row["flow warp error"] == pytest.approx(sum(means) / len(means), rel=1e-12)
+        classes = json.loads((run_dir / "classes.json").read_text())
+        assert sorted(classes["videos"]) == videos  # the same samples scored
+        for key in ("accuracy", "first frames accuracy", "last frames accuracy",
+                    "frechet distance", "frechet distance of real clips"):
+            assert row[key] == classes[key], key
+    assert len(set(per_frame_of_runs)) == len(per_frame_of_runs)  # three models, three curves
+    assert format_table(result) in (out / "results.md").read_text()
+
+
 def _compute_matches_an_independent_count(shards, out, runs):
     """Each run's compute, counted again from the windows its trainer logged: torch's FLOP
     counter on the `tiny` preset model for the matrix products, the explicit mask's pairs for
@@ -48,9 +86,8 @@ def _compute_matches_an_independent_count(shards, out, runs):
         return cache[name, start]
 
     for name, run in runs.items():
-        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
         records = [json.loads(line) for line in
-                   (out / "seed7" / slug / "metrics.jsonl").read_text().splitlines()]
+                   (_run_dir(out, run) / "metrics.jsonl").read_text().splitlines()]
         records = [r for r in records if "step time (s)" in r]
         assert len(records) == run["steps"]
         counted = sum(step_flops(name, r.get("window start", r.get("clip start")))
@@ -88,9 +125,14 @@ def test_quality_bench_spends_equal_flops(tmp_path, dist_world_of_one):
     fewer = runs["fewer-frames"]  # constant cost per step: the budget is nearly used up
     per_step = fewer["compute (PFLOP)"] / fewer["steps"]
     assert full["compute (PFLOP)"] - fewer["compute (PFLOP)"] < per_step
+    _rows_are_their_runs_evaluations(out, result)
+    swapped = json.loads(json.dumps(result))  # negative control: two runs' figures swapped
+    first, last = swapped["runs"][0], swapped["runs"][-1]
+    first["frechet distance"], last["frechet distance"] = (last["frechet distance"],
+                                                           first["frechet distance"])
+    with pytest.raises(AssertionError, match="frechet distance"):
+        _rows_are_their_runs_evaluations(out, swapped)
     for row in result["runs"]:
-        assert len(row["NLL per frame"]) == 5 and row["flow warp error"] > 0
-        assert 0 <= row["accuracy"] <= 1 and row["frechet distance"] > 0
         assert row["valid loss vs compute"]
         assert row["valid loss vs compute"][-1][0] <= row["compute (PFLOP)"] * 1e15 * (1 + 1e-9)
     table = (out / "results.md").read_text()
