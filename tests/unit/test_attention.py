@@ -416,8 +416,10 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 def test_transformer_engine_path_equals_the_fp32_reference(dist_world_of_one, monkeypatch):
     """TransformerEngine's core attention (bf16, bottom-right causal) against the SDPA path in
     fp32, on weights whose attention is far from uniform; negative control: the same reference
-    with a top-left aligned window lies outside the tolerance."""
-    pytest.importorskip("transformer_engine")
+    with a top-left aligned window lies outside the tolerance. Needs TransformerEngine, which
+    cannot travel to the lent GPU machines (docs/benchmarks.md, "The GPU check")."""
+    pytest.importorskip("transformer_engine", reason="TransformerEngine is not installed (it "
+                        "cannot travel to the lent GPU machines: see docs/benchmarks.md)")
     config = preset_model("test")
     sdpa, tokens = make(config)
     te, _ = make(dataclasses.replace(config, bf16=True, transformer_impl="transformer_engine"))
