@@ -1,7 +1,7 @@
 """The unit tests again on megatron-core 0.19, the version pip gives users on Python 3.12.
 
 The README's environment (Python 3.11) has megatron-core 0.16.1, so without this test the
-model, attention, recomputation, ReCo, window and CLI unit tests would only ever meet 0.16.1
+model, attention, recomputation, ReCo and window unit tests would only ever meet 0.16.1
 (0.19 moved ``TransformerBlock._checkpointed_forward`` to a module function, which a test missed
 until it was run there by hand). The Python 3.12 environment of
 ``tools/setup_megatron_lm_env.sh`` holds 0.19; CI creates it and sets
