@@ -17,8 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 def _run_dir(out, row):
-    slug = "".join(c if c.isalnum() else "-" for c in row["variant"]).strip("-")
-    return out / f"seed{row['seed']}" / slug
+    """Where the bench wrote the row's run: its seed's folder, the variant's own slug."""
+    from localopt_plugin.bench.quality import ABLATION
+
+    variant = next(v for v in ABLATION if v.name == row["variant"])
+    return out / f"seed{row['seed']}" / variant.slug
 
 
 def _rows_are_their_runs_evaluations(out, result):
