@@ -2,8 +2,9 @@
 full-sequence), ``window-scope`` (one window per step or per micro-batch at DP=2), ``loader``
 (video-wds loader throughput against what the benchmark model consumes), ``pipeline`` (what
 Local Opt.'s context rows cost between stages of Megatron's pipeline schedule) and ``quality``
-(the paper's ablation: cost and quality of each objective on one dataset) and ``plan`` (memory
-per GPU, FLOPs and what fits, predicted before a run)."""
+(the paper's ablation: cost and quality of each objective on one dataset), ``recall`` (long-range
+recall on long clips: full-sequence against Local Opt. at shares of its compute) and ``plan``
+(memory per GPU, FLOPs and what fits, predicted before a run)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         pipeline,
         planner,
         quality,
+        recall,
         speed,
         windows,
     )
@@ -31,6 +33,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     speed.add_args(commands.add_parser("speed", help=speed.__doc__.splitlines()[0]))
     loader.add_args(commands.add_parser("loader", help=loader.__doc__.splitlines()[0]))
     quality.add_args(commands.add_parser("quality", help=quality.__doc__.splitlines()[0]))
+    recall.add_args(commands.add_parser("recall", help=recall.__doc__.splitlines()[0]))
     windows.add_args(commands.add_parser("window-scope",
                                          help=windows.__doc__.splitlines()[0]))
     pipeline.add_args(commands.add_parser("pipeline", help=pipeline.__doc__.splitlines()[0]))
@@ -41,7 +44,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.context_parallel_size > 1 or args.measure_context_parallel:
             return context_parallel.main(args)
     run = {"speed": speed.main, "loader": loader.main, "quality": quality.main,
-           "window-scope": windows.main, "pipeline": pipeline.main,
+           "recall": recall.main, "window-scope": windows.main, "pipeline": pipeline.main,
            "plan": planner.main}[args.command]
     return run(args)
 

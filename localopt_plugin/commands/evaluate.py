@@ -7,6 +7,7 @@ Subcommands::
     localopt-eval flow VIDEO_OR_DIR... --out flow.json
     localopt-eval fvd  --i3d i3d_torchscript.pt --real DIR... --generated DIR... --out fvd.json
     localopt-eval classes GENERATED_DIR... --background calm --out classes.json
+    localopt-eval recall --checkpoint CKPT --setting split=valid,colours=4 --out recall.json
 """
 
 from __future__ import annotations
@@ -84,6 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     classes.add_argument("--weights", default=None,
                          help="classifier weights (default: the shipped ones)")
     classes.add_argument("--out", default=None, help="JSON file (default: print only)")
+
+    recall = sub.add_parser(
+        "recall", help="recall variant: does the reappearing object keep its colour? (cue worth, "
+        "prompted and free generation, per segment)")
+    recall.add_argument("--checkpoint", required=True)
+    recall.add_argument("--setting", default="split=valid",
+                        help="the held-out clips' OPTIONS as for procedural-recall "
+                        "(split=train|valid|reference,colours=K,hide=START+FRAMES); colours and "
+                        "hide must be the training data's")
+    recall.add_argument("--count", type=int, default=48, help="held-out clips")
+    recall.add_argument("--first-seed", type=int, default=500000,
+                        help="their first seed (procedural-recall:COUNT:FIRST_SEED)")
+    recall.add_argument("--per-class", type=int, default=2,
+                        help="videos per class sampled from the class alone")
+    recall.add_argument("--reference-count", type=int, default=96,
+                        help="real clips of the reference split for the Frechet distance")
+    recall.add_argument("--temperature", type=float, default=1.0)
+    recall.add_argument("--top-k", type=int, default=0)
+    recall.add_argument("--seed", type=int, default=0)
+    recall.add_argument("--mode", choices=["full", "chunked"], default="full",
+                        help="as localopt-generate --mode (chunked: how fewer-frames generates)")
+    recall.add_argument("--chunk-frames", type=int, default=None)
+    recall.add_argument("--context-frames", type=int, default=None)
+    recall.add_argument("--out", required=True, help="JSON file")
     return p
 
 
@@ -224,10 +249,26 @@ def _classes(args: argparse.Namespace) -> None:
     _write(result, args.out)
 
 
+def _recall(args: argparse.Namespace) -> None:
+    from localopt_plugin.data.recall import RecallSetting
+    from localopt_plugin.evaluation.recall import evaluate_checkpoint
+    from localopt_plugin.training.distributed import init_distributed
+
+    init_distributed(seed=args.seed)
+    result = evaluate_checkpoint(
+        args.checkpoint, RecallSetting.parse(args.setting), count=args.count,
+        first_seed=args.first_seed, per_class=args.per_class,
+        reference_count=args.reference_count, temperature=args.temperature, top_k=args.top_k,
+        seed=args.seed, mode=args.mode, chunk_frames=args.chunk_frames,
+        context_frames=args.context_frames)
+    _write(result, args.out)
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"nll": _nll, "plot": _plot, "flow": _flow, "fvd": _fvd, "classes": _classes}
+    commands = {"nll": _nll, "plot": _plot, "flow": _flow, "fvd": _fvd, "classes": _classes,
+                "recall": _recall}
     commands[args.command](args)
     return 0
 

@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(columns path, label, caption; paths relative to the list), or "
                    "procedural:N[:SEED] (N embedded procedural videos, no files; "
                    "procedural-calm:N[:SEED], procedural-plain:N[:SEED], "
-                   "procedural-simple:N[:SEED]: its easier variants)")
+                   "procedural-simple:N[:SEED]: its easier variants; "
+                   "procedural-recall:N[:SEED[:OPTIONS]]: long clips whose object hides and "
+                   "reappears, OPTIONS split=train|valid|reference,colours=K,hide=START+FRAMES, "
+                   "see localopt_plugin/data/recall.py)")
     p.add_argument("--output", required=True, help="directory of shards and manifest.json")
     g = p.add_argument_group("clips")
     g.add_argument("--frames", type=int, default=17, help="frames per clip")

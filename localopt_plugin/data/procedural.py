@@ -44,11 +44,11 @@ NUM_CLASSES = len(SHAPES) * len(MOTIONS)
 
 def class_name(class_id: int) -> str:
     """``"<shape>-<motion>"`` for a class id in ``[0, NUM_CLASSES)``."""
-    shape, motion = _split_class(class_id)
+    shape, motion = split_class(class_id)
     return f"{SHAPES[shape]}-{MOTIONS[motion]}"
 
 
-def _split_class(class_id: int) -> tuple[int, int]:
+def split_class(class_id: int) -> tuple[int, int]:
     if not 0 <= class_id < NUM_CLASSES:
         raise ValueError(f"class_id {class_id} outside [0, {NUM_CLASSES})")
     return divmod(int(class_id), len(MOTIONS))
@@ -81,7 +81,7 @@ def _background(rng: np.random.Generator, t: np.ndarray, u: np.ndarray,
     return np.clip(image, 0, 1)
 
 
-def _shape_distance(shape: int, dx: np.ndarray, dy: np.ndarray, radius: np.ndarray,
+def shape_distance(shape: int, dx: np.ndarray, dy: np.ndarray, radius: np.ndarray,
                     rotation: float) -> np.ndarray:
     """Signed distance to the shape's edge (negative inside), in the units of dx/dy."""
     if shape == 0:
@@ -100,15 +100,24 @@ def _simple_geometry(motion: int, rng: np.random.Generator,
     """The simple variant's centre and radius per frame: each motion starts from its own place
     (so the first frame tells the motion), the seed picks the side and the speed."""
     side = rng.choice([-1.0, 1.0])
-    speed = -side * rng.choice([2.0, 3.0]) / 64  # inwards, whole pixels per frame at 64x64
+    speed = rng.choice([2.0, 3.0])
+    return simple_trajectory(MOTIONS[motion], side, speed, t)
+
+
+def simple_trajectory(motion: str, side: float, speed_pixels: float,
+                      t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre ``(x, y)`` and radius per frame time ``t`` of the simple variant's ``motion``,
+    starting on ``side`` (-1 or 1) and moving inwards at ``speed_pixels`` per frame at 64x64
+    (in units of the frame size)."""
+    speed = -side * speed_pixels / 64
     radius = np.full_like(t, 0.28)
     lo, hi = 20 / 64, 44 / 64  # walls on the 4-pixel token grid at 64x64
     still = np.full_like(t, 0.5)
-    if motion == 0:
+    if motion == "horizontal":
         return _bounce(0.5 + 0.1875 * side, speed, t, lo, hi), still, radius
-    if motion == 1:
+    if motion == "vertical":
         return still, _bounce(0.5 + 0.1875 * side, speed, t, lo, hi), radius
-    if motion == 2:
+    if motion == "orbit":
         theta = np.pi / 4 + np.pi * (side > 0) + t * speed / 0.17
         return 0.5 + 0.17 * np.cos(theta), 0.5 + 0.17 * np.sin(theta), radius
     return still, still, radius * (1 + 0.35 * np.sin(12.8 * speed * t))
@@ -125,7 +134,7 @@ def render_video(class_id: int, seed: int, num_frames: int, size: int = 64,
     if background not in BACKGROUNDS:
         raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got "
                          f"{background!r}")
-    shape, motion = _split_class(class_id)
+    shape, motion = split_class(class_id)
     rng = np.random.default_rng([int(seed), int(class_id)])
     t = np.arange(num_frames, dtype=np.float64)
     grid = (np.arange(size, dtype=np.float64) + 0.5) / size
@@ -161,7 +170,7 @@ def render_video(class_id: int, seed: int, num_frames: int, size: int = 64,
     # Distances in pixels so that the anti-aliasing ramp is one pixel wide at any size.
     dx = (u[None] - cx[:, None, None]) * size
     dy = (v[None] - cy[:, None, None]) * size
-    dist = _shape_distance(shape, dx, dy, radius[:, None, None] * size, rotation)
+    dist = shape_distance(shape, dx, dy, radius[:, None, None] * size, rotation)
     alpha = np.clip(0.5 - dist, 0, 1)[..., None]
     frames = frames * (1 - alpha) + colour * alpha
     return np.round(frames * 255).astype(np.uint8)

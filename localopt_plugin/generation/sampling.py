@@ -181,8 +181,10 @@ def sample_video_tokens(
     context_frames: int | None = None,
     use_cache: bool = True,
     show_progress: bool = False,
+    prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Frame tokens ``[b, num_frames, frame_tokens]`` for condition ids ``[b, c]``.
+    """Frame tokens ``[b, num_frames, frame_tokens]`` for condition ids ``[b, c]``; with
+    ``prompt`` ``[b, k, frame_tokens]`` its frames are the first ``k`` and the rest is sampled.
 
     ``mode="full"``: one sequence, positions continue over every frame (the paper's
     inference). ``mode="chunked"``: chunks of ``chunk_frames`` new frames; chunk 0 follows the
@@ -196,11 +198,17 @@ def sample_video_tokens(
         raise ValueError(f"conditions have {conditions.shape[1]} ids, the layout expects "
                          f"{layout.video_start - 2}")
     p = layout.frame_tokens
+    given = 0 if prompt is None else prompt.shape[1]
+    if prompt is not None and (prompt.shape[0] != conditions.shape[0] or prompt.shape[2] != p
+                               or given >= num_frames):
+        raise ValueError(f"prompt {list(prompt.shape)} must be [{conditions.shape[0]}, "
+                         f"k < {num_frames}, {p}]")
     chunk = num_frames if mode == "full" else (chunk_frames or layout.num_frames)
-    context = 0 if mode == "full" else (chunk if context_frames is None else context_frames)
+    context = num_frames if mode == "full" else (
+        chunk if context_frames is None else context_frames)
     if chunk < 1 or context < 0:
         raise ValueError(f"chunk frames {chunk} must be >= 1 and context frames {context} >= 0")
-    needed, done = 0, 0  # frames in the longest forward of the chunk schedule
+    needed, done = 0, given  # frames in the longest forward of the chunk schedule
     while done < num_frames:
         new = min(chunk, num_frames - done)
         needed, done = max(needed, min(context, done) + new), done + new
@@ -213,8 +221,8 @@ def sample_video_tokens(
     prefix = condition_prefix(vocab, conditions)
     uncond = condition_prefix(vocab, null_conditions(vocab, layout, conditions.shape[0]).to(
         device)) if config.guided else None
-    frames: list[torch.Tensor] = []
-    bar = tqdm(total=num_frames * p, unit="token",
+    frames: list[torch.Tensor] = [] if prompt is None else list(prompt.to(device).unbind(1))
+    bar = tqdm(total=(num_frames - given) * p, unit="token",
                disable=not show_progress, desc="sampling")
     with bar:
         while len(frames) < num_frames:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from localopt_plugin.data.procedural import render_video
+from localopt_plugin.data.recall import render_recall_video
 from localopt_plugin.preprocess.inputs import VideoInput
 
 PROCEDURAL_FPS = 8.0  # the nominal frame rate of procedural videos
@@ -117,8 +118,11 @@ def _render(video: VideoInput, spec: ClipSpec) -> tuple[np.ndarray, float]:
     """A procedural video long enough for ``clips_per_video`` back-to-back clips."""
     cls, seed = video.procedural
     total = spec.clips_per_video * spec.span(PROCEDURAL_FPS)
-    frames = render_video(cls, seed, total, size=max(spec.height, spec.width),
-                          background=video.background)
+    size = max(spec.height, spec.width)
+    if video.recall is not None:
+        frames = render_recall_video(cls, seed, total, size, video.recall)
+    else:
+        frames = render_video(cls, seed, total, size=size, background=video.background)
     top, left = (frames.shape[1] - spec.height) // 2, (frames.shape[2] - spec.width) // 2
     return frames[:, top:top + spec.height, left:left + spec.width], PROCEDURAL_FPS
 

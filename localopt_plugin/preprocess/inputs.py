@@ -24,6 +24,7 @@ from localopt_plugin.data.procedural import (
     class_name,
     render_video,
 )
+from localopt_plugin.data.recall import RecallSetting
 from localopt_plugin.errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -37,7 +38,8 @@ def procedural_kind(background: str) -> str:
 
 
 PROCEDURAL_KINDS = {procedural_kind(b): b for b in BACKGROUNDS}
-PROCEDURAL_PREFIXES = tuple(kind + ":" for kind in PROCEDURAL_KINDS)
+RECALL = f"{PROCEDURAL}-recall"  # the recall variant (localopt_plugin.data.recall)
+PROCEDURAL_PREFIXES = tuple(kind + ":" for kind in (*PROCEDURAL_KINDS, RECALL))
 UNLABELLED_CLASS = "video"
 _MOTION_PHRASES = {"horizontal": "bounces left and right", "vertical": "bounces up and down",
                    "orbit": "moves in a circle", "pulse": "grows and shrinks"}
@@ -45,8 +47,8 @@ _MOTION_PHRASES = {"horizontal": "bounces left and right", "vertical": "bounces 
 
 @dataclass(frozen=True)
 class VideoInput:
-    """One video: a file path or ``procedural[-<variant>]:<class>:<seed>``; ``key`` prefixes
-    its samples."""
+    """One video: a file path or ``procedural[-<variant>]:<class>:<seed>`` (the recall
+    variant: ``procedural-recall:<class>:<seed>:<options>``); ``key`` prefixes its samples."""
 
     source: str
     key: str
@@ -58,8 +60,15 @@ class VideoInput:
         """``(class_id, seed)`` of a procedural video, else None."""
         if not self.source.startswith(PROCEDURAL_PREFIXES):
             return None
-        _, cls, seed = self.source.split(":")
+        _, cls, seed = self.source.split(":")[:3]
         return int(cls), int(seed)
+
+    @property
+    def recall(self) -> RecallSetting | None:
+        """The setting of a recall-variant video, else None."""
+        if not self.source.startswith(RECALL + ":"):
+            return None
+        return RecallSetting.parse(self.source.split(":", 3)[3])
 
     @property
     def background(self) -> str:
@@ -82,17 +91,24 @@ def _key(index: int, name: str, source: str) -> str:
 
 def _procedural(spec: str) -> list[tuple[str, str, str, str]]:
     """``procedural[-<variant>]:N[:SEED]``: video ``j`` has class ``j % NUM_CLASSES`` and seed
-    ``SEED + j``."""
-    parts = spec.split(":")
+    ``SEED + j``; ``procedural-recall:N[:SEED[:OPTIONS]]`` also takes the recall setting."""
+    parts = spec.split(":", 3)
     kind = parts[0]
+    usage = f"{kind}:N or {kind}:N:SEED" + (":OPTIONS" if kind == RECALL else "")
+    if len(parts) > 3 and kind != RECALL:
+        raise UserError(f"bad input {spec!r}: use {usage}")
     try:
         count, first_seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
     except (IndexError, ValueError):
-        raise UserError(f"bad input {spec!r}: use {kind}:N or {kind}:N:SEED") from None
+        raise UserError(f"bad input {spec!r}: use {usage}") from None
+    suffix, name = "", kind
+    if kind == RECALL:
+        setting = RecallSetting.parse(parts[3] if len(parts) > 3 else "")
+        suffix, name = f":{setting.options()}", f"{kind}-{setting.split}"
     out = []
     for j in range(count):
         cls, seed = j % NUM_CLASSES, first_seed + j
-        out.append((f"{kind}:{cls}:{seed}", f"{kind}-c{cls:02d}-s{seed}",
+        out.append((f"{kind}:{cls}:{seed}{suffix}", f"{name}-c{cls:02d}-s{seed}",
                     class_name(cls), procedural_caption(cls)))
     return out
 

@@ -18,6 +18,10 @@ latent position from a finite scalar quantizer (no codebook to collapse, no comm
 ``simple`` variant uses (``weights/fsq_video_simple_codes.json``, made by
 ``tools/build_codebook.py``): a GPT over its ids needs an output layer of ~150 instead of ~5000
 rows, which makes the main job's steps cheaper. A clip that needs any other id is refused.
+``fsq-video-recall`` keeps the ids of every clip of the procedural recall variant (65 frames at
+32x32, its default hiding; ``weights/fsq_video_recall_codes.json``); an id outside them (another
+hiding, another size) is replaced by the kept id whose FSQ code is nearest, as a vector
+quantizer would, instead of refused.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 WEIGHTS_NAME = "fsq_video.pt"
 SIMPLE_CODES_NAME = "fsq_video_simple_codes.json"
+RECALL_CODES_NAME = "fsq_video_recall_codes.json"
 
 
 def shipped_path(name: str) -> Path:
@@ -181,11 +186,12 @@ class FSQVideoTokenizer(VideoTokenizer):
     """The embedded tokenizer; ``weights`` defaults to the file shipped with the package.
 
     ``codes`` (a JSON file with a ``codes`` list): keep only these FSQ ids, renumbered
-    ``0..len-1`` in ascending order; encoding a clip that needs another id raises UserError.
+    ``0..len-1`` in ascending order; encoding a clip that needs another id raises UserError,
+    or with ``nearest`` takes the kept id of the nearest FSQ code.
     """
 
     def __init__(self, weights: str | Path | None = None, codes: str | Path | None = None,
-                 name: str = "fsq-video") -> None:
+                 name: str = "fsq-video", nearest: bool = False) -> None:
         path = Path(weights) if weights is not None else default_weights_path()
         if not path.is_file():
             raise FileNotFoundError(f"fsq-video weights not found: {path} (train them with "
@@ -213,6 +219,12 @@ class FSQVideoTokenizer(VideoTokenizer):
                 raise ValueError(f"{codes}: codes must be ascending distinct ids in [0, {full})")
             self._compact = np.full(full, -1, dtype=np.int64)
             self._compact[self.codes] = np.arange(self.codes.size)
+            if nearest:
+                fsq = self.model.fsq
+                distances = torch.cdist(fsq.ids_to_codes(torch.arange(full)),
+                                        fsq.ids_to_codes(torch.from_numpy(self.codes)))
+                outside = self._compact < 0
+                self._compact[outside] = distances.argmin(1).numpy()[outside]
             self._fingerprint = f"{name}-" + _short_digest(blob + text)
 
     @property
@@ -241,8 +253,8 @@ class FSQVideoTokenizer(VideoTokenizer):
         if np.any(compact < 0):
             raise UserError(
                 f"tokenizer {self.name}: {int(np.sum(compact < 0))} of {ids.size} tokens of this "
-                f"clip fall outside its {self.codes.size}-id codebook (made for the procedural "
-                f"simple variant); tokenize other videos with fsq-video")
+                f"clip fall outside its {self.codes.size}-id codebook (made for one procedural "
+                f"variant); tokenize other videos with fsq-video")
         return compact
 
     @torch.no_grad()
@@ -262,3 +274,9 @@ def build_fsq_video(config: FSQConfig | None = None) -> FSQVideoTokenizer:
 def build_fsq_video_simple(config: FSQConfig | None = None) -> FSQVideoTokenizer:
     return FSQVideoTokenizer((config or FSQConfig()).path, shipped_path(SIMPLE_CODES_NAME),
                              name="fsq-video-simple")
+
+
+@register("tokenizer", "fsq-video-recall", config=FSQConfig)
+def build_fsq_video_recall(config: FSQConfig | None = None) -> FSQVideoTokenizer:
+    return FSQVideoTokenizer((config or FSQConfig()).path, shipped_path(RECALL_CODES_NAME),
+                             name="fsq-video-recall", nearest=True)

@@ -11,6 +11,7 @@ below it (clip ``i`` is class ``i % NUM_CLASSES`` with seed ``i``), so the two n
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -26,6 +27,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from localopt_plugin.data.procedural import NUM_CLASSES, render_video
+from localopt_plugin.data.recall import (
+    PALETTE,
+    PHASES,
+    RecallClip,
+    RecallSetting,
+    render_recall_clip,
+)
 from localopt_plugin.tokenizers.base import VideoTokenizer
 from localopt_plugin.tokenizers.fsq import DEFAULT_CONFIG, build_model
 from localopt_plugin.video.io import read_video
@@ -165,3 +173,20 @@ def variant_codebook(tokenizer: VideoTokenizer, background: str, seeds_per_class
     return {"codes": sorted(codes), "background": background, "frames": num_frames,
             "size": size, "seeds_per_class": seeds_per_class,
             "distinct_clips_per_class": distinct, "tokenizer": tokenizer.fingerprint}
+
+
+def recall_codebook(tokenizer: VideoTokenizer, num_frames: int = 65,
+                    size: int = 32) -> dict[str, Any]:
+    """The ids ``tokenizer`` gives every clip of the recall variant (each class, side, speed,
+    phase and palette colour; the default hiding): the ``fsq-video-recall`` codebook."""
+    setting = RecallSetting()
+    codes: set[int] = set()
+    clips = 0
+    for clip in itertools.product(range(NUM_CLASSES), (-1.0, 1.0), (2.0, 3.0), range(PHASES),
+                                  range(len(PALETTE))):
+        frames = render_recall_clip(RecallClip(*clip), num_frames, size, setting)
+        codes.update(np.unique(tokenizer.encode(frames)).tolist())
+        clips += 1
+    return {"codes": sorted(codes), "background": "recall", "frames": num_frames, "size": size,
+            "hide": f"{setting.hide_start}+{setting.hide_frames}", "clips": clips,
+            "tokenizer": tokenizer.fingerprint}
