@@ -20,7 +20,7 @@ judged per 17-frame segment too (NLL, class accuracy, Frechet distance): error a
 ``--sweep reco`` runs ReCo's forms instead (which states, reduction, weight, pairs) on
 local-opt + balanced (writing ``reco-results.*``; in the ablation's ``--out`` the runs both
 share are reused). Every run is evaluated the same way: validation NLL per latent frame
-(full-sequence, the error-accumulation curve), then videos generated for every class (two per
+(full-sequence, teacher-forced), then videos generated for every class (two per
 class by default), scored by the shipped classifier of the embedded data (class accuracy on the
 whole video and on its first and last frames, Frechet distance to held-out real clips) and by
 optical-flow warping error. Several seeds give mean and spread. Writes ``results.json``,
@@ -480,8 +480,20 @@ def run(args: argparse.Namespace) -> dict:
             with open(row_file, "w") as f:
                 json.dump(row, f, indent=2)
             rows.append(row)
+    real_flow = None
+    if background != "none":  # the flow error of real clips: generated videos' reference
+        from localopt_plugin.evaluation.flow import real_flow_error
+
+        with open(os.path.join(os.path.dirname(data[0][0]), "manifest.json")) as f:
+            manifest = json.load(f)
+        real_flow = real_flow_error(background, manifest["tokenizer"]["name"],
+                                    NUM_CLASSES * (args.generate_per_class
+                                                   or preset.generate_per_class),
+                                    manifest["source"]["frames"],
+                                    max(manifest["source"]["resolution"]))
     return {"preset": args.preset, "sweep": args.sweep, "settings": dataclasses.asdict(preset),
             "seeds": args.seeds, "background": background,
+            "flow warp error of real clips through the tokenizer": real_flow,
             "machine": {"cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
                         "cuda": torch.cuda.is_available()},
             "runs": rows, "summary": summarize(rows, variants)}
@@ -507,6 +519,11 @@ def format_table(result: dict) -> str:
            "|" + "---|" * len(columns)]
     for entry in result["summary"]:
         out.append("| " + " | ".join(_cell(entry.get(c, "n/a")) for c in columns) + " |")
+    real_flow = result.get("flow warp error of real clips through the tokenizer")
+    if real_flow is not None:
+        out += ["", f"flow warp error of as many real clips through the tokenizer: "
+                    f"{real_flow:.4g} (generated videos below it are blurred or frozen, not "
+                    "smoother)"]
     return "\n".join(out) + "\n"
 
 

@@ -18,7 +18,8 @@ Fewer-frames is also generated within its trained length (chunks of W/2 frames a
 
 The pilot gate: full-sequence must learn the recall (prompted recall accuracy >= 0.6 and cue
 worth > 0 in every seed), otherwise the comparison says nothing and the budget or model must
-grow. Each finished run leaves ``row.json``; a rerun reuses it, so seeds can be run one by one.
+grow. Writes ``results.json``, ``results.md`` and ``recall.png``. Each finished run leaves
+``row.json``; a rerun reuses it, so seeds can be run one by one.
 """
 
 from __future__ import annotations
@@ -339,6 +340,56 @@ def format_table(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(result: dict, path: str) -> str:
+    """Recall accuracy and cue worth per variant (mean, min-max over seeds) and the free
+    videos' figures per 17-frame segment (mean over seeds; real clips dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=100)
+    names = [e["variant"] for e in summary]
+    for ax, metric in zip(axes[0], ("prompted recall accuracy", "cue worth (nats per clip)",
+                                    "free recall accuracy"), strict=True):
+        means = [e[metric]["mean"] if metric in e else np.nan for e in summary]
+        low = [m - e[metric]["min"] if metric in e else 0 for m, e in zip(means, summary,
+                                                                            strict=True)]
+        high = [e[metric]["max"] - m if metric in e else 0 for m, e in zip(means, summary,
+                                                                             strict=True)]
+        ax.barh(range(len(names)), means, xerr=[low, high], color=[f"C{i}" for i in
+                                                                  range(len(names))])
+        ax.set_yticks(range(len(names)), names if ax is axes[0][0] else [""] * len(names),
+                      fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    for ax, (metric, real) in zip(axes[1], (
+            ("free presence per segment", "real presence per segment"),
+            ("free cue colour share per segment", None),
+            ("free frechet distance per segment", "real frechet distance per segment")),
+                                  strict=True):
+        for i, entry in enumerate(summary):
+            if metric in entry:
+                ax.plot(range(1, len(entry[metric]) + 1), entry[metric], marker="o",
+                        color=f"C{i}", label=entry["variant"])
+        if real and real in summary[0]:
+            ax.plot(range(1, len(summary[0][real]) + 1), summary[0][real], "k--",
+                    label="real clips through the tokenizer")
+        ax.set_xticks(range(1, len(summary[0].get(metric, [])) + 1))
+        ax.set_xlabel("17-frame segment (default hiding: 1 shown, 2-3 hidden, 4 back)",
+                      fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[1][0].legend(fontsize=6)
+    fig.suptitle(f"recall bench ({result['recall']}), seeds {result['seeds']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(args: argparse.Namespace) -> int:
     result = run(args)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -346,5 +397,6 @@ def main(args: argparse.Namespace) -> int:
     table = format_table(result)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
+    plot(result, os.path.join(args.out, "recall.png"))
     print(table)
     return 0

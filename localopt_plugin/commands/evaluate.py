@@ -1,4 +1,4 @@
-"""``localopt-eval``: error-accumulation curves of checkpoints, consistency, classes and FVD.
+"""``localopt-eval``: teacher-forced NLL per frame, consistency, classes, FVD and long-range recall.
 
 Subcommands::
 

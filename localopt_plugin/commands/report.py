@@ -62,7 +62,7 @@ def plot_losses(records: list[dict], out: str) -> None:
 
 
 def side_by_side(samples: str, background: str, out: str, frames: int = 6) -> str | None:
-    """Per class: a held-out real clip's frames above the first generated video's."""
+    """Per class: a real clip's frames above the first generated video's."""
     import numpy as np
 
     from localopt_plugin.data.procedural import NUM_CLASSES, render_video
@@ -92,18 +92,57 @@ def _classes_section(run_dir: str, samples: str) -> list[str]:
     lines = ["## Classes of the generated videos (the embedded classifier)", "",
              f"{classes['num videos']} generated videos scored against their conditioning "
              f"class (chance: 1/12 = 0.083); Frechet distance of the classifier's features to "
-             f"{classes['num real reference clips']} held-out real {classes['background']} "
-             "clips, beside the same distance for as many real clips (the floor at this "
-             "count) and for real clips through the tokenizer.", "",
+             f"{classes['num real reference clips']} real {classes['background']} clips "
+             f"({_reference_overlap(run_dir, classes)}), beside the same distance for as many "
+             "real clips (the floor at this count) and for real clips through the "
+             "tokenizer.", "",
              "| metric | value |", "|---|---|",
              *(f"| {k} | {classes[k]:.4g} |" for k in keys), ""]
     grid = side_by_side(samples, classes["background"],
                         os.path.join(run_dir, "real_vs_generated.png"))
     if grid:
-        lines += ["Per class, a held-out real clip (odd rows) above the first generated video "
+        lines += ["Per class, a real clip (odd rows) above the first generated video "
                   "(even rows), 6 frames spread over the clip:", "",
                   "![real vs generated](real_vs_generated.png)", ""]
     return lines
+
+
+def _overlap_words(shared: int, total: int, what: str) -> str:
+    if not shared:
+        return f"none of the {total} is a training clip (by tokens and class)"
+    return (f"{shared} of the {total} are training clips (the same tokens and class): {what} "
+            "measures fit on clips the model trained on, not generalization")
+
+
+def _reference_overlap(run_dir: str, classes: dict) -> str:
+    """Whether the Frechet reference clips are training clips (checked, not assumed)."""
+    from localopt_plugin.evaluation.classifier import reference_in_training
+
+    train = os.path.join(run_dir, "shards", "train", "manifest.json")
+    if not os.path.exists(train):
+        return f"not checked against training: {train} is missing"
+    shared, total = reference_in_training(train, classes["background"],
+                                          classes["num real reference clips"],
+                                          classes["frames"])
+    return _overlap_words(shared, total, "the distance")
+
+
+def _real_flow(run_dir: str, count: int) -> str:
+    """The same error for as many real clips through the run's tokenizer (its reference)."""
+    from localopt_plugin.evaluation.flow import real_flow_error
+
+    classes, train = (os.path.join(run_dir, *parts) for parts in (
+        ("eval", "classes.json"), ("shards", "train", "manifest.json")))
+    if not (os.path.exists(classes) and os.path.exists(train)):
+        return " (no real clips' value: the run's classes report or manifest is missing)"
+    with open(classes) as f:
+        background = json.load(f)["background"]
+    with open(train) as f:
+        manifest = json.load(f)
+    value = real_flow_error(background, manifest["tokenizer"]["name"], count,
+                            manifest["source"]["frames"], max(manifest["source"]["resolution"]))
+    return (f", against {value:.4f} for {count} real {background} clips through the tokenizer "
+            "(lower than real is not smoother motion but blur or a frozen picture)")
 
 
 def _data_section(run_dir: str) -> list[str]:
@@ -123,6 +162,15 @@ def _data_section(run_dir: str) -> list[str]:
             f"{source.get('frames')} frames at {resolution}, "
             f"{manifest.get('num_classes')} classes, tokenizer {manifest['tokenizer']['name']} "
             f"(latent grid {manifest['latent_grid']}, {manifest['video_vocab_size']} codes)")
+    train, valid = (os.path.join(run_dir, "shards", split, "manifest.json")
+                    for split in ("train", "valid"))
+    if os.path.exists(train) and os.path.exists(valid):
+        from localopt_plugin.data.wds.samples import sample_digests
+
+        training = set(sample_digests(train))
+        held = sample_digests(valid)
+        lines.append("- validation clips: " + _overlap_words(
+            sum(d in training for d in held), len(held), "the validation loss and NLL"))
     classes = os.path.join(run_dir, "eval", "classes.json")
     if os.path.exists(classes):
         with open(classes) as f:
@@ -155,7 +203,10 @@ def write_report(run_dir: str) -> str:
         with open(nll_file) as f:
             nll = json.load(f)
         per_frame = nll["per_frame_nll"]
-        lines += ["## Validation NLL per latent frame (error accumulation)", "",
+        lines += ["## Validation NLL per latent frame (teacher-forced)", "",
+                  "Each frame predicted from the real frames before it: how well positions "
+                  "are modelled, not the error accumulation of generation (see the classes "
+                  "of the first and last frames above).", "",
                   f"Mean full-sequence NLL {nll['mean_nll']:.4f} over {nll['num_samples']} "
                   "validation samples.", "",
                   "| frame | " + " | ".join(str(i) for i in range(len(per_frame))) + " |",
@@ -190,7 +241,7 @@ def write_report(run_dir: str) -> str:
             flow = json.load(f)
         lines += ["## Temporal consistency", "",
                   f"{flow['metric']}: mean {flow['mean']:.4f} over {flow['num_videos']} "
-                  "generated videos.", ""]
+                  f"generated videos{_real_flow(run_dir, flow['num_videos'])}.", ""]
     path = os.path.join(run_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -1,8 +1,12 @@
-"""Full-sequence NLL per latent frame position: the error-accumulation curve.
+"""Full-sequence NLL per latent frame position, teacher-forced.
 
 Why per frame: Local Optimization trains each window with only detached context, so whether
-late frames are predicted as well as early ones is the question; the curve answers it for any
+late frames are predicted as well as early ones is a question; the curve answers it for any
 objective on the same validation data, and curves of several checkpoints can be overlaid.
+What it cannot show: every frame is predicted from the real frames before it, so errors never
+feed back as they do in generation (error accumulation), and a fact worth a few nats (a colour
+seen long before) is lost among thousands; ``localopt_plugin.evaluation.recall`` measures
+those on generated videos.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ bad samples than ``--max-bad-sample-fraction`` of what a worker read ends the ru
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import webdataset as wds
 
-from localopt_plugin.data.manifest import Manifest
+from localopt_plugin.data.manifest import Manifest, load_manifest
 from localopt_plugin.data.wds.shards import Shard
 
 log = logging.getLogger(__name__)
@@ -119,3 +121,22 @@ def read_shard(shard: Shard, manifest: Manifest, counter: SkipCounter) -> Iterat
                      f"{shard.url} ended after {raw_count} of {shard.samples} samples{why}")
     elif errors:
         log.warning("%s: read all %d samples despite errors: %s", shard.url, raw_count, errors)
+
+
+def sample_digests(manifest_path: str) -> list[str]:
+    """A content digest (tokens and class) of every sample of a manifest's shards: what tells
+    whether two splits share clips."""
+    manifest = load_manifest(manifest_path)
+    counter = SkipCounter(manifest_path, max_bad_fraction=1.0, minimum_judged=1)
+    digests = []
+    for name, count in manifest.shards.items():
+        url = os.path.join(os.path.dirname(manifest_path), name)
+        digests += [token_digest(s.tokens, s.label) for s in read_shard(Shard(url, count),
+                                                                         manifest, counter)]
+    return digests
+
+
+def token_digest(tokens: np.ndarray, label: int) -> str:
+    """The digest :func:`sample_digests` gives a sample's ``[F, h, w]`` tokens and class."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()
+                          + str(label).encode()).hexdigest()
