@@ -103,6 +103,7 @@ class Variant:
     first_window_prob: float | None = None  # None: uniform over all candidate windows
     reco: tuple[str, ...] = field(default_factory=tuple)  # --reco-* flags; set: ReCo on
     same_steps: bool = False  # full-sequence's steps instead of a share of its FLOPs
+    extra: tuple[str, ...] = field(default_factory=tuple)  # any other localopt-train flags
 
     def flags(self) -> list[str]:
         flags = ["--objective", self.objective]
@@ -114,7 +115,7 @@ class Variant:
                           "--local-opt-first-window-prob", str(self.first_window_prob)]
         if self.reco:
             flags += ["--regularizer", "reco", *self.reco]
-        return flags
+        return [*flags, *self.extra]
 
     @property
     def slug(self) -> str:
@@ -241,13 +242,14 @@ class FlopCounter:
         self.window = preset.window
 
     def objective(self, variant: Variant, seed: int):
-        from localopt_plugin.objectives import WindowConfig, build_objective
+        """The variant's objective as the trainer builds it from the same flags."""
+        from localopt_plugin.plugin import PluginConfig
+        from localopt_plugin.training.parser import build_parser
 
-        prob = 0.5 if variant.first_window_prob is None else variant.first_window_prob
-        sampler = "uniform" if variant.first_window_prob is None else "first-frame-balanced"
-        return build_objective(variant.objective, self.layout, sampler=sampler,
-                               window=WindowConfig(window_frames=self.window,
-                                                   first_window_prob=prob), seed=seed)
+        args = build_parser().parse_args([  # in the trainer's order: the variant's flags win
+            "--local-opt-window-frames", str(self.window), "--seed", str(seed),
+            *variant.flags(), "--dataset", "synthetic-video-tokens"])  # it reads no data
+        return PluginConfig.from_args(args).build_objective(self.layout)
 
     def steps(self, variant: Variant, seed: int, count: int) -> tuple[list[float], list[float]]:
         """FLOPs and window starts of the first ``count`` steps (one micro-batch each)."""

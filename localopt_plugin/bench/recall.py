@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -120,6 +121,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="run seeds: initialisation, data order and the training data")
     parser.add_argument("--variants", nargs="+", default=None,
                         help="run only these (full-sequence always runs: it sets the budget)")
+    parser.add_argument("--add-variant", nargs=3, action="append", default=[],
+                        metavar=("NAME", "BUDGET", "FLAGS"),
+                        help="another variant: localopt-train FLAGS (one string, e.g. "
+                        "'--objective local-opt --window-sampler uniform') trained to BUDGET x "
+                        "full-sequence's FLOPs; repeatable")
     parser.add_argument("--recall", default="colours=4,hide=17+32",
                         help="the data's recall OPTIONS: colours=K,hide=START+FRAMES (the "
                         "frames the object is hidden)")
@@ -256,6 +262,25 @@ def pilot_gate(rows: list[dict]) -> dict:
                                                  "cue worth (nats per clip)")} for r in full]}
 
 
+def _added_variant(spec: list[str]) -> Budgeted:
+    """An ``--add-variant NAME BUDGET FLAGS`` (its objective read from FLAGS, as the trainer
+    and the FLOP count read them)."""
+    name, budget, flags = spec
+    try:
+        share = float(budget)
+    except ValueError:
+        raise UserError(f"--add-variant {name}: BUDGET must be a number, got {budget!r}") from None
+    if not 0 < share <= 4:
+        raise UserError(f"--add-variant {name}: BUDGET must lie in (0, 4], got {share}")
+    extra = tuple(shlex.split(flags))
+    objective = "full-sequence"
+    if "--objective" in extra[:-1]:
+        objective = extra[extra.index("--objective") + 1]
+    if name in {v.name for v in VARIANTS}:
+        raise UserError(f"--add-variant {name}: a built-in variant has this name")
+    return Budgeted(name, objective, first_window_prob=0.5, extra=extra, budget=share)
+
+
 def run(args: argparse.Namespace) -> dict:
     preset = PRESETS[args.preset]
     if args.full_steps:
@@ -263,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.frames:
         preset = dataclasses.replace(preset, frames=args.frames)
     _setting(args, "train")  # refuses bad --recall options before any work
-    variants = list(VARIANTS)
+    variants = [*VARIANTS, *map(_added_variant, args.add_variant)]
     if args.variants:
         unknown = set(args.variants) - {v.name for v in variants}
         if unknown:

@@ -99,6 +99,25 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
                     "## Temporal consistency"):
         assert section in report
     assert "missing:" not in report and "| NLL, null condition |" in report
+    # which evaluation clips are training clips, counted again from pixels (the report counts
+    # tokens and classes): the simple variant has 4 clips per class, so most of them are
+    import hashlib
+
+    from localopt_plugin.data.procedural import render_video
+    from localopt_plugin.evaluation.classifier import REFERENCE_SEED_START
+
+    def digest(i, first_seed):
+        return hashlib.sha256(render_video(i % 12, first_seed + i, 17, 64,
+                                           background="simple").tobytes()).hexdigest()
+
+    training = {digest(i, 0) for i in range(32)}
+    valid = sum(digest(i, 500000) in training for i in range(16))
+    reference = sum(digest(i, REFERENCE_SEED_START) in training
+                    for i in range(classes["num real reference clips"]))
+    assert 0 < valid and 0 < reference  # the case the label exists for
+    assert f"validation clips: {valid} of the 16 are training clips" in report
+    assert (f"{reference} of the {classes['num real reference clips']} are training clips"
+            in report)
     assert Image.open(out / "loss_curves.png").format == "PNG"
     assert Image.open(out / "real_vs_generated.png").format == "PNG"
 
