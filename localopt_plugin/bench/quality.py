@@ -190,8 +190,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(cmd: list[str], log: str | None = None) -> None:
-    """A subprocess as a user runs it; its output goes to ``log`` (shown on failure)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+    """A subprocess as a user runs it (``OMP_NUM_THREADS`` as set, else every core); its
+    output goes to ``log`` (shown on failure)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                           str(os.cpu_count()))}
     if log is None:
         subprocess.run(cmd, check=True, env=env)
         return

@@ -98,9 +98,12 @@ VARIANTS = (
 )
 # one value per run (mean and spread over seeds)
 METRICS = ("steps", "compute (PFLOP)", "train time (s)", "final valid loss",
-           "prompted recall accuracy", "cue worth (nats per clip)",
-           "prompted presence after hiding", "free recall accuracy",
+           "prompted recall accuracy", "prompted hid the object",
+           "prompted colour kept after hiding", "cue worth (nats per clip)",
+           "prompted presence after hiding", "free recall accuracy", "free hid the object",
            "free presence after hiding", "prompted recall accuracy (within trained length)",
+           "prompted hid the object (within trained length)",
+           "prompted colour kept after hiding (within trained length)",
            "free recall accuracy (within trained length)")
 # one value per 17-frame segment (mean over seeds)
 SEGMENT_METRICS = ("free presence per segment", "free cue colour share per segment",
@@ -184,6 +187,8 @@ def row_metrics(result: dict, suffix: str = "") -> dict:
     """A run's figures from its ``localopt-eval recall`` JSON."""
     prompted, free = result["prompted"], result["free"]
     row = {f"prompted recall accuracy{suffix}": prompted["recall accuracy"],
+           f"prompted hid the object{suffix}": prompted["hid the object"],
+           f"prompted colour kept after hiding{suffix}": prompted["colour kept after hiding"],
            f"free recall accuracy{suffix}": free["recall accuracy"]}
     if suffix:
         return row
@@ -193,6 +198,7 @@ def row_metrics(result: dict, suffix: str = "") -> dict:
         "cue worth (nats per clip)": result["cue worth (nats per clip)"],
         "prompted presence after hiding": prompted["presence after hiding"],
         "free presence after hiding": free["presence after hiding"],
+        "free hid the object": free["hid the object"],
         "free presence per segment": free["presence per segment"],
         "free cue colour share per segment": free["cue colour share per segment"],
         "free class accuracy per segment": [s["accuracy"] for s in segments],

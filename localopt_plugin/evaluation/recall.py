@@ -7,9 +7,10 @@ the object's colour shows only in the first segment and must be recalled after i
 for longer than a window (``localopt_plugin.data.recall``). Measured three ways:
 
 * **pixels**: in decoded frames, the object is the pixels far from the flat ground; its colour
-  is their median, named by the nearest palette colour. A clip recalls when the object is there
-  after the hiding and has the colour it had before it (:func:`recall_scores`, any videos: real
-  ones score ~1, colour-swapped ones ~0, chance is ``1 / colours``);
+  is their median, named by the nearest palette colour. A clip recalls when the object hides
+  (shows in at most a quarter of the hidden frames) and is then there in the colour it had
+  before (:func:`recall_scores`, any videos: real ones score ~1, colour-swapped ones 0, ones that
+  never hide 0; chance for a model that hides is ``1 / colours``);
 * **prompted generation**: the real first segment of held-out clips as the prompt, the rest
   sampled (:func:`prompted_videos`): recall against the true colour;
 * **cue worth** (:func:`cue_worth`): teacher-forced NLL of the reappearance frames after the
@@ -31,6 +32,9 @@ from localopt_plugin.model import forward_hidden, token_losses
 
 OBJECT_DISTANCE = 0.3  # RGB distance (in [0, 1] units) from the ground that counts as object
 MIN_OBJECT_PIXELS = 0.01  # share of a frame's pixels that makes the object present
+HIDDEN_PRESENCE = 0.25  # a clip hides the object when it shows in at most this share of the
+# hidden frames (real clips through the tokenizer: the first one, where the codec's temporal
+# compression blurs the vanishing)
 
 
 def object_colours(frames: np.ndarray, colours: int) -> np.ndarray:
@@ -53,20 +57,28 @@ def _majority(colours: np.ndarray) -> int:
 
 
 def clip_recall(frames: np.ndarray, setting: RecallSetting, cue: int | None = None) -> dict:
-    """One clip: its cue colour (``cue``, else the object's colour before the hiding), the
-    colour after it, and per frame the object's colour."""
+    """One clip: its cue colour (``cue``, else the object's colour before the hiding), whether
+    it hides the object, the colour after the hiding, and per frame the object's colour.
+
+    It recalls when it hides the object and then shows it in the cue colour: a model that never
+    hides it keeps the colour without remembering anything."""
     per_frame = object_colours(frames, setting.colours)
     cue = _majority(per_frame[:setting.hide_start]) if cue is None else cue
     after = _majority(per_frame[setting.hide_end:])
-    return {"cue": cue, "after": after, "recalled": bool(cue >= 0 and after == cue),
-            "per frame": per_frame}
+    hidden = per_frame[setting.hide_start:setting.hide_end]
+    hid = bool(hidden.size == 0 or (hidden >= 0).mean() <= HIDDEN_PRESENCE)
+    kept = bool(cue >= 0 and after == cue)
+    return {"cue": cue, "after": after, "hid": hid, "colour kept": kept,
+            "recalled": hid and kept, "per frame": per_frame}
 
 
 def recall_scores(videos: list[np.ndarray] | np.ndarray, setting: RecallSetting,
                   cues: list[int] | None = None) -> dict:
     """Recall accuracy of videos (``cues``: their true colours; default: each video's own
-    first part), presence after the hiding, and per 17-frame segment the share of frames
-    showing the object and the share of those in the cue colour."""
+    first part): the share that hide the object and show it again in the cue colour; apart,
+    the share that hide it and the share whose colour after the hiding is the cue's; presence
+    after the hiding; per 17-frame segment the share of frames showing the object and the share
+    of those in the cue colour."""
     clips = [clip_recall(v, setting, None if cues is None else cues[i])
              for i, v in enumerate(videos)]
     frames = np.stack([c["per frame"] for c in clips])  # [N, T]
@@ -75,6 +87,8 @@ def recall_scores(videos: list[np.ndarray] | np.ndarray, setting: RecallSetting,
     result = {
         "videos": len(clips),
         "recall accuracy": float(np.mean([c["recalled"] for c in clips])),
+        "hid the object": float(np.mean([c["hid"] for c in clips])),
+        "colour kept after hiding": float(np.mean([c["colour kept"] for c in clips])),
         "presence after hiding": float((after >= 0).mean()) if after.size else float("nan"),
         "cue colours": cue[:, 0].tolist(),
         "colours after hiding": [c["after"] for c in clips],

@@ -96,6 +96,14 @@ def test_recall_scores_real_clips_one_swapped_cues_zero_through_the_tokenizer():
         recoloured(c, setting), 65, 32, setting)))[49:]]) for v, c in zip(videos, clips,
                                                                          strict=True)]
     assert recall_scores(changed, setting)["recall accuracy"] == 0.0
+    # one that never hides the object keeps its colour without remembering it: no recall
+    unhidden = RecallSetting(split="reference", hide_start=100, hide_frames=1)
+    shown = [tokenizer.decode(tokenizer.encode(render_recall_clip(c, 65, 32, unhidden)))
+             for c in clips]
+    never = recall_scores(shown, setting, cues)
+    assert never["colour kept after hiding"] == 1.0 and never["hid the object"] == 0.0
+    assert never["recall accuracy"] == 0.0
+    assert real["hid the object"] == 1.0 and real["colour kept after hiding"] == 1.0
 
 
 def test_the_recall_codebook_holds_every_default_clip_and_maps_others_to_near_codes():
