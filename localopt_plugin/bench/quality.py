@@ -189,7 +189,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="directory of real videos for FVD (with --i3d)")
 
 
-def _run(cmd: list[str], log: str | None = None) -> None:
+def run_logged(cmd: list[str], log: str | None = None) -> None:
     """A subprocess as a user runs it (``OMP_NUM_THREADS`` as set, else every core); its
     output goes to ``log`` (shown on failure)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
@@ -215,10 +215,10 @@ def make_data(out: str, preset: QualityPreset) -> tuple[list[str], list[str]]:
                                ("valid", preset.valid_videos, 500000)):
         directory = os.path.join(out, "data", split)
         if not os.path.exists(os.path.join(directory, "manifest.json")):
-            _run([sys.executable, "-m", "localopt_plugin.commands.preprocess",
-                  f"{kind}:{count}:{seed}", "--output", directory, "--videos-per-shard", "64",
-                  "--frames", str(preset.frames), "--no-progress"],
-                 os.path.join(out, "data", f"{split}.log"))
+            run_logged([sys.executable, "-m", "localopt_plugin.commands.preprocess",
+                        f"{kind}:{count}:{seed}", "--output", directory, "--videos-per-shard", "64",
+                        "--frames", str(preset.frames), "--no-progress"],
+                       os.path.join(out, "data", f"{split}.log"))
         paths.append(sorted(os.path.join(directory, f) for f in os.listdir(directory)
                             if f.endswith(".tar")))
     return paths[0], paths[1]
@@ -295,7 +295,7 @@ def train(args: argparse.Namespace, preset: QualityPreset, variant: Variant, see
            "--save", os.path.join(run_dir, "checkpoint"), "--metrics-file", metrics,
            "--progress", "off", *variant.flags()]
     started = time.perf_counter()
-    _run(cmd, os.path.join(run_dir, "train.log"))
+    run_logged(cmd, os.path.join(run_dir, "train.log"))
     wall = time.perf_counter() - started
     with open(metrics) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -331,9 +331,9 @@ def classifier_digest() -> str:
 def score_classes(run_dir: str, background: str) -> dict:
     """Class accuracy and Frechet distance of a run's samples by the shipped classifier."""
     classes_file = os.path.join(run_dir, "classes.json")
-    _run([sys.executable, "-m", "localopt_plugin.commands.evaluate", "classes",
-          os.path.join(run_dir, "samples"), "--background", background, "--out", classes_file],
-         os.path.join(run_dir, "classes.log"))
+    run_logged([sys.executable, "-m", "localopt_plugin.commands.evaluate", "classes",
+                os.path.join(run_dir, "samples"), "--background", background,
+                "--out", classes_file], os.path.join(run_dir, "classes.log"))
     with open(classes_file) as f:
         classes = json.load(f)
     keys = ("accuracy", "first frames accuracy", "last frames accuracy", "frechet distance",
@@ -356,9 +356,9 @@ def evaluate(args: argparse.Namespace, preset: QualityPreset, variant: Variant, 
     run_dir = os.path.dirname(checkpoint)
     py = [sys.executable, "-m"]
     nll_file = os.path.join(run_dir, "nll.json")
-    _run([*py, "localopt_plugin.commands.evaluate", "nll", "--checkpoint", checkpoint,
-          "--data-path", *valid, "--num-samples", str(preset.eval_samples),
-          "--out", nll_file], os.path.join(run_dir, "nll.log"))
+    run_logged([*py, "localopt_plugin.commands.evaluate", "nll", "--checkpoint", checkpoint,
+                "--data-path", *valid, "--num-samples", str(preset.eval_samples),
+                "--out", nll_file], os.path.join(run_dir, "nll.log"))
     with open(nll_file) as f:
         nll = json.load(f)
     per_frame = nll["per_frame_nll"]
@@ -370,22 +370,22 @@ def evaluate(args: argparse.Namespace, preset: QualityPreset, variant: Variant, 
     mode = (["--mode", "chunked", "--chunk-frames", str(preset.window)]
             if variant.objective == "fewer-frames" else ["--mode", "full"])
     per_class = args.generate_per_class or preset.generate_per_class
-    _run([*py, "localopt_plugin.commands.generate", "--checkpoint", checkpoint, "--out", samples,
-          "--class-labels", *map(str, range(NUM_CLASSES)), "--samples-per-condition",
-          str(per_class), "--top-k", "50", "--seed", str(row["seed"]), "--no-progress", *mode],
-         os.path.join(run_dir, "generate.log"))
+    run_logged([*py, "localopt_plugin.commands.generate", "--checkpoint", checkpoint, "--out",
+                samples, "--class-labels", *map(str, range(NUM_CLASSES)),
+                "--samples-per-condition", str(per_class), "--top-k", "50", "--seed",
+                str(row["seed"]), "--no-progress", *mode], os.path.join(run_dir, "generate.log"))
     flow_file = os.path.join(run_dir, "flow.json")
-    _run([*py, "localopt_plugin.commands.evaluate", "flow", samples, "--out", flow_file],
-         os.path.join(run_dir, "flow.log"))
+    run_logged([*py, "localopt_plugin.commands.evaluate", "flow", samples, "--out", flow_file],
+               os.path.join(run_dir, "flow.log"))
     with open(flow_file) as f:
         result["flow warp error"] = json.load(f)["mean"]
     if background != "none":
         result.update(score_classes(run_dir, background))
     if args.i3d:
         fvd_file = os.path.join(run_dir, "fvd.json")
-        _run([*py, "localopt_plugin.commands.evaluate", "fvd", "--i3d", args.i3d,
-              "--real", args.real_videos, "--generated", samples, "--out", fvd_file],
-             os.path.join(run_dir, "fvd.log"))
+        run_logged([*py, "localopt_plugin.commands.evaluate", "fvd", "--i3d", args.i3d,
+                    "--real", args.real_videos, "--generated", samples, "--out", fvd_file],
+                   os.path.join(run_dir, "fvd.log"))
         with open(fvd_file) as f:
             result["FVD"] = json.load(f)["fvd"]
     return result
@@ -503,7 +503,8 @@ def run(args: argparse.Namespace) -> dict:
             "runs": rows, "summary": summarize(rows, variants)}
 
 
-def _cell(value) -> str:
+def table_cell(value) -> str:
+    """A table cell: a list's values, a spread's mean (min-max), a float to 4 digits."""
     if isinstance(value, list):
         return " ".join(f"{v:.3g}" for v in value)
     if isinstance(value, dict):
@@ -522,7 +523,7 @@ def format_table(result: dict) -> str:
            "(min-max over seeds)", "", "| " + " | ".join(columns) + " |",
            "|" + "---|" * len(columns)]
     for entry in result["summary"]:
-        out.append("| " + " | ".join(_cell(entry.get(c, "n/a")) for c in columns) + " |")
+        out.append("| " + " | ".join(table_cell(entry.get(c, "n/a")) for c in columns) + " |")
     real_flow = result.get("flow warp error of real clips through the tokenizer")
     if real_flow is not None:
         out += ["", f"flow warp error of as many real clips through the tokenizer: "

@@ -34,7 +34,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from localopt_plugin.bench.quality import RECO_BEST, FlopCounter, Variant, _run, train
+from localopt_plugin.bench.quality import (
+    RECO_BEST,
+    FlopCounter,
+    Variant,
+    run_logged,
+    table_cell,
+    train,
+)
 from localopt_plugin.data.recall import RecallSetting
 from localopt_plugin.errors import UserError
 from localopt_plugin.preprocess.inputs import RECALL
@@ -156,11 +163,11 @@ def make_data(directory: str, preset: RecallPreset, seed: int,
         if not os.path.exists(os.path.join(out, "manifest.json")):
             os.makedirs(directory, exist_ok=True)
             spec = f"{RECALL}:{count}:{first}:{_setting(args, split).options()}"
-            _run([sys.executable, "-m", "localopt_plugin.commands.preprocess", spec,
-                  "--output", out, "--shard-prefix", split, "--frames", str(preset.frames),
-                  "--resolution", str(preset.resolution), "--tokenizer", "fsq-video-recall",
-                  "--videos-per-shard", "256", "--no-progress"],
-                 os.path.join(directory, f"{split}.log"))
+            run_logged([sys.executable, "-m", "localopt_plugin.commands.preprocess", spec,
+                        "--output", out, "--shard-prefix", split, "--frames", str(preset.frames),
+                        "--resolution", str(preset.resolution), "--tokenizer", "fsq-video-recall",
+                        "--videos-per-shard", "256", "--no-progress"],
+                       os.path.join(directory, f"{split}.log"))
         paths.append(sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".tar")))
     return paths[0], paths[1]
 
@@ -171,13 +178,14 @@ def _evaluate_once(run_dir: str, preset: RecallPreset, args: argparse.Namespace,
     if not os.path.exists(out):
         temperature = preset.temperature if args.temperature is None else args.temperature
         top_k = preset.top_k if args.top_k is None else args.top_k
-        _run([sys.executable, "-m", "localopt_plugin.commands.evaluate", "recall",
-              "--checkpoint", os.path.join(run_dir, "checkpoint"),
-              "--setting", _setting(args, "reference").options(),
-              "--count", str(preset.prompts), "--first-seed", str(PROMPT_SEED),
-              "--per-class", str(preset.per_class), "--reference-count", str(preset.reference),
-              "--temperature", str(temperature), "--top-k", str(top_k), "--seed", str(seed),
-              *mode, "--out", out + ".tmp"], os.path.join(run_dir, f"{name}.log"))
+        run_logged([sys.executable, "-m", "localopt_plugin.commands.evaluate", "recall",
+                    "--checkpoint", os.path.join(run_dir, "checkpoint"),
+                    "--setting", _setting(args, "reference").options(),
+                    "--count", str(preset.prompts), "--first-seed", str(PROMPT_SEED),
+                    "--per-class", str(preset.per_class),
+                    "--reference-count", str(preset.reference), "--temperature", str(temperature),
+                    "--top-k", str(top_k), "--seed", str(seed), *mode, "--out", out + ".tmp"],
+                   os.path.join(run_dir, f"{name}.log"))
         os.replace(out + ".tmp", out)
     with open(out) as f:
         return json.load(f)
@@ -342,15 +350,6 @@ def run(args: argparse.Namespace) -> dict:
             "pilot gate": pilot_gate(rows), "runs": rows, "summary": summarize(rows, variants)}
 
 
-def _cell(value) -> str:
-    if isinstance(value, list):
-        return " ".join(f"{v:.3g}" for v in value)
-    if isinstance(value, dict):
-        mean, low, high = value["mean"], value["min"], value["max"]
-        return f"{mean:.3g}" if low == high else f"{mean:.3g} ({low:.3g}-{high:.3g})"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def format_table(result: dict) -> str:
     """Two markdown tables (per run figures; per segment figures) and the gate's verdict."""
     summary = result["summary"]
@@ -362,12 +361,12 @@ def format_table(result: dict) -> str:
                     SEGMENT_METRICS):
         columns = ["variant", *(c for c in columns if any(c in e for e in summary))]
         out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        out += ["| " + " | ".join(_cell(e.get(c, "n/a")) for c in columns) + " |"
+        out += ["| " + " | ".join(table_cell(e.get(c, "n/a")) for c in columns) + " |"
                 for e in summary]
         out.append("")
     real = summary[0]
     out.append("real held-out clips through the tokenizer: " + "; ".join(
-        f"{metric} {_cell(real[metric])}" for metric in REAL_METRICS if metric in real))
+        f"{metric} {table_cell(real[metric])}" for metric in REAL_METRICS if metric in real))
     return "\n".join(out) + "\n"
 
 
