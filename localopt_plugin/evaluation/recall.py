@@ -92,6 +92,7 @@ def recall_scores(videos: list[np.ndarray] | np.ndarray, setting: RecallSetting,
         "presence after hiding": float((after >= 0).mean()) if after.size else float("nan"),
         "cue colours": cue[:, 0].tolist(),
         "colours after hiding": [c["after"] for c in clips],
+        "hid per clip": [c["hid"] for c in clips],
     }
     spans = segments(frames.shape[1]) or [(0, frames.shape[1])]
     presence, agreement = [], []

@@ -24,12 +24,16 @@ def _rows_are_their_runs_evaluations(out, result):
         assert evaluation["checkpoint"] == row["checkpoint"] == str(run_dir / "checkpoint")
         for key, value in row_metrics(evaluation).items():
             assert row[key] == value, key
-        # the figures behind the row: recall accuracy is the share of clips whose colour after
-        # the hiding is the true cue's (the prompts' true colours)
+        # the figures behind the row: recall accuracy is the share of clips that hid the object
+        # and show it afterwards in the true cue's colour (the prompts' true colours)
         prompted = evaluation["prompted"]
-        hits = [a == c for a, c in zip(prompted["colours after hiding"],
+        kept = [a == c for a, c in zip(prompted["colours after hiding"],
                                        prompted["cue colours"], strict=True)]
-        assert row["prompted recall accuracy"] == pytest.approx(sum(hits) / len(hits))
+        hid = prompted["hid per clip"]
+        assert row["prompted colour kept after hiding"] == pytest.approx(sum(kept) / len(kept))
+        assert row["prompted hid the object"] == pytest.approx(sum(hid) / len(hid))
+        assert row["prompted recall accuracy"] == pytest.approx(
+            sum(k and h for k, h in zip(kept, hid, strict=True)) / len(kept))
         worth = evaluation["cue worth per clip"]
         assert row["cue worth (nats per clip)"] == pytest.approx(sum(worth) / len(worth))
         if variant.objective == "fewer-frames":
