@@ -44,7 +44,10 @@ from localopt_plugin.bench.quality import (
 )
 from localopt_plugin.data.recall import RecallSetting
 from localopt_plugin.errors import UserError
+from localopt_plugin.evaluation.recall import hiding_latent_frames
 from localopt_plugin.preprocess.inputs import RECALL
+from localopt_plugin.tokenizers import build_tokenizer
+from localopt_plugin.training.parser import build_parser
 
 PROMPT_SEED = 500_000  # the first seed of the held-out clips (valid and reference splits)
 
@@ -286,13 +289,13 @@ def _added_variant(spec: list[str]) -> Budgeted:
         raise UserError(f"--add-variant {name}: BUDGET must be a number, got {budget!r}") from None
     if not 0 < share <= 4:
         raise UserError(f"--add-variant {name}: BUDGET must lie in (0, 4], got {share}")
-    extra = tuple(shlex.split(flags))
-    objective = "full-sequence"
-    if "--objective" in extra[:-1]:
-        objective = extra[extra.index("--objective") + 1]
     if name in {v.name for v in VARIANTS}:
         raise UserError(f"--add-variant {name}: a built-in variant has this name")
-    return Budgeted(name, objective, first_window_prob=0.5, extra=extra, budget=share)
+    extra = tuple(shlex.split(flags))
+    parsed, unknown = build_parser().parse_known_args(extra)  # the trainer reads them so
+    if unknown:
+        raise UserError(f"--add-variant {name}: not localopt-train flags: {' '.join(unknown)}")
+    return Budgeted(name, parsed.objective, first_window_prob=0.5, extra=extra, budget=share)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -301,7 +304,9 @@ def run(args: argparse.Namespace) -> dict:
         preset = dataclasses.replace(preset, full_steps=args.full_steps)
     if args.frames:
         preset = dataclasses.replace(preset, frames=args.frames)
-    _setting(args, "train")  # refuses bad --recall options before any work
+    # bad --recall options or a hiding that does not fit the clips: refused before any work
+    hiding_latent_frames(_setting(args, "train"), preset.frames,
+                         build_tokenizer("fsq-video-recall").temporal_compression)
     variants = [*VARIANTS, *map(_added_variant, args.add_variant)]
     if args.variants:
         unknown = set(args.variants) - {v.name for v in variants}

@@ -25,8 +25,15 @@ import torch
 
 from localopt_plugin.data.inputs import InputBuilder
 from localopt_plugin.data.layout import SampleLayout
-from localopt_plugin.data.procedural import PLAIN_GROUND
-from localopt_plugin.data.recall import PALETTE, RecallClip, RecallSetting, render_recall_clip
+from localopt_plugin.data.procedural import NUM_CLASSES, PLAIN_GROUND
+from localopt_plugin.data.recall import (
+    PALETTE,
+    RecallClip,
+    RecallSetting,
+    recall_clip,
+    render_recall_clip,
+)
+from localopt_plugin.errors import UserError
 from localopt_plugin.evaluation.segments import segments
 from localopt_plugin.model import forward_hidden, token_losses
 
@@ -112,9 +119,6 @@ def held_out_clips(setting: RecallSetting, count: int, first_seed: int, num_fram
     """``count`` clips of ``setting.split`` (clip ``i``: class ``i % 12``, seed
     ``first_seed + i``, as ``procedural-recall:count:first_seed`` lists them) and their
     pixels."""
-    from localopt_plugin.data.procedural import NUM_CLASSES
-    from localopt_plugin.data.recall import recall_clip
-
     drawn = [recall_clip(i % NUM_CLASSES, first_seed + i, setting, num_frames, size)
              for i in range(count)]
     return [clip for clip, _ in drawn], np.stack([frames for _, frames in drawn])
@@ -129,6 +133,21 @@ def recoloured(clip: RecallClip, setting: RecallSetting) -> RecallClip:
 def latent_frame(frame: int, temporal_compression: int) -> int:
     """The latent frame that holds pixel frame ``frame`` (1 + k*c frames -> 1 + k latents)."""
     return 0 if frame == 0 else (frame + temporal_compression - 1) // temporal_compression
+
+
+def hiding_latent_frames(setting: RecallSetting, num_frames: int,
+                         temporal_compression: int) -> tuple[int, int]:
+    """The latent frames before the hiding (the cue) and the first one after it; refuses a
+    hiding that leaves none before or after it in ``num_frames`` frames."""
+    cue_frames = latent_frame(setting.hide_start - 1, temporal_compression) + 1
+    first_after = latent_frame(setting.hide_end, temporal_compression)
+    latents = latent_frame(num_frames - 1, temporal_compression) + 1
+    if not cue_frames < first_after < latents:
+        raise UserError(f"recall hide={setting.hide_start}+{setting.hide_frames} leaves no latent "
+                        f"frame before or after the hiding in {num_frames}-frame clips: end the "
+                        f"hiding before frame {num_frames - temporal_compression} or use longer "
+                        "clips")
+    return cue_frames, first_after
 
 
 @torch.no_grad()
@@ -193,7 +212,6 @@ def evaluate_checkpoint(checkpoint: str, setting: RecallSetting, count: int = 48
     and flow-warping error; beside each, the held-out real clips through the tokenizer (what a
     perfect model of the tokens would score). Needs ``init_distributed()``.
     """
-    from localopt_plugin.data.procedural import NUM_CLASSES
     from localopt_plugin.evaluation.classifier import class_accuracy, segment_report
     from localopt_plugin.generation.generate import class_conditions, load_context
     from localopt_plugin.generation.sampling import SamplingConfig, sample_video_tokens
@@ -205,17 +223,13 @@ def evaluate_checkpoint(checkpoint: str, setting: RecallSetting, count: int = 48
         raise ValueError(f"{checkpoint} was not trained on video shards with a tokenizer")
     num_frames = context.manifest.source_frames
     size = max(context.manifest.source_resolution)
-    compression = tokenizer.temporal_compression
-    cue_frames = latent_frame(setting.hide_start - 1, compression) + 1
-    first_after = latent_frame(setting.hide_end, compression)
-    if not cue_frames < first_after < layout.num_frames:
-        raise ValueError(f"hiding frames {setting.hide_start}-{setting.hide_end - 1} leave no "
-                         f"latent frame before or after them in {num_frames} frames")
+    cue_frames, first_after = hiding_latent_frames(setting, num_frames,
+                                                   tokenizer.temporal_compression)
     builder = InputBuilder(vocab, layout)
     clips, real = held_out_clips(setting, count, first_seed, num_frames, size)
-    _, other = zip(*[(c, render_recall_clip(recoloured(c, setting), num_frames, size, setting))
-                     for c in clips], strict=True)
-    true_tokens, other_tokens = _encode(tokenizer, real), _encode(tokenizer, np.stack(other))
+    other = np.stack([render_recall_clip(recoloured(c, setting), num_frames, size, setting)
+                      for c in clips])
+    true_tokens, other_tokens = _encode(tokenizer, real), _encode(tokenizer, other)
     labels = [c.class_id for c in clips]
     result: dict = {"checkpoint": checkpoint, "setting": setting.options(),
                     "frames": num_frames, "size": size, "held-out clips": count,

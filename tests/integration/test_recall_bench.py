@@ -84,3 +84,10 @@ def test_recall_bench_machinery(tmp_path):
                           "--out", str(tmp_path / "bad"), "--recall", "colours=12"],
                          cwd=REPO, capture_output=True, text=True, env=subprocess_env())
     assert bad.returncode != 0 and "colours must lie" in bad.stderr
+    for flags, message in ((["--recall", "hide=17+60"], "leaves no latent frame"),
+                           (["--add-variant", "x", "0.5", "--objective local-opt --bogus 3"],
+                            "not localopt-train flags: --bogus 3")):
+        refused = subprocess.run([sys.executable, "-m", "localopt_plugin.commands.bench",
+                                  "recall", "--out", str(tmp_path / "bad"), *flags],
+                                 cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
