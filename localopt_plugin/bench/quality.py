@@ -224,6 +224,19 @@ def make_data(out: str, preset: QualityPreset) -> tuple[list[str], list[str]]:
     return paths[0], paths[1]
 
 
+def select_variants(variants: list[Variant], names: list[str] | None,
+                    where: str) -> list[Variant]:
+    """``--variants``: the named ones and the first (full-sequence sets the budget); unknown
+    names refused, listing ``where``'s."""
+    if not names:
+        return variants
+    unknown = set(names) - {v.name for v in variants}
+    if unknown:
+        raise UserError(f"unknown --variants {sorted(unknown)}; {where} has: "
+                        f"{[v.name for v in variants]}")
+    return [v for v in variants if v is variants[0] or v.name in names]
+
+
 class FlopCounter:
     """Training FLOPs of every step of a variant, from the window draws of its seed."""
 
@@ -441,12 +454,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.eval_samples:
         preset = dataclasses.replace(preset, eval_samples=args.eval_samples)
     variants = list(SWEEPS[args.sweep])
-    if args.variants:
-        unknown = set(args.variants) - {v.name for v in variants}
-        if unknown:
-            raise UserError(f"unknown --variants {sorted(unknown)}; this sweep has: "
-                            f"{[v.name for v in variants]}")
-        variants = [v for v in variants if v is variants[0] or v.name in args.variants]
+    variants = select_variants(variants, args.variants, "this sweep")
     os.makedirs(args.out, exist_ok=True)
     if args.data_path:
         data = (args.data_path, args.valid_data_path)

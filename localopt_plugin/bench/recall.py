@@ -39,6 +39,7 @@ from localopt_plugin.bench.quality import (
     FlopCounter,
     Variant,
     run_logged,
+    select_variants,
     table_cell,
     train,
 )
@@ -307,13 +308,8 @@ def run(args: argparse.Namespace) -> dict:
     # bad --recall options or a hiding that does not fit the clips: refused before any work
     hiding_latent_frames(_setting(args, "train"), preset.frames,
                          build_tokenizer("fsq-video-recall").temporal_compression)
-    variants = [*VARIANTS, *map(_added_variant, args.add_variant)]
-    if args.variants:
-        unknown = set(args.variants) - {v.name for v in variants}
-        if unknown:
-            raise UserError(f"unknown --variants {sorted(unknown)}; this bench has: "
-                            f"{[v.name for v in variants]}")
-        variants = [v for v in variants if v is variants[0] or v.name in args.variants]
+    variants = select_variants([*VARIANTS, *map(_added_variant, args.add_variant)],
+                               args.variants, "this bench")
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for seed in args.seeds:

@@ -11,6 +11,7 @@ skipped.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -114,14 +115,24 @@ def _overlap_words(shared: int, total: int, what: str) -> str:
             "measures fit on clips the model trained on, not generalization")
 
 
+@functools.cache
+def _training_digests(train_manifest: str) -> frozenset[str]:
+    """The training samples' content digests, read once per report."""
+    from localopt_plugin.data.wds.samples import sample_digests
+
+    return frozenset(sample_digests(train_manifest))
+
+
 def _reference_overlap(run_dir: str, classes: dict) -> str:
     """Whether the Frechet reference clips are training clips (checked, not assumed)."""
+    from localopt_plugin.data.manifest import load_manifest
     from localopt_plugin.evaluation.classifier import reference_in_training
 
     train = os.path.join(run_dir, "shards", "train", "manifest.json")
     if not os.path.exists(train):
         return f"not checked against training: {train} is missing"
-    shared, total = reference_in_training(train, classes["background"],
+    shared, total = reference_in_training(_training_digests(train),
+                                          load_manifest(train).tokenizer, classes["background"],
                                           classes["num real reference clips"],
                                           classes["frames"])
     return _overlap_words(shared, total, "the distance")
@@ -167,7 +178,7 @@ def _data_section(run_dir: str) -> list[str]:
     if os.path.exists(train) and os.path.exists(valid):
         from localopt_plugin.data.wds.samples import sample_digests
 
-        training = set(sample_digests(train))
+        training = _training_digests(train)
         held = sample_digests(valid)
         lines.append("- validation clips: " + _overlap_words(
             sum(d in training for d in held), len(held), "the validation loss and NLL"))

@@ -365,17 +365,17 @@ def class_report(videos: np.ndarray, labels: np.ndarray, background: str = "text
     return report
 
 
-def reference_in_training(train_manifest: str, background: str, real_count: int = 256,
-                          frames: int = 17, size: int = SIZE) -> tuple[int, int]:
+def reference_in_training(training: set[str], tokenizer: str, background: str,
+                          real_count: int = 256, frames: int = 17,
+                          size: int = SIZE) -> tuple[int, int]:
     """How many of :func:`class_report`'s ``real_count`` reference clips are training clips:
-    the same tokens (by the training data's tokenizer) and class as one of its samples."""
-    from localopt_plugin.data.manifest import load_manifest
-    from localopt_plugin.data.wds.samples import sample_digests, token_digest
+    the same tokens (by the training data's ``tokenizer``) and class as one of the samples whose
+    digests are ``training`` (``localopt_plugin.data.wds.samples.sample_digests``)."""
+    from localopt_plugin.data.wds.samples import token_digest
     from localopt_plugin.tokenizers import build_tokenizer
 
-    training = set(sample_digests(train_manifest))
-    tokenizer = build_tokenizer(load_manifest(train_manifest).tokenizer)
+    codec = build_tokenizer(tokenizer)
     clips, labels = procedural_clips(real_count, REFERENCE_SEED_START, frames, size, background)
-    shared = sum(token_digest(tokenizer.encode(clip), int(label)) in training
+    shared = sum(token_digest(codec.encode(clip), int(label)) in training
                  for clip, label in zip(clips, labels, strict=True))
     return shared, real_count

@@ -54,19 +54,17 @@ def flow_warping_error(frames: np.ndarray) -> float:
 
 
 def real_flow_error(background: str, tokenizer: str | None, count: int = 24, frames: int = 17,
-                    size: int = 64, seed_start: int = 2**31 + 3 * 10**7) -> float:
-    """The mean warping error of ``count`` real procedural clips of ``background`` (through
-    ``tokenizer``'s encode/decode when given, as generated videos are): the value a generator of
-    real-looking motion scores; lower is not better than this."""
-    from localopt_plugin.data.procedural import NUM_CLASSES, render_video
+                    size: int = 64) -> float:
+    """The mean warping error of ``count`` real procedural clips of ``background`` (the
+    classifier report's control clips; through ``tokenizer``'s encode/decode when given, as
+    generated videos are): the value a generator of real-looking motion scores; lower is not
+    better than this."""
+    from localopt_plugin.evaluation.classifier import CONTROL_SEED_START, procedural_clips
 
-    codec = None
+    clips, _ = procedural_clips(count, CONTROL_SEED_START, frames, size, background)
     if tokenizer:
         from localopt_plugin.tokenizers import build_tokenizer
 
         codec = build_tokenizer(tokenizer)
-    errors = []
-    for i in range(count):
-        clip = render_video(i % NUM_CLASSES, seed_start + i, frames, size, background=background)
-        errors.append(flow_warping_error(codec.decode(codec.encode(clip)) if codec else clip))
-    return float(np.mean(errors))
+        clips = [codec.decode(codec.encode(clip)) for clip in clips]
+    return float(np.mean([flow_warping_error(clip) for clip in clips]))
