@@ -20,6 +20,8 @@ for longer than a window (``localopt_plugin.data.recall``). Measured three ways:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -209,8 +211,10 @@ def evaluate_checkpoint(checkpoint: str, setting: RecallSetting, count: int = 48
     ``per_class`` videos per class sampled from the class alone: their own recall, and per
     segment the object's presence and colour, the shipped classifier's class accuracy, the
     Frechet distance of its features to ``reference_count`` real clips of the reference split
-    and flow-warping error; beside each, the held-out real clips through the tokenizer (what a
-    perfect model of the tokens would score). Needs ``init_distributed()``.
+    and flow-warping error; beside each, held-out real clips through the tokenizer (what a
+    perfect model of the tokens would score; for the per-segment figures, clips of the valid
+    split, so the Frechet floor never compares reference clips with themselves). Needs
+    ``init_distributed()``.
     """
     from localopt_plugin.evaluation.classifier import class_accuracy, segment_report
     from localopt_plugin.generation.generate import class_conditions, load_context
@@ -267,14 +271,16 @@ def evaluate_checkpoint(checkpoint: str, setting: RecallSetting, count: int = 48
 
     free_labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
     free = np.stack(sample(class_conditions(vocab, free_labels), None))
-    reference_setting = RecallSetting("reference", setting.colours, setting.hide_start,
-                                      setting.hide_frames)
-    _, reference = held_out_clips(reference_setting, reference_count, first_seed, num_frames,
-                                  size)
-    control = decoded_real[:len(free)]
+    _, reference = held_out_clips(dataclasses.replace(setting, split="reference"),
+                                  reference_count, first_seed, num_frames, size)
+    # the floor's real clips come from the valid split: never among the reference clips (the
+    # prompts may be reference clips themselves)
+    control_clips, control = held_out_clips(dataclasses.replace(setting, split="valid"),
+                                            len(free), first_seed, num_frames, size)
+    control = np.stack([tokenizer.decode(tokenizer.encode(clip)) for clip in control])
     real_scores = result["real clips through the tokenizer"]
     real_scores["class accuracy per segment"] = [
-        class_accuracy(control[:, start:end], np.array(labels[:len(control)]),
+        class_accuracy(control[:, start:end], np.array([c.class_id for c in control_clips]),
                        part_frames=None)["accuracy"]
         for start, end in segments(num_frames) or [(0, num_frames)]]
     real_scores["flow warp error per segment"] = _flow_per_segment(control)
