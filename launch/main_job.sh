@@ -30,6 +30,7 @@ CFG_SCALE=${CFG_SCALE:-1.5}        # classifier-free guidance at generation
 TEMPERATURE=${TEMPERATURE:-0.6}    # sampling temperature and top-k at generation
 TOP_K=${TOP_K:-10}
 NPROC=${NPROC:-2}
+SEED=${SEED:-1234}                 # training (initialisation, data order, dropped conditions) and sampling
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 DEFAULT_TOKENIZER=fsq-video
@@ -72,14 +73,14 @@ rm -f "$OUT/metrics.jsonl"
   --data-num-workers 1 --null-condition-prob 0.1 \
   --objective local-opt --local-opt-window-frames 2 --local-opt-stride-frames 1 \
   --local-opt-first-window-prob 0.5 --regularizer reco --reco-weight 0.1 --reco-reduction sum \
-  --reco-states pre-norm \
+  --reco-states pre-norm --seed "$SEED" \
   "$@"
 
 step 3 "generation: $GEN_PER_CLASS videos per class, full context, guidance $CFG_SCALE, temperature $TEMPERATURE, top-k $TOP_K"
 rm -rf "$OUT/samples"
 "$PY" -m localopt_plugin.commands.generate --checkpoint "$OUT/checkpoints" --out "$OUT/samples" \
   --class-labels $GEN_LABELS --samples-per-condition "$GEN_PER_CLASS" --cfg-scale "$CFG_SCALE" \
-  --top-k "$TOP_K" --temperature "$TEMPERATURE" --seed 0 --batch-size 24
+  --top-k "$TOP_K" --temperature "$TEMPERATURE" --seed "$SEED" --batch-size 24
 
 step 4 "evaluation: classes of the samples, NLL per frame on validation shards, flow"
 "$PY" -m localopt_plugin.commands.evaluate classes "$OUT/samples" --background "$VARIANT" \

@@ -148,6 +148,10 @@ def plugin_setup(args: argparse.Namespace) -> tuple[PluginConfig, VideoTokenSour
         check_megatron_config(args)
         keep_checkpoint_settings(args)
         plugin = PluginConfig.from_args(args)
+        if getattr(plugin.window, "learns_from_losses", False):
+            raise UserError(f"--window-sampler {plugin.window_sampler} learns from each step's "
+                            "loss, which pretrain() does not feed back to the plugin: train "
+                            "with localopt-train, or use first-frame-balanced")
         _PLUGINS[id(args)] = (args, plugin, plugin.build(args.train_iters))
     return _PLUGINS[id(args)][1:]
 

@@ -11,6 +11,7 @@ RECO_LOSS = "reco loss"  # weighted ReCo penalty
 RECO_RAW = "reco raw"  # unweighted ReCo penalty (NaN when the weight was 0 and it was skipped)
 RECO_WEIGHT = "reco weight"
 WINDOW_START = "window start"  # Local Opt.'s first optimized latent frame
+FULL_SEQUENCE_STEP = "full-sequence step"  # 1 where Local Opt. trained the whole sequence
 CLIP_START = "clip start"  # the fewer-frames baseline's first frame
 VALID_LOSS = "valid full-sequence loss"  # validation is always full-sequence
 VALID_PPL = "valid full-sequence ppl"

@@ -20,6 +20,7 @@ from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.data.source import VideoTokenSource
 from localopt_plugin.errors import UserError
 from localopt_plugin.objectives import Objective, WindowConfig, build_objective
+from localopt_plugin.objectives.window_sampler import unused_adaptive_flags
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -59,6 +60,17 @@ def dataset_name(args: argparse.Namespace) -> str:
     return name
 
 
+def unused_component_flags(args: argparse.Namespace) -> list[str]:
+    """Flags of the adaptive sampler or the local-opt objective given without them (refused:
+    a setting is never silently ignored)."""
+    unused = [f"{flag} (only with --window-sampler adaptive)"
+              for flag in unused_adaptive_flags(args)]
+    if (getattr(args, "local_opt_full_sequence_share", None) is not None
+            and args.objective != "local-opt"):
+        unused.append("--local-opt-full-sequence-share (only with --objective local-opt)")
+    return unused
+
+
 def _get(kind: str, name: str) -> registry.Component:
     try:
         return registry.get(kind, name)
@@ -89,6 +101,10 @@ class PluginConfig:
         """Every component's config from the flags; raises :class:`UserError` naming the flag
         of a bad value (each config validates its own flags)."""
         dataset = dataset_name(args)
+        unused = unused_component_flags(args)
+        if unused:
+            raise UserError(f"{' and '.join(unused)}: given for a component this run does not "
+                            "use (see --help): drop them or choose the component")
         return cls(objective=args.objective,
                    objective_config=_config("objective", args.objective, args),
                    window_sampler=args.window_sampler,

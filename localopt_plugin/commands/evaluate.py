@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("--chunk-frames", type=int, default=None)
     recall.add_argument("--context-frames", type=int, default=None)
     recall.add_argument("--out", required=True, help="JSON file")
+
+    tokens = sub.add_parser(
+        "recall-tokens", help="recall-tokens task: recall and copy accuracy, cue worth and "
+        "attention to the cue on held-out cues, of one or every checkpoint of a run")
+    tokens.add_argument("--checkpoint", required=True)
+    tokens.add_argument("--every-checkpoint", action="store_true",
+                        help="score every iter_* checkpoint in the directory (default: latest)")
+    tokens.add_argument("--split", choices=["valid", "test"], default="test",
+                        help="held-out cues to score (never trained on)")
+    tokens.add_argument("--out", required=True, help="JSON file")
     return p
 
 
@@ -264,11 +274,20 @@ def _recall(args: argparse.Namespace) -> None:
     _write(result, args.out)
 
 
+def _recall_tokens(args: argparse.Namespace) -> None:
+    from localopt_plugin.evaluation.recall_tokens import score_checkpoints
+    from localopt_plugin.training.distributed import init_distributed
+
+    init_distributed(seed=0)
+    _write({"checkpoints": score_checkpoints(args.checkpoint, args.every_checkpoint,
+                                             args.split)}, args.out)
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     commands = {"nll": _nll, "plot": _plot, "flow": _flow, "fvd": _fvd, "classes": _classes,
-                "recall": _recall}
+                "recall": _recall, "recall-tokens": _recall_tokens}
     commands[args.command](args)
     return 0
 

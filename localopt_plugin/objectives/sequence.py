@@ -8,12 +8,16 @@ pipeline stages, Megatron-LM's forward step) run the plans.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from localopt_plugin.data.layout import SampleLayout
-from localopt_plugin.metric_names import CLIP_START, WINDOW_START
+from localopt_plugin.errors import UserError
+from localopt_plugin.metric_names import CLIP_START, FULL_SEQUENCE_STEP, LM_LOSS, WINDOW_START
 from localopt_plugin.objectives.window_sampler import WindowSampler
 from localopt_plugin.plan import ForwardPlan, ObjectiveOutput, run_plan
 from localopt_plugin.registry import register
@@ -45,6 +49,21 @@ class Objective:
     def plan(self, tokens: torch.Tensor, iteration: int, micro_batch: int) -> ForwardPlan:
         raise NotImplementedError
 
+    def observe(self, metrics: dict[str, float]) -> None:
+        """A finished step's metrics, averaged over ranks (the same on every rank): its window
+        and LM loss go to the window sampler (the adaptive one learns from them)."""
+        if (self.sampler is not None and WINDOW_START in metrics
+                and not metrics.get(FULL_SEQUENCE_STEP)):
+            self.sampler.observe(int(round(metrics[WINDOW_START])), metrics[LM_LOSS])
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the objective (its window sampler's state)."""
+        return {"window sampler": self.sampler.state_dict()} if self.sampler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state.get("window sampler", {}))
+
 
 class FullSequence(Objective):
     """Next-token cross-entropy on every video token of the sample."""
@@ -57,6 +76,30 @@ class FullSequence(Objective):
                            start, tokens[:, start + 1:end + 1], 0, self.layout.num_frames)
 
 
+@dataclass(frozen=True)
+class LocalOptConfig:
+    """``--local-opt-full-sequence-share``: a share of steps trained on the whole sequence."""
+
+    full_sequence_share: float = 0.0
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument_group("localopt-plugin: local-opt objective").add_argument(
+            "--local-opt-full-sequence-share", type=float, default=None,
+            help="probability that a step trains on the whole sequence instead of a window "
+            f"(drawn per iteration from the seed; default {LocalOptConfig.full_sequence_share}; "
+            "only with --objective local-opt)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LocalOptConfig:
+        share = getattr(args, "local_opt_full_sequence_share", None)
+        config = cls() if share is None else cls(full_sequence_share=share)
+        if not 0.0 <= config.full_sequence_share <= 1.0:
+            raise UserError(f"--local-opt-full-sequence-share must be in [0, 1], got "
+                            f"{config.full_sequence_share}")
+        return config
+
+
 class LocalOptimization(Objective):
     """Loss on one window of W frames; earlier frames are context without autograd.
 
@@ -64,7 +107,26 @@ class LocalOptimization(Objective):
     keeps every layer's keys/values of the context frames. The autograd pass runs the prefix
     again (a handful of tokens whose embeddings must receive gradients) together with the
     window, attending to the kept keys/values. Frames after the window are never computed.
+    With a full-sequence share ``q``, a step is instead a full-sequence step with probability
+    ``q`` (one draw per iteration, shared by its micro-batches and ranks).
     """
+
+    @classmethod
+    def build(cls, config: LocalOptConfig | None, *, layout: SampleLayout,
+              windows: Callable[[], WindowSampler]) -> LocalOptimization:
+        return cls(layout, windows(), config or LocalOptConfig())
+
+    def __init__(self, layout: SampleLayout, sampler: WindowSampler | None = None,
+                 config: LocalOptConfig | None = None) -> None:
+        super().__init__(layout, sampler)
+        self.full_sequence_share = (config or LocalOptConfig()).full_sequence_share
+
+    def full_sequence_step(self, iteration: int) -> bool:
+        """Whether ``iteration`` trains on the whole sequence (a pure function of the seed)."""
+        if not self.full_sequence_share:
+            return False
+        return bool(np.random.default_rng([self.sampler.seed, 0xF0115E9, iteration]).random()
+                    < self.full_sequence_share)
 
     def window_plan(self, tokens: torch.Tensor, first: int) -> ForwardPlan:
         """The plan of the window starting at latent frame ``first``."""
@@ -81,7 +143,14 @@ class LocalOptimization(Objective):
                            {WINDOW_START: float(first)})
 
     def plan(self, tokens: torch.Tensor, iteration: int = 0, micro_batch: int = 0) -> ForwardPlan:
-        return self.window_plan(tokens, self.sampler.draw(iteration, micro_batch))
+        if self.full_sequence_step(iteration):
+            plan = FullSequence(self.layout).plan(tokens)
+            plan.metrics = {WINDOW_START: 0.0, FULL_SEQUENCE_STEP: 1.0}
+            return plan
+        plan = self.window_plan(tokens, self.sampler.draw(iteration, micro_batch))
+        if self.full_sequence_share:
+            plan.metrics[FULL_SEQUENCE_STEP] = 0.0
+        return plan
 
 
 class FewerFrames(Objective):
@@ -100,5 +169,5 @@ class FewerFrames(Objective):
 
 
 register("objective", "full-sequence")(FullSequence.build)
-register("objective", "local-opt")(LocalOptimization.build)
+register("objective", "local-opt", config=LocalOptConfig)(LocalOptimization.build)
 register("objective", "fewer-frames")(FewerFrames.build)

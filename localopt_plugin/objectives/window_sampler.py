@@ -11,12 +11,19 @@ what an uninterrupted one would have. ``--local-opt-window-scope`` chooses the g
   rank does the same work (no rank waits for a longer context);
 * ``micro-batch``: a window per global micro-batch: more windows per step (a lower-variance
   gradient), but each step lasts as long as its longest context on any rank.
+
+The ``adaptive`` sampler learns where to look: it draws the windows after the first in
+proportion to a smoothed recent loss of each window start (with a floor), from the losses the
+trainer feeds back after every step (:meth:`WindowSampler.observe`), averaged over ranks and
+rounded so that any layout with the same global batch draws the same windows.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from megatron.core import parallel_state
@@ -117,17 +124,138 @@ class WindowSampler:
             return [1.0 / n] * n
         return [self.first_prob] + [(1.0 - self.first_prob) / (n - 1)] * (n - 1)
 
-    def draw(self, iteration: int, micro_batch: int) -> int:
-        """The window start of global micro-batch ``micro_batch`` of ``iteration``."""
+    def _rng(self, iteration: int, micro_batch: int) -> np.random.Generator:
         key = [self.seed, 0x57A27, iteration]
         if self.scope == "micro-batch":
             key.append(micro_batch)
-        rng = np.random.default_rng(key)
+        return np.random.default_rng(key)
+
+    def draw(self, iteration: int, micro_batch: int) -> int:
+        """The window start of global micro-batch ``micro_batch`` of ``iteration``."""
+        rng = self._rng(iteration, micro_batch)
         if self.first_prob is None or len(self.starts) == 1:
             return self.starts[int(rng.integers(len(self.starts)))]
         if rng.random() < self.first_prob:
             return 0
         return self.starts[1 + int(rng.integers(len(self.starts) - 1))]
+
+    def observe(self, start: int, loss: float) -> None:
+        """A finished step's window start and its LM loss averaged over ranks (samplers that
+        do not learn from losses ignore it)."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so that a resumed run draws what an uninterrupted one would."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class AdaptiveWindowSampler(WindowSampler):
+    """P(start 0) = ``first_prob`` as in the balanced draw; the other candidates share the rest,
+    ``floor`` of it evenly and the remainder in proportion to each start's loss, smoothed over
+    the steps that trained it (``decay`` per observation). A start not trained yet counts the
+    highest smoothed loss so far (1.0 before any), so every window is tried early."""
+
+    ROUND = 4  # decimals kept of an observed loss: float noise of other layouts' sums is far below
+
+    def __init__(self, num_frames: int, window_frames: int, stride_frames: int, seed: int,
+                 first_prob: float, floor: float, decay: float) -> None:
+        super().__init__(num_frames, window_frames, stride_frames, seed, first_prob, "step")
+        self.floor, self.decay = floor, decay
+        self.smoothed: dict[int, float] = {}
+
+    def _later_shares(self) -> np.ndarray:
+        """Shares of the candidates after the first, summing to 1."""
+        later = self.starts[1:]
+        unseen = max(self.smoothed.values(), default=1.0)
+        losses = np.array([self.smoothed.get(s, unseen) for s in later], dtype=np.float64)
+        spread = losses / losses.sum() if losses.sum() > 0 else np.full(len(later), 1 / len(later))
+        return self.floor / len(later) + (1.0 - self.floor) * spread
+
+    def probabilities(self) -> list[float]:
+        if len(self.starts) == 1:
+            return [1.0]
+        return [self.first_prob] + ((1.0 - self.first_prob) * self._later_shares()).tolist()
+
+    def draw(self, iteration: int, micro_batch: int) -> int:
+        if len(self.starts) == 1:
+            return 0
+        rng = self._rng(iteration, micro_batch)
+        if rng.random() < self.first_prob:
+            return 0
+        shares = np.cumsum(self._later_shares())
+        pick = int(np.searchsorted(shares, rng.random() * shares[-1], side="right"))
+        return self.starts[1 + min(pick, len(shares) - 1)]
+
+    def observe(self, start: int, loss: float) -> None:
+        if start not in self.starts or not np.isfinite(loss):
+            return
+        loss = round(float(loss), self.ROUND)
+        before = self.smoothed.get(start)
+        self.smoothed[start] = loss if before is None else (
+            self.decay * before + (1.0 - self.decay) * loss)
+
+    def state_dict(self) -> dict:
+        return {"smoothed loss per start": {str(k): v for k, v in self.smoothed.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.smoothed = {int(k): float(v)
+                         for k, v in state.get("smoothed loss per start", {}).items()}
+
+
+@dataclass(frozen=True)
+class AdaptiveWindowConfig(WindowConfig):
+    """The window flags plus the adaptive sampler's own (``--window-sampler adaptive``)."""
+
+    floor: float = 0.25
+    decay: float = 0.9
+    learns_from_losses: ClassVar[bool] = True  # needs the trainer's loss feedback
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("localopt-plugin: adaptive window sampler")
+        g.add_argument("--local-opt-adaptive-floor", type=float, default=None,
+                       help=f"share of the later windows' draws spread evenly, the rest in "
+                       f"proportion to their recent loss (default {AdaptiveWindowConfig.floor}; "
+                       "only with --window-sampler adaptive)")
+        g.add_argument("--local-opt-adaptive-decay", type=float, default=None,
+                       help=f"smoothing of each window start's loss per step that trained it "
+                       f"(default {AdaptiveWindowConfig.decay}; only with --window-sampler "
+                       "adaptive)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AdaptiveWindowConfig:
+        given = {name: getattr(args, f"local_opt_adaptive_{name}") for name in ("floor", "decay")}
+        config = cls(**dataclasses.asdict(WindowConfig.from_args(args)),
+                     **{k: v for k, v in given.items() if v is not None})
+        config.validate()
+        return config
+
+    def validate(self, num_frames: int | None = None) -> None:
+        super().validate(num_frames)
+        if not 0.0 <= self.floor <= 1.0:
+            raise UserError(f"--local-opt-adaptive-floor must be in [0, 1], got {self.floor}")
+        if not 0.0 <= self.decay < 1.0:
+            raise UserError(f"--local-opt-adaptive-decay must be in [0, 1), got {self.decay}")
+        if self.scope != "step":
+            raise UserError("--window-sampler adaptive learns from each step's loss, one "
+                            "window per step: use --local-opt-window-scope step")
+
+
+def unused_adaptive_flags(args: argparse.Namespace) -> list[str]:
+    """The adaptive sampler's flags given with another sampler (refused, not ignored)."""
+    return [f"--local-opt-adaptive-{name}" for name in ("floor", "decay")
+            if getattr(args, f"local_opt_adaptive_{name}", None) is not None
+            and getattr(args, "window_sampler", None) != "adaptive"]
+
+
+@register("window_sampler", "adaptive", config=AdaptiveWindowConfig)
+def adaptive(config: AdaptiveWindowConfig, *, num_frames: int, seed: int) -> WindowSampler:
+    config.validate(num_frames)
+    return AdaptiveWindowSampler(num_frames, config.window_frames, config.stride_frames, seed,
+                                 first_prob=config.first_window_prob, floor=config.floor,
+                                 decay=config.decay)
 
 
 @register("window_sampler", "first-frame-balanced", config=WindowConfig)

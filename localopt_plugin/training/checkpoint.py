@@ -70,7 +70,7 @@ def _jsonable(value):
 
 
 def save_checkpoint(engine, config: TrainConfig, state: TrainState,
-                    source: VideoTokenSource) -> None:
+                    source: VideoTokenSource, objective=None) -> None:
     """Every rank writes its part; returns when all have."""
     tag = tag_of(state.iteration)
     directory = config.run.save
@@ -81,7 +81,8 @@ def save_checkpoint(engine, config: TrainConfig, state: TrainState,
                       "config": config.to_dict(),
                       "vocabulary": dataclasses.asdict(source.vocab),
                       "layout": dataclasses.asdict(source.layout),
-                      "data_info": _jsonable(source.info)},
+                      "data_info": _jsonable(source.info),
+                      "objective_state": objective.state_dict() if objective else {}},
     )
     torch.save(_rng_state(), _rng_file(directory, tag))
     dist.barrier()
@@ -104,7 +105,8 @@ def recorded_config(directory: str) -> dict | None:
     return client.get("config", client.get("args"))
 
 
-def load_checkpoint(engine, config: TrainConfig) -> TrainState:
+def load_checkpoint(engine, config: TrainConfig, objective=None) -> TrainState:
+    """Resume ``engine`` (and the objective's state: an adaptive window sampler's losses)."""
     directory = config.run.load
     path, client = engine.load_checkpoint(directory)
     if path is None:
@@ -119,6 +121,8 @@ def load_checkpoint(engine, config: TrainConfig) -> TrainState:
         log.warning("RNG states not restored (saved with world size %s, now %d): dropout "
                     "masks will differ from an uninterrupted run", client.get("world_size"),
                     dist.get_world_size())
+    if objective is not None:
+        objective.load_state_dict(client.get("objective_state", {}))
     saved = client.get("config", {})
     changed = {key: (saved[key], getattr(config, key)) for key in EXACT_RESUME_KEYS
                if key in saved and saved[key] != getattr(config, key)}

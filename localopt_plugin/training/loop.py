@@ -151,7 +151,8 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
     """Run training; returns the logged records, the final state and the skip counts."""
     trainer = setup(config, source)
     engine, run = trainer.engine, config.run
-    state = load_checkpoint(engine, config) if run.load else TrainState()
+    state = (load_checkpoint(engine, config, trainer.objective) if run.load
+             else TrainState())
     stream = source.train.batches(config.micro_batch_size,
                                   parallel_state.get_data_parallel_rank(),
                                   config.data_parallel_size, run.seed, state.consumed_samples)
@@ -176,6 +177,7 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
         state.consumed_samples += config.global_batch_size
         step_time = time.perf_counter() - start
         record = dict(zip(names, averaged.tolist(), strict=True))
+        trainer.objective.observe(record)  # the same on every rank: an adaptive draw learns
         record.update({
             ITERATION: state.iteration,
             LEARNING_RATE: trainer.scheduler.get_last_lr()[0],
@@ -192,10 +194,10 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
         history.append(record)
         logger.log(record)
         if run.save and run.save_interval and state.iteration % run.save_interval == 0:
-            save_checkpoint(engine, config, state, source)
+            save_checkpoint(engine, config, state, source, trainer.objective)
         pause_point("train-iteration", state.iteration)  # where kill tests stop it
     if run.save and (not run.save_interval or state.iteration % run.save_interval):
-        save_checkpoint(engine, config, state, source)
+        save_checkpoint(engine, config, state, source, trainer.objective)
     skipped = skipped_samples(source)
     logger.summary({"iterations": state.iteration, "samples": state.consumed_samples,
                     **_skip_metrics(skipped)})
