@@ -88,10 +88,15 @@ def pipeline_step(engine, stream, objective, config: TrainConfig,
     """One DeepSpeed pipeline train_batch; metrics travel from the last stage to all stages."""
     loss_fn = engine.module.loss_fn
     loss_fn.iteration, loss_fn.metrics = iteration, []
-    batches = (plan_to_pipe(objective.plan(next(stream)["tokens"], iteration,
-                                           global_micro_batch(micro)))
-               for micro in range(config.gradient_accumulation_steps))
-    engine.train_batch(data_iter=batches)
+    plans = []  # the stages that load data (first, last) plan the micro-batches: the window
+
+    def batches():
+        for micro in range(config.gradient_accumulation_steps):
+            plans.append(objective.plan(next(stream)["tokens"], iteration,
+                                        global_micro_batch(micro)))
+            yield plan_to_pipe(plans[-1])
+
+    engine.train_batch(data_iter=batches())
     record = None
     if engine.is_last_stage():
         record = {k: sum(m[k] for m in loss_fn.metrics) / len(loss_fn.metrics)
@@ -100,6 +105,8 @@ def pipeline_step(engine, stream, objective, config: TrainConfig,
     dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                group=parallel_state.get_pipeline_model_parallel_group())
     record = box[0]
+    for key in plans[0].metrics if plans else ():
+        record[key] = sum(p.metrics[key] for p in plans) / len(plans)
     record[GRAD_NORM] = engine.get_global_grad_norm()
     return record
 

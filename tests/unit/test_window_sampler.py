@@ -128,3 +128,103 @@ def test_scope_step_shares_one_window_per_iteration():
     assert step.probabilities() == micro.probabilities()
     assert sum(step.probabilities()) == pytest.approx(1.0)
     assert step.probabilities()[0] == 0.5
+
+
+def _adaptive(floor=0.25, decay=0.9, first_prob=0.5, seed=0, frames=6, window=2):
+    from localopt_plugin.objectives.window_sampler import AdaptiveWindowSampler
+
+    return AdaptiveWindowSampler(frames, window, 1, seed, first_prob=first_prob, floor=floor,
+                                 decay=decay)
+
+
+def test_adaptive_probabilities_follow_their_definition():
+    """P(0) = p; the later starts share 1 - p: the floor evenly, the rest in proportion to the
+    smoothed losses (an exponential moving average per start, computed here by hand); a start
+    not trained yet counts the highest smoothed loss."""
+    sampler = _adaptive(floor=0.2, decay=0.5)  # starts 0..4
+    history = [(1, 2.0), (3, 1.0), (1, 4.0), (4, 0.5)]
+    for start, loss in history:
+        sampler.observe(start, loss)
+    smoothed = {1: 0.5 * 2.0 + 0.5 * 4.0, 3: 1.0, 4: 0.5}
+    losses = [smoothed.get(s, max(smoothed.values())) for s in (1, 2, 3, 4)]
+    later = [0.2 / 4 + 0.8 * x / sum(losses) for x in losses]
+    assert sampler.probabilities() == pytest.approx([0.5, *(0.5 * x for x in later)])
+    # draw frequencies over many iterations (the state fixed) match the probabilities
+    counts = [0] * 5
+    draws = 20000
+    for iteration in range(draws):
+        counts[sampler.draw(iteration, 0)] += 1
+    assert [c / draws for c in counts] == pytest.approx(sampler.probabilities(), abs=0.012)
+
+
+def test_adaptive_draws_are_reproducible_resumable_and_ignore_rank_noise():
+    """The same seed and losses draw the same windows; a sampler restored from a state_dict
+    draws what the original does next; losses differing by float noise (another layout's
+    reduction order) draw the same windows. Negative control: other losses move the draws."""
+    def run(sampler, losses, start_at=0):
+        starts = []
+        for i, loss in enumerate(losses, start=start_at):
+            start = sampler.draw(i, 0)
+            starts.append(start)
+            sampler.observe(start, loss(start))
+        return starts
+
+    def late_high(start):
+        return 1.0 + start
+
+    a, b = _adaptive(seed=3), _adaptive(seed=3)
+    first = run(a, [late_high] * 40)
+    assert first == run(b, [lambda s: late_high(s) * (1 + 1e-9)] * 40)
+    restored = _adaptive(seed=3)
+    restored.load_state_dict(a.state_dict())
+    assert run(restored, [late_high] * 40, 40) == run(a, [late_high] * 40, 40)
+    other = run(_adaptive(seed=3), [lambda s: 10.0 if s == 1 else 0.1] * 40)
+    assert other != first
+    assert other.count(1) > first.count(1)  # the high-loss start is drawn more
+
+
+def test_adaptive_flags_are_refused_without_the_adaptive_sampler():
+    from helpers.configs import train_args
+
+    from localopt_plugin.errors import UserError
+    from localopt_plugin.plugin import PluginConfig
+
+    for flags, message in (
+            (("--objective", "local-opt", "--local-opt-adaptive-floor", "0.3"),
+             "--local-opt-adaptive-floor \\(only with --window-sampler adaptive\\)"),
+            (("--objective", "full-sequence", "--local-opt-full-sequence-share", "0.3"),
+             "--local-opt-full-sequence-share \\(only with --objective local-opt\\)"),
+            (("--objective", "local-opt", "--window-sampler", "adaptive",
+              "--local-opt-window-scope", "micro-batch"), "use --local-opt-window-scope step"),
+            (("--objective", "local-opt", "--window-sampler", "adaptive",
+              "--local-opt-adaptive-floor", "2"), "--local-opt-adaptive-floor must be in"),
+            (("--objective", "local-opt", "--local-opt-full-sequence-share", "-1"),
+             "--local-opt-full-sequence-share must be in")):
+        with pytest.raises(UserError, match=message):
+            PluginConfig.from_args(train_args(*flags))
+    config = PluginConfig.from_args(train_args("--objective", "local-opt", "--window-sampler",
+                                               "adaptive", "--local-opt-adaptive-floor", "0.4"))
+    assert (config.window.floor, config.window.decay) == (0.4, 0.9)
+
+
+def test_full_sequence_share_trains_whole_sequences_on_its_share_of_steps():
+    """With share q, about q of the iterations plan the full-sequence objective's plan (the
+    same tensors), the rest a window; the decision is per iteration, not per micro-batch."""
+    import torch
+
+    from localopt_plugin.data.layout import SampleLayout
+    from localopt_plugin.objectives import FullSequence, build_objective
+    from localopt_plugin.objectives.sequence import LocalOptConfig
+
+    layout = SampleLayout(video_start=3, num_frames=5, frame_tokens=4)
+    objective = build_objective("local-opt", layout, config=LocalOptConfig(0.3), seed=7)
+    tokens = torch.arange(2 * layout.seq_length).reshape(2, -1)
+    full = FullSequence(layout).plan(tokens)
+    steps = [objective.plan(tokens, i, 0) for i in range(2000)]
+    whole = [p for p in steps if p.metrics.get("full-sequence step") == 1.0]
+    assert len(whole) / len(steps) == pytest.approx(0.3, abs=0.03)
+    for plan in whole[:5]:
+        assert plan.context_ids is None and torch.equal(plan.ids, full.ids)
+        assert torch.equal(plan.labels, full.labels) and plan.loss_from == full.loss_from
+    assert all(objective.full_sequence_step(i) == (objective.plan(tokens, i, 1).metrics[
+        "full-sequence step"] == 1.0) for i in range(50))
