@@ -256,25 +256,39 @@ class FlopCounter:
                                   dtype=torch.long)
         self.window = preset.window
 
-    def objective(self, variant: Variant, seed: int):
-        """The variant's objective as the trainer builds it from the same flags."""
+    def plugin(self, variant: Variant, seed: int):
+        """The variant's plugin configuration as the trainer resolves it from the same flags."""
         from localopt_plugin.plugin import PluginConfig
         from localopt_plugin.training.parser import build_parser
 
         args = build_parser().parse_args([  # in the trainer's order: the variant's flags win
             "--local-opt-window-frames", str(self.window), "--seed", str(seed),
             *variant.flags(), "--dataset", "synthetic-video-tokens"])  # it reads no data
-        return PluginConfig.from_args(args).build_objective(self.layout)
+        return PluginConfig.from_args(args)
 
-    def steps(self, variant: Variant, seed: int, count: int) -> tuple[list[float], list[float]]:
-        """FLOPs and window starts of the first ``count`` steps (one micro-batch each)."""
+    def objective(self, variant: Variant, seed: int):
+        """The variant's objective as the trainer builds it from the same flags."""
+        return self.plugin(variant, seed).build_objective(self.layout)
+
+    def steps(self, variant: Variant, seed: int, count: int,
+              records: list[dict] | None = None) -> tuple[list[float], list[float]]:
+        """FLOPs and window starts of the first ``count`` steps (one micro-batch each); with
+        the trainer's logged ``records``, each step's metrics are fed back as the trainer did
+        (an adaptive sampler's draws follow them)."""
         objective = self.objective(variant, seed)
         flops, starts = [], []
         for iteration in range(count):
             plan = objective.plan(self.tokens, iteration, 0)
             flops.append(plan_flops(plan, self.model, self.vocab))
             starts.append(float(plan.first_frame))
+            if records is not None:
+                objective.observe(records[iteration])
         return flops, starts
+
+    def learns_from_losses(self, variant: Variant) -> bool:
+        """Whether the variant's draws follow its losses: its steps within a budget are then
+        known only after a run (see ``localopt_plugin.bench.recall``)."""
+        return getattr(self.plugin(variant, 0).window, "learns_from_losses", False)
 
     def steps_within(self, variant: Variant, seed: int, budget: float) -> int:
         """The most steps whose FLOPs sum to at most ``budget``."""
@@ -313,7 +327,7 @@ def train(args: argparse.Namespace, preset: QualityPreset, variant: Variant, see
     with open(metrics) as f:
         records = [json.loads(line) for line in f if line.strip()]
     records = [r for r in records if ITERATION in r and STEP_TIME in r]
-    flops, starts = counter.steps(variant, seed, len(records))
+    flops, starts = counter.steps(variant, seed, len(records), records)
     logged = [r.get(WINDOW_START, r.get(CLIP_START)) for r in records]
     if variant.objective != "full-sequence" and logged != starts:
         raise RuntimeError(f"{variant.name}: the trainer drew other windows than the "

@@ -299,6 +299,26 @@ def _added_variant(spec: list[str]) -> Budgeted:
     return Budgeted(name, parsed.objective, first_window_prob=0.5, extra=extra, budget=share)
 
 
+def train_within(args: argparse.Namespace, preset: RecallPreset, variant: Variant, seed: int,
+                 steps: int, data: tuple[list[str], list[str]], counter: FlopCounter,
+                 budget: float) -> dict:
+    """A run of ``steps`` (its ``planned steps``); a variant whose draws follow its losses (the
+    adaptive sampler) spends FLOPs known only afterwards: it is rerun with its steps scaled to
+    the budget (up to twice) until it spends at most 2% more."""
+    row = train(args, preset, variant, seed, steps, data, counter)
+    if counter.learns_from_losses(variant):
+        for _ in range(2):
+            spent = row["compute (PFLOP)"] * 1e15
+            if spent <= budget * 1.02:
+                break
+            fewer = int(row["steps"] * budget / spent)
+            print(f"[recall] seed {seed}: {variant.name}: spent {spent / budget:.3f}x its "
+                  f"budget; again with {fewer} steps", flush=True)
+            row = train(args, preset, variant, seed, fewer, data, counter)
+    row["planned steps"] = steps
+    return row
+
+
 def run(args: argparse.Namespace) -> dict:
     preset = PRESETS[args.preset]
     if args.full_steps:
@@ -325,7 +345,8 @@ def run(args: argparse.Namespace) -> dict:
             if os.path.exists(row_file):
                 with open(row_file) as f:
                     row = json.load(f)
-                if row["steps"] == steps and row.get("recall") == args.recall:
+                if (row.get("planned steps", row["steps"]) == steps
+                        and row.get("recall") == args.recall):
                     print(f"[recall] seed {seed}: {variant.name}: reusing {row_file}", flush=True)
                     rows.append(row)
                     continue
@@ -335,8 +356,9 @@ def run(args: argparse.Namespace) -> dict:
             if os.path.exists(trained):  # trained before an interruption: evaluate only
                 with open(trained) as f:
                     row = json.load(f)
-            if not os.path.exists(trained) or row["steps"] != steps:
-                row = train(args, preset, variant, seed, steps, data, counter)
+            if not os.path.exists(trained) or row.get("planned steps", row["steps"]) != steps:
+                row = train_within(args, preset, variant, seed, steps, data, counter,
+                                   budget * variant.budget)
                 with open(trained, "w") as f:
                     json.dump(row, f, indent=2)
             curve = row["valid loss vs compute"]

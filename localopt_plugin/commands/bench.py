@@ -48,7 +48,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.context_parallel_size > 1 or args.measure_context_parallel:
             return context_parallel.main(args)
     run = {"speed": speed.main, "loader": loader.main, "quality": quality.main,
-           "recall": recall.main, "recall-tokens": recall_tokens.main, "window-scope": windows.main, "pipeline": pipeline.main,
+           "recall": recall.main, "recall-tokens": recall_tokens.main,
+           "window-scope": windows.main, "pipeline": pipeline.main,
            "plan": planner.main}[args.command]
     return run(args)
 

@@ -17,6 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
+from localopt_plugin.errors import UserError
 from localopt_plugin.metric_names import (
     ITERATION,
     LM_LOSS,
@@ -259,11 +262,74 @@ def write_report(run_dir: str) -> str:
     return path
 
 
+SPREAD_FIGURES = (  # (column, eval file, key) of one main job run
+    ("class accuracy", "classes.json", "accuracy"),
+    ("first frames accuracy", "classes.json", "first frames accuracy"),
+    ("last frames accuracy", "classes.json", "last frames accuracy"),
+    ("frechet distance (training clips)", "classes.json", "frechet distance"),
+    ("validation NLL (training clips)", "nll.json", "mean_nll"),
+    ("flow warp error", "flow.json", "mean"),
+)
+
+
+def _machine() -> str:
+    """The CPU's model name (what the figures were measured on)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_spread(run_dirs: Sequence[str], out: str) -> str:
+    """One table of the main job's figures over several runs (seeds): each run's values, then
+    mean, min and max; the machine named."""
+    rows = []
+    for run_dir in run_dirs:
+        row = {"run": run_dir}
+        for column, name, key in SPREAD_FIGURES:
+            path = os.path.join(run_dir, "eval", name)
+            if not os.path.exists(path):
+                raise UserError(f"{path} is missing: run launch/main_job.sh with OUT={run_dir} "
+                                "to the end first")
+            with open(path) as f:
+                row[column] = json.load(f)[key]
+        rows.append(row)
+    columns = [c for c, _, _ in SPREAD_FIGURES]
+    lines = [f"# Main job over {len(rows)} runs ({_machine()}, {os.cpu_count()} CPUs)", "",
+             "| run | " + " | ".join(columns) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    lines += ["| " + " | ".join([os.path.basename(r["run"].rstrip("/")),
+                                 *(f"{r[c]:.4g}" for c in columns)]) + " |" for r in rows]
+    for name, reduce in (("mean", np.mean), ("min", np.min), ("max", np.max)):
+        lines.append(f"| **{name}** | " + " | ".join(
+            f"{reduce([r[c] for r in rows]):.4g}" for c in columns) + " |")
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump({"runs": rows}, f, indent=2)
+    return out
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m localopt_plugin.report")
-    parser.add_argument("run_dir")
+    parser = argparse.ArgumentParser(prog="python -m localopt_plugin.commands.report")
+    parser.add_argument("run_dir", nargs="+",
+                        help="a main job's OUT directory (several with --spread)")
+    parser.add_argument("--spread", default=None, metavar="MARKDOWN",
+                        help="write the figures of every RUN_DIR (e.g. one per SEED) and their "
+                        "mean, min and max to this file (and a JSON beside it)")
     args = parser.parse_args(argv)
-    print(write_report(args.run_dir))
+    if args.spread:
+        print(write_spread(args.run_dir, args.spread))
+    elif len(args.run_dir) > 1:
+        raise UserError("several run directories need --spread FILE")
+    else:
+        print(write_report(args.run_dir[0]))
     return 0
 
 

@@ -83,6 +83,9 @@ def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> 
                                              config.data_parallel_size],
         "sequence parallel": parallel.sequence_parallel,
         "objective": plugin.objective,
+        "objective config": (dataclasses.asdict(plugin.objective_config)
+                             if plugin.objective_config is not None else {}),
+        "window sampler": plugin.window_sampler,
         "window": dataclasses.asdict(plugin.window),
         "regularizers": {name: (dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg)
                                 else None) for name, cfg in plugin.regularizers},

@@ -24,7 +24,7 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
         cwd=REPO, capture_output=True, text=True, timeout=1200,
         env=subprocess_env(PYTHON=sys.executable, OUT=str(out), VIDEOS="32", VALID_VIDEOS="16",
                            VIDEOS_PER_SHARD="16", TRAIN_ITERS="6", GEN_LABELS="0 5",
-                           GEN_PER_CLASS="1", TEMPERATURE="0.7", TOP_K="5"))
+                           GEN_PER_CLASS="1", TEMPERATURE="0.7", TOP_K="5", SEED="5"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for step in range(1, 6):
         assert f"=== [{step}/5]" in proc.stdout
@@ -49,6 +49,7 @@ def test_main_job_end_to_end(tmp_path, dist_world_of_one):
 
     model, meta = load_trained_model(str(out / "checkpoints"))
     assert meta["iteration"] == 6 and meta["config"]["objective"] == "local-opt"
+    assert meta["config"]["run"]["seed"] == 5  # SEED reaches the trainer
     import torch
 
     tag = (out / "checkpoints" / "latest").read_text().strip()
@@ -141,3 +142,28 @@ def test_main_job_refuses_bad_sampling_settings_before_any_work(tmp_path, settin
     (name, value), = setting.items()
     assert proc.returncode == 2 and f"{name}={value}" in proc.stderr
     assert "need temperature >= 0" in proc.stderr and "=== [1/5]" not in proc.stdout
+
+
+def test_main_job_seeds_keeps_finished_runs_and_writes_the_spread(tmp_path):
+    """launch/main_job_seeds.sh: a seed whose report exists is not run again; the figures of
+    every seed's run go to one table (the run here: finished runs' evaluation files)."""
+    import json
+
+    for seed, accuracy in ((1, 0.5), (2, 1.0)):
+        run = tmp_path / f"main-seed{seed}"
+        (run / "eval").mkdir(parents=True)
+        (run / "report.md").write_text("done")
+        (run / "eval" / "classes.json").write_text(json.dumps({
+            "accuracy": accuracy, "first frames accuracy": 1.0, "last frames accuracy": 0.5,
+            "frechet distance": 300.0}))
+        (run / "eval" / "nll.json").write_text(json.dumps({"mean_nll": 0.02}))
+        (run / "eval" / "flow.json").write_text(json.dumps({"mean": 0.01}))
+    proc = subprocess.run(["bash", str(REPO / "launch/main_job_seeds.sh")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(PYTHON=sys.executable, SEEDS="1 2",
+                                             BASE=str(tmp_path / "main-seed"),
+                                             SPREAD=str(tmp_path / "spread.md")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("exists, kept") == 2
+    text = (tmp_path / "spread.md").read_text()
+    assert "| **mean** | 0.75 |" in text
