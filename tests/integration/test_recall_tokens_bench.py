@@ -43,8 +43,9 @@ def test_recall_tokens_bench_machinery(tmp_path):
         assert all(0 <= s["recall accuracy"] <= 1 for s in scores)
         assert run["recall accuracy at 0.5x"] == read_at(run["curve"], 0.5, "recall accuracy")
     # the figure at 0.5x lies between the two checkpoints around it
-    (x0, s0), (x1, s1) = next((a, b) for a, b in zip(adaptive["curve"], adaptive["curve"][1:])
-                              if a[0] <= 0.5 <= b[0])
+    curve = adaptive["curve"]
+    (_, s0), (_, s1) = next((a, b) for a, b in zip(curve, curve[1:], strict=False)
+                            if a[0] <= 0.5 <= b[0])
     low, high = sorted((s0["recall accuracy"], s1["recall accuracy"]))
     assert low <= adaptive["recall accuracy at 0.5x"] <= high
     draws = adaptive["windows"]["draws per start"]
