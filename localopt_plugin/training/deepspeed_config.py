@@ -268,6 +268,58 @@ def _precision(cfg: dict, model, notes: list[str]) -> tuple[bool, bool]:
     return enabled["bf16"], enabled["fp16"]
 
 
+# DeepSpeed's deprecated zero_optimization keys, read as DeepSpeed reads them (its pydantic
+# config maps each to the section named, device cpu)
+LEGACY_OFFLOAD_KEYS = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "offload_param"}
+
+
+def _zero_section(cfg: dict, notes: list[str]) -> dict:
+    """``zero_optimization`` as DeepSpeed reads it: ``true``/``false`` is its legacy spelling of
+    stage 1/0; ``cpu_offload`` / ``cpu_offload_param`` (and ``cpu_offload_use_pin_memory``) its
+    legacy spelling of ``offload_optimizer`` / ``offload_param`` on the CPU."""
+    zero = cfg.get("zero_optimization", {})
+    if isinstance(zero, bool):
+        notes.append(f"zero_optimization: {str(zero).lower()} -> stage {int(zero)} (DeepSpeed's "
+                     "legacy spelling)")
+        return {"stage": int(zero)}
+    if not isinstance(zero, dict):
+        raise UserError(f"DeepSpeed config zero_optimization: expected an object like "
+                        f"{{\"stage\": 1}} (or true/false), got {zero!r}")
+    zero = dict(zero)
+    pin = zero.pop("cpu_offload_use_pin_memory", None)
+    for old, new in LEGACY_OFFLOAD_KEYS.items():
+        if old not in zero:
+            continue
+        value = zero.pop(old)
+        if value and new in zero:
+            raise UserError(f"DeepSpeed config zero_optimization has both {old} (its legacy "
+                            f"spelling) and {new}: keep {new}")
+        if value:
+            zero[new] = {"device": "cpu", **({"pin_memory": pin} if pin is not None else {})}
+        notes.append(f"zero_optimization.{old}: {str(value).lower()} -> "
+                     + (f"{new}.device cpu" if value else "no offload")
+                     + " (DeepSpeed's legacy spelling)")
+    return zero
+
+
+def _check_json_optimizer(section: Any) -> None:
+    """What DeepSpeed's engine would refuse at start in an ``optimizer`` section, refused now:
+    a type that is neither DeepSpeed's nor ``torch.optim``'s, ``max_grad_norm`` in its params."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    if not isinstance(section, dict) or not isinstance(section.get("type"), str):
+        raise UserError("DeepSpeed config optimizer: expected {\"type\": NAME, \"params\": {...}}")
+    name = section["type"]
+    if name.lower() not in DEEPSPEED_OPTIMIZERS and getattr(torch.optim, name, None) is None:
+        raise UserError(f"DeepSpeed config optimizer.type {name!r} is neither one of DeepSpeed's "
+                        f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor a torch.optim class")
+    if "max_grad_norm" in section.get("params", {}):
+        raise UserError("DeepSpeed config optimizer.params.max_grad_norm is refused by "
+                        "DeepSpeed: clip with the top-level \"gradient_clipping\" (or "
+                        "--clip-grad) and remove it")
+
+
 def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
                         explicit: set[str] = frozenset()) -> DeepSpeedSetup:
     """Merge the JSON named by ``--deepspeed_config`` with the flags.
@@ -286,7 +338,7 @@ def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
     clip = _reconcile(cfg, "gradient_clipping", "--clip-grad", optimizer.clip_grad)
     clip = DEFAULT_CLIP_GRAD if clip is None else clip
 
-    zero = dict(cfg.get("zero_optimization", {}))
+    zero = _zero_section(cfg, notes)
     if run.zero_stage is not None:
         zero["stage"] = run.zero_stage
     zero.setdefault("stage", 0)
@@ -320,6 +372,7 @@ def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
     json_optimizer, json_scheduler = "optimizer" in cfg, "scheduler" in cfg
     schedule_lr = schedule_wd = None
     if json_optimizer:
+        _check_json_optimizer(cfg["optimizer"])
         _refuse_flags("optimizer", OPTIMIZER_FLAGS, explicit)
         params = cfg["optimizer"].get("params", {})
         schedule_lr = params.get("lr", optimizer.lr)

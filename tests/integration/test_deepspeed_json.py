@@ -101,3 +101,42 @@ def test_zero_offload_runs_deepspeeds_cpu_adam(tmp_path):
     # CPU Adam is AdamW computed by DeepSpeed's own kernel: the same run up to rounding
     assert [r["lm loss"] for r in offloaded] == pytest.approx([r["lm loss"] for r in plain],
                                                               rel=1e-4)
+
+
+def test_legacy_zero_spellings_are_read_as_deepspeed_reads_them(tmp_path):
+    """``"zero_optimization": true`` is stage 1 and ``"cpu_offload": true`` is
+    ``offload_optimizer`` on the CPU, as in DeepSpeed; the legacy offload trains the same run
+    as the current spelling (DeepSpeed's CPU Adam both times)."""
+    from helpers.launch import dry_run
+
+    legacy = _json(tmp_path, "legacy.json", {"zero_optimization": True})
+    status, setup, err = dry_run([*PRESET_TRAIN_FLAGS, "--deepspeed_config", legacy])
+    assert status == 0, err
+    assert setup["deepspeed"]["zero_optimization"]["stage"] == 1
+    assert any("legacy spelling" in n for n in setup["deepspeed notes"])
+    offload = _json(tmp_path, "offload-legacy.json", {"zero_optimization": {
+        "stage": 2, "cpu_offload": True}})
+    status, setup, err = dry_run([*PRESET_TRAIN_FLAGS, "--deepspeed_config", offload])
+    assert status == 0 and "CPU Adam" in setup["optimizer"], err
+    current = _json(tmp_path, "offload.json", {"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}})
+    flags = (*PRESET_TRAIN_FLAGS, "--train-iters", "3")
+    old = run_train(tmp_path, *flags, "--deepspeed_config", offload, name="legacy", timeout=900)
+    new = run_train(tmp_path, *flags, "--deepspeed_config", current, name="current",
+                    timeout=900)
+    assert [r["lm loss"] for r in old] == [r["lm loss"] for r in new]
+
+
+@pytest.mark.parametrize(("optimizer", "message"), [
+    ({"type": "Adam", "params": {"lr": 1e-3, "max_grad_norm": 1.0}},
+     "max_grad_norm is refused by DeepSpeed: clip with the top-level \"gradient_clipping\""),
+    ({"type": "Adamz", "params": {"lr": 1e-3}},
+     "optimizer.type 'Adamz' is neither one of DeepSpeed's"),
+])
+def test_optimizer_sections_deepspeed_would_refuse_stop_the_dry_run(tmp_path, optimizer,
+                                                                     message):
+    """What DeepSpeed raised at start (ValueError, AssertionError) is one error line before."""
+    config = _json(tmp_path, "opt.json", {"optimizer": optimizer})
+    for extra in (("--dry-run",), ()):
+        proc = _refused(*BASE, "--deepspeed_config", config, *extra)
+        assert message in proc.stderr
