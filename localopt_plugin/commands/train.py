@@ -7,6 +7,7 @@ localopt_plugin.commands.train``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,27 +31,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_on_user_error(lambda: _run(args, explicit))
 
 
-def _run(args: argparse.Namespace, explicit: set[str]) -> int:
-    from localopt_plugin.model import ParallelConfig
+def _plugin_source(args: argparse.Namespace, explicit: set[str]):
+    """Flags resolved (a refused flag, window, regularizer or dataset setting stops here, before
+    any process group) and the dataset built once; the notes of settings kept from --load."""
     from localopt_plugin.plugin import PluginConfig, keep_recorded_settings
-    from localopt_plugin.training import config as train_config
     from localopt_plugin.training.checkpoint import recorded_config
     from localopt_plugin.training.config import RunConfig
     from localopt_plugin.training.megatron_flags import resolve_megatron_flags
 
-    resolve_megatron_flags(args, explicit)  # a refused flag stops before any process group
+    resolve_megatron_flags(args, explicit)
     notes: list[str] = []
     if args.load and (recorded := recorded_config(args.load)) is not None:
         notes = keep_recorded_settings(args, recorded, explicit)
-    # so does a bad window, regularizer or dataset setting (the dataset is built once)
-    source = PluginConfig.from_args(args).build(RunConfig.from_args(args).train_iters)
-    if args.dry_run:
+    return PluginConfig.from_args(args).build(RunConfig.from_args(args).train_iters), notes
+
+
+def _run(args: argparse.Namespace, explicit: set[str]) -> int:
+    from localopt_plugin.model import ParallelConfig
+    from localopt_plugin.training import config as train_config
+
+    if args.dry_run:  # its JSON alone on stdout: what the libraries print goes to stderr
         from localopt_plugin.training.dry_run import describe
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        config, source = train_config.resolve(args, world, source, explicit, tuple(notes))
-        print(json.dumps(describe(config, source, world), indent=2, default=str))
+        with contextlib.redirect_stdout(sys.stderr):
+            source, notes = _plugin_source(args, explicit)
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            config, source = train_config.resolve(args, world, source, explicit, tuple(notes))
+            described = describe(config, source, world)
+        print(json.dumps(described, indent=2, default=str))
         return 0
+    source, notes = _plugin_source(args, explicit)
     from localopt_plugin.training.distributed import init_distributed
     from localopt_plugin.training.loop import configure_logging, train
 

@@ -233,7 +233,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="global batches (of --global-batch-size samples) per evaluation, as "
+                   "in Megatron")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--tensorboard-queue-size", type=int, default=1000,
                    help="TensorBoard events buffered before a write (Megatron-LM's default)")

@@ -46,6 +46,17 @@ def architecture(model: ModelConfig) -> dict:
     }
 
 
+def evaluation(config: TrainConfig, source) -> str | dict:
+    """When and on how much the run evaluates (Megatron's meaning of the flags)."""
+    run = config.run
+    if not run.eval_interval:
+        return "off (no --eval-interval)"
+    if source.valid is None:
+        return "off (no validation data: --valid-data-path)"
+    return {"every iterations": run.eval_interval, "global batches": run.eval_iters,
+            "samples": run.eval_iters * config.global_batch_size}
+
+
 def schedule(config: TrainConfig) -> dict:
     """Optimizer, iterations and the LR schedule in iterations (what the scheduler is given)."""
     opt, ds, run = config.optimizer, config.deepspeed, config.run
@@ -103,6 +114,7 @@ def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> 
         "architecture": architecture(model),
         "precision": "bf16" if model.bf16 else "fp16" if model.fp16 else "fp32",
         **schedule(config),
+        "evaluation": evaluation(config, source),
         "recomputation": {"granularity": model.recompute_granularity,
                           "method": model.recompute_method,
                           "layers": model.recompute_num_layers},

@@ -161,6 +161,10 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
     tokens_per_sample = layout.num_frames * layout.frame_tokens
     pipeline = is_pipeline(engine)
     history: list[dict] = []
+    evaluating = bool(run.eval_interval) and source.valid is not None
+    if run.eval_interval and not evaluating and is_rank0():
+        log.info("--eval-interval %d: the dataset has no validation data (--valid-data-path): "
+                 "no evaluation, as Megatron skips it", run.eval_interval)
     started = time.perf_counter()
     while state.iteration < run.train_iters and not _time_is_up(config, started):
         start = time.perf_counter()
@@ -188,7 +192,7 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
         })
         if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
             record.update(_skip_metrics(skipped_samples(source)))
-        if run.eval_interval and state.iteration % run.eval_interval == 0:
+        if evaluating and state.iteration % run.eval_interval == 0:
             record[VALID_LOSS] = evaluate(engine, source, config)
             record[VALID_PPL] = math.exp(min(20.0, record[VALID_LOSS]))
         history.append(record)

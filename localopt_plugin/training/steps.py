@@ -113,32 +113,30 @@ def pipeline_step(engine, stream, objective, config: TrainConfig,
 
 @torch.no_grad()
 def evaluate(engine, source: VideoTokenSource, config: TrainConfig) -> float:
-    """Full-sequence validation loss (whatever the training objective), averaged over ranks."""
-    if source.valid is None:
-        return float("nan")
+    """Full-sequence validation loss (whatever the training objective) over ``--eval-iters``
+    global batches, as Megatron counts them (each rank: its micro-batches of every global
+    batch), averaged over ranks. The caller skips it without validation data."""
     full = FullSequence(source.layout)
     stream = source.valid.batches(config.micro_batch_size,
                                   parallel_state.get_data_parallel_rank(),
                                   config.data_parallel_size, config.run.seed)
-    eval_iters = config.run.eval_iters
+    rounds, micro = config.run.eval_iters, config.gradient_accumulation_steps
     device = default_device()
     engine.eval()
     total = torch.zeros((), device=device)
     if is_pipeline(engine):
         loss_fn = engine.module.loss_fn
         loss_fn.evaluating = True
-        batches = (plan_to_pipe(full.plan(next(stream)["tokens"])) for _ in range(eval_iters))
-        rounds = eval_iters // config.gradient_accumulation_steps or 1
-        for _ in range(rounds):
+        batches = (plan_to_pipe(full.plan(next(stream)["tokens"])) for _ in range(rounds * micro))
+        for _ in range(rounds):  # each eval_batch runs one global batch's micro-batches
             total += engine.eval_batch(batches, reduce_output="avg").float().to(device).sum()
-        total /= rounds
         loss_fn.evaluating = False
     else:
-        for _ in range(eval_iters):
+        for _ in range(rounds * micro):
             tokens = next(stream)["tokens"].to(device)
             out = full(engine.module.model, tokens)
-            total += out.lm_loss().float()  # the whole sample's under context parallelism
-        total /= eval_iters
+            total += out.lm_loss().float() / micro  # the whole sample's under context parallelism
+    total /= rounds
     engine.train()
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return total.item() / config.data_parallel_size
