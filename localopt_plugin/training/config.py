@@ -171,6 +171,7 @@ class RunConfig:
     train_samples: int | None = None
     train_tokens: int | None = None
     exit_duration_in_mins: float | None = None
+    exit_interval: int | None = None
     seed: int = 1234
     micro_batch_size: int | None = None
     global_batch_size: int | None = None
@@ -202,6 +203,8 @@ class RunConfig:
             DEFAULT_TRAIN_ITERS if train_iters is None else train_iters)))
         if config.train_iters < 0 or config.eval_iters < 1 or config.log_interval < 1:
             raise UserError("--train-iters must be >= 0, --eval-iters and --log-interval >= 1")
+        if config.exit_interval is not None and config.exit_interval < 1:
+            raise UserError(f"--exit-interval must be >= 1, got {config.exit_interval}")
         return config
 
 
@@ -222,6 +225,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    "--seq-length) are consumed")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="stop (after saving, if --save) once training has run this long")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, if --save) at the first iteration divisible by it, "
+                   "as Megatron-LM")
     OptimizerConfig.add_args(g)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")

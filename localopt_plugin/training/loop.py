@@ -200,6 +200,11 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
         if run.save and run.save_interval and state.iteration % run.save_interval == 0:
             save_checkpoint(engine, config, state, source, trainer.objective)
         pause_point("train-iteration", state.iteration)  # where kill tests stop it
+        if run.exit_interval and state.iteration % run.exit_interval == 0:
+            if is_rank0():
+                log.info("--exit-interval %d: stopping at iteration %d", run.exit_interval,
+                         state.iteration)
+            break  # saved below unless just saved, as Megatron-LM exits
     if run.save and (not run.save_interval or state.iteration % run.save_interval):
         save_checkpoint(engine, config, state, source, trainer.objective)
     skipped = skipped_samples(source)

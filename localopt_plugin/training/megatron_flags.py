@@ -119,6 +119,16 @@ REFUSED: dict[str, str] = {
     "--calculate-per-token-loss": "the plugin's objectives average over the window's tokens "
     "(their loss is defined per window): drop it",
 }
+MOE_FLAGS = r"--(moe-|expert-|create-moe|disable-moe|mlp-type|topk)"
+TIMING_FLAGS = r"--(timing-log-level|timing-log-option|no-barrier-with-level-1-timing)$"
+
+
+def _dense(args: argparse.Namespace) -> bool:
+    """No experts: ``--num-experts`` absent or 1 (Megatron-DeepSpeed's default ``[1]``)."""
+    value = getattr(args, PREFIX + "num_experts", None)
+    return value is None or _value_text(value) == "1"
+
+
 FAMILIES: tuple[tuple[str, str], ...] = (
     (r"--(num-experts|moe-|expert-|create-moe|disable-moe|mlp-type|topk)",
      "mixture-of-experts layers are not supported by the plugin's model: drop the MoE flags"),
@@ -207,6 +217,13 @@ def resolve_megatron_flags(args: argparse.Namespace, explicit: set[str]) -> list
                          f"fp16 trains, as in Megatron-LM)")
         elif flag in HOLDS_ALREADY:
             notes.append(f"{flag}: accepted, {HOLDS_ALREADY[flag]}")
+        elif re.match(MOE_FLAGS, flag) and _dense(args):
+            notes.append(f"{flag}: accepted, the model is dense (--num-experts 1), so no MoE "
+                         "setting applies, as in Megatron-DeepSpeed")
+        elif re.match(TIMING_FLAGS, flag):
+            notes.append(f"{flag}: accepted, localopt-train times every step as a whole "
+                         "(step time, tokens/s at each --log-interval); Megatron's "
+                         "per-function timers are not kept")
         elif flag in NEUTRAL_VALUES and _value_text(value) == NEUTRAL_VALUES[flag]:
             notes.append(f"{flag} {_value_text(value)}: accepted (the value that changes "
                          f"nothing here)")
