@@ -213,8 +213,12 @@ def resolve_megatron_flags(args: argparse.Namespace, explicit: set[str]) -> list
         if flag in LOSS_SCALING:
             args.fp16_loss_scaling[LOSS_SCALING[flag]] = (
                 math.log2(float(value)) if flag == "--initial-loss-scale" else float(value))
-            notes.append(f"{flag} {value} -> DeepSpeed fp16.{LOSS_SCALING[flag]} (used when "
-                         f"fp16 trains, as in Megatron-LM)")
+            note = f"{flag} {value} -> DeepSpeed fp16.{LOSS_SCALING[flag]} (used when fp16 trains"
+            if flag == "--loss-scale":  # Megatron-LM's constant scaler also runs in bf16
+                note += ("; Megatron-LM also scales bf16 losses by it, DeepSpeed's bf16 engine "
+                         "has no loss scale: not applied in bf16, the same update up to the "
+                         "gradients' bf16 rounding")
+            notes.append(note + ")")
         elif flag in HOLDS_ALREADY:
             notes.append(f"{flag}: accepted, {HOLDS_ALREADY[flag]}")
         elif re.match(MOE_FLAGS, flag) and _dense(args):
