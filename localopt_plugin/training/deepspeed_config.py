@@ -158,8 +158,9 @@ DEEPSPEED_CHECKPOINTING_OPTIONS = {"partition_activations", "contiguous_memory_o
 
 
 def check_sections(cfg: dict) -> list[str]:
-    """Every top-level section honoured (a note for the dry run) or refused by name."""
-    notes = []
+    """Every top-level section honoured (a note for the dry run) or refused by name: all the
+    refusals of one config in one error line."""
+    notes, refusals = [], []
     for key, value in cfg.items():
         if key in REFUSED_SECTIONS and not _active(value):
             notes.append(f"{key}: accepted, switched off (\"enabled\": false)")
@@ -168,7 +169,7 @@ def check_sections(cfg: dict) -> list[str]:
                          "localopt-train's loader yields whole batches only")
         elif key in REFUSED_SECTIONS:
             reason = REFUSED_SECTIONS[key]
-            raise UserError(f"DeepSpeed config {key!r} {reason}" if reason[0] in "i(w" else
+            refusals.append(f"DeepSpeed config {key!r} {reason}" if reason[0] in "i(w" else
                             f"DeepSpeed config {key!r}: {reason}")
         elif key in MONITORS:
             if isinstance(value, dict) and value.get("enabled"):
@@ -178,15 +179,20 @@ def check_sections(cfg: dict) -> list[str]:
         elif key == "activation_checkpointing":
             set_on = [k for k, v in value.items() if v and k in DEEPSPEED_CHECKPOINTING_OPTIONS]
             if set_on:
-                raise UserError(f"DeepSpeed config activation_checkpointing.{set_on[0]} is "
+                keys = " and ".join(f"activation_checkpointing.{k}" for k in set_on)
+                refusals.append(f"DeepSpeed config {keys} {'is' if len(set_on) == 1 else 'are'} "
                                 f"DeepSpeed's own checkpointing; the plugin recomputes with "
                                 f"Megatron-Core (--recompute-granularity/--checkpoint-"
-                                f"activations), which has no such option: set it false")
-            notes.append("activation_checkpointing: accepted with its options off; "
-                         "recomputation is Megatron-Core's (--recompute-*)")
+                                f"activations), which has no such option: set "
+                                f"{'it' if len(set_on) == 1 else 'them'} false")
+            else:
+                notes.append("activation_checkpointing: accepted with its options off; "
+                             "recomputation is Megatron-Core's (--recompute-*)")
         elif key not in DEEPSPEED_RUNS:
-            raise UserError(f"DeepSpeed config {key!r} is not a section localopt-train knows "
+            refusals.append(f"DeepSpeed config {key!r} is not a section localopt-train knows "
                             f"(a typo, or a DeepSpeed feature it does not run): remove it")
+    if refusals:
+        raise UserError("; ".join(refusals))
     return notes
 
 

@@ -140,3 +140,17 @@ def test_optimizer_sections_deepspeed_would_refuse_stop_the_dry_run(tmp_path, op
     for extra in (("--dry-run",), ()):
         proc = _refused(*BASE, "--deepspeed_config", config, *extra)
         assert message in proc.stderr
+
+
+def test_every_refused_key_of_one_config_in_one_line(tmp_path):
+    """Two of DeepSpeed's activation-checkpointing options, a removed section and an unknown
+    key: all named in the one error line (a user fixes them in one pass)."""
+    config = _json(tmp_path, "many.json", {
+        "activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True},
+        "sparse_attention": {"mode": "fixed"}, "not_a_key": 1})
+    proc = _refused(*BASE, "--deepspeed_config", config, "--dry-run")
+    line = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    for words in ("activation_checkpointing.partition_activations and "
+                  "activation_checkpointing.cpu_checkpointing", "'sparse_attention'",
+                  "'not_a_key'"):
+        assert words in line
