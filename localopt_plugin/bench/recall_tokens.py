@@ -63,10 +63,6 @@ class TaskVariant:
         return "".join(c if c.isalnum() else "-" for c in self.name).strip("-")
 
     @property
-    def windowed(self) -> bool:
-        return build_parser().parse_known_args(list(self.flags))[0].objective != "full-sequence"
-
-    @property
     def adaptive(self) -> bool:
         return "adaptive" in self.flags
 
