@@ -525,6 +525,17 @@ def run(args: argparse.Namespace) -> dict:
             "runs": rows, "summary": summarize(rows, variants)}
 
 
+def write_outputs(out: str, result: dict, table: str, plot, png: str) -> None:
+    """A bench's ``results.json``, ``results.md`` (``table``) and ``png`` (drawn by
+    ``plot(result, path)``) in ``out``; the table printed."""
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    plot(result, os.path.join(out, png))
+    print(table)
+
+
 def table_cell(value) -> str:
     """A table cell: a list's values, a spread's mean (min-max), a float to 4 digits."""
     if isinstance(value, list):

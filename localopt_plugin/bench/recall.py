@@ -42,6 +42,7 @@ from localopt_plugin.bench.quality import (
     select_variants,
     table_cell,
     train,
+    write_outputs,
 )
 from localopt_plugin.data.recall import RecallSetting
 from localopt_plugin.errors import UserError
@@ -445,11 +446,5 @@ def plot(result: dict, path: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    table = format_table(result)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
-    plot(result, os.path.join(args.out, "recall.png"))
-    print(table)
+    write_outputs(args.out, result, format_table(result), plot, "recall.png")
     return 0

@@ -33,7 +33,12 @@ import numpy as np
 import torch
 
 from localopt_plugin.bench.flops import plan_flops
-from localopt_plugin.bench.quality import run_logged, select_variants, table_cell
+from localopt_plugin.bench.quality import (
+    run_logged,
+    select_variants,
+    table_cell,
+    write_outputs,
+)
 from localopt_plugin.data.recall_tokens import RecallTokensConfig
 from localopt_plugin.errors import UserError
 from localopt_plugin.metric_names import (
@@ -387,11 +392,5 @@ def plot(result: dict, path: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    table = format_table(result)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
-    plot(result, os.path.join(args.out, "recall_tokens.png"))
-    print(table)
+    write_outputs(args.out, result, format_table(result), plot, "recall_tokens.png")
     return 0
