@@ -100,7 +100,8 @@ def attention_probabilities(model, input_ids: torch.Tensor) -> list[torch.Tensor
     captured = []
 
     def capture(module, args, kwargs):
-        query, key = args[0], args[1]  # [s, b, heads, d], [s, b, groups, d]
+        query = args[0] if args else kwargs["query"]  # [s, b, heads, d]
+        key = args[1] if len(args) > 1 else kwargs["key"]  # [s, b, groups, d]
         key = key.repeat_interleave(query.shape[2] // key.shape[2], dim=2)
         scores = torch.einsum("qbhd,kbhd->bhqk", query.float(), key.float())
         scores = scores * module.softmax_scale

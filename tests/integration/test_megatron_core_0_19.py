@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 WITHOUT_MEGATRON_CORE = ("test_classifier.py", "test_evaluation.py", "test_procedural.py",
                          "test_recall.py", "test_registry_and_cli.py", "test_tokenizers.py",
-                         "test_video_io.py", "test_wds_data.py")
+                         "test_video_io.py", "test_wds_data.py", "test_report_spread.py",
+                         "test_megatron_deepspeed_flags.py")
 
 
 def test_unit_tests_pass_on_megatron_core_0_19():
