@@ -1,17 +1,20 @@
-"""ReCo (Representation Continuity, Zhou & Shen, ACL 2026): penalise jumps between the final
-hidden states of neighbouring video tokens.
+"""ReCo (Representation Continuity, Zhou & Shen, ACL 2026): penalise jumps between the hidden
+states of neighbouring video tokens.
 
     L = lambda * mean over pairs (i, j) and batch of ||h_j - h_i||^2
 
-where ``h`` is the objective's ``ObjectiveOutput.hidden`` (``[s, b, h]``, the optimized frames'
-tokens in raster order, after the final norm; ``--reco-states pre-norm``: the residual stream
-before it, ``ObjectiveOutput.pre_norm_hidden``) and the pairs lie inside it:
+with the squared norm summed over the hidden size (``--reco-reduction sum``, the paper's form
+and the default; ``mean`` divides it by the hidden size). ``h`` is, by default
+(``--reco-states pre-norm``), the residual stream before the final norm
+(``ObjectiveOutput.pre_norm_hidden``), or with ``final`` the states after it
+(``ObjectiveOutput.hidden``): ``[s, b, h]``, the optimized frames' tokens in raster order. The
+pairs lie inside it:
 ``adjacent-token`` pairs positions ``(i, i + 1)``, ``adjacent-frame`` pairs the same spatial
 token in consecutive frames ``(i, i + P)`` with ``P`` tokens per frame. Under Local
 Optimization ``hidden`` holds only the window, so no pair reaches into the (detached) context
 frames.
 
-Parallelism. The regularizer needs only ``out.hidden``, so it runs wherever the loss is computed,
+Parallelism. The regularizer needs only the states, so it runs wherever the loss is computed,
 i.e. on the last pipeline stage. Under tensor parallelism the decoder's output after the final
 norm is replicated on every TP rank (row-parallel linears all-reduce their outputs, the norm is
 not sharded): each TP rank computes the identical penalty, as each computes the same
@@ -108,11 +111,12 @@ class ReCo:
     whose weight is exactly 0 returns a zero loss without computing the penalty.
 
     Scale: after the final norm each state has squared norm about ``h`` (hidden size), so at
-    initialisation unrelated neighbours give a raw penalty near ``2h``; the weighted term can
-    then exceed the cross-entropy until neighbouring states become similar. Measured on the
-    main job (hidden 192, lambda 0.1): with ``sum`` the penalty collapsed the final states
-    (raw 6e-4) and LM loss stalled at 6.2 where it reached 4.4 without ReCo by iteration 80;
-    ``reduction="mean"`` divides the penalty by ``h`` so lambda does not depend on model width.
+    initialisation unrelated neighbours give a raw penalty near ``2h``; with ``sum`` on those
+    states the penalty collapsed them on the main job (hidden 192, lambda 0.1: raw 6e-4, LM
+    loss stalled at 6.2 where it reached 4.4 without ReCo by iteration 80). The defaults act on
+    the residual stream before the norm with ``sum``, the form that kept NLL in the ReCo sweep
+    (docs/RESULTS.md); ``reduction="mean"`` divides the penalty by ``h`` so that lambda does
+    not depend on model width.
     """
 
     def __init__(self, weight: float = 0.1, pairs: str = "adjacent-token",
