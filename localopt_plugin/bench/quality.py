@@ -160,7 +160,9 @@ SWEEPS = {"ablation": ABLATION, "reco": RECO_SWEEP, "long": LONG}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="a size of this bench (data, model, steps: "
+                        "localopt_plugin/bench/quality.py PRESETS), not a model preset")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
                         help="ablation: the paper's variants; reco: ReCo's forms; long: "
                         "long clips at a share of full-sequence's compute (default: the "

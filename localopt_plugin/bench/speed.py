@@ -73,7 +73,9 @@ PRESETS = {
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper17")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper17",
+                        help="a setting of this bench (model, clip and window sizes: "
+                        "localopt_plugin/bench/speed.py PRESETS), not a model preset")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed steps per row (>= 3; medians are reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")

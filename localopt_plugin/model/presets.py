@@ -74,8 +74,9 @@ def config_with_flags(name: str, flags: str = "", **overrides: Any) -> ModelConf
 
 def add_preset_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help="start from a named model (see localopt_plugin/model/presets.py); "
-                        "flags given override it")
+                        help="start from a named model (the model presets of "
+                        "localopt_plugin/model/presets.py; the benches' --preset names their "
+                        "own sizes); flags given override it")
 
 
 def apply_preset(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
