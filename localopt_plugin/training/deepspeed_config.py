@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,6 +309,26 @@ def _zero_section(cfg: dict, notes: list[str]) -> dict:
     return zero
 
 
+def _check_nvme(zero: dict) -> None:
+    """NVMe offload needs a writable ``nvme_path`` and DeepSpeed's async I/O op (libaio):
+    without them DeepSpeed stops while building the engine, after the dry run."""
+    for key in ("offload_param", "offload_optimizer"):
+        section = zero.get(key) or {}
+        if section.get("device") != "nvme":
+            continue
+        path = section.get("nvme_path")
+        if not path or not os.path.isdir(path) or not os.access(path, os.W_OK):
+            raise UserError(f"DeepSpeed config zero_optimization.{key} offloads to NVMe at "
+                            f"{path!r}, not a writable directory here: create it, point "
+                            "nvme_path at one, or offload to \"cpu\"")
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            raise UserError(f"DeepSpeed config zero_optimization.{key}.device nvme needs "
+                            "DeepSpeed's async I/O op (libaio), which this machine lacks: "
+                            "install libaio (libaio-dev) or offload to \"cpu\"")
+
+
 def _check_json_optimizer(section: Any) -> None:
     """What DeepSpeed's engine would refuse at start in an ``optimizer`` section, refused now:
     a type that is neither DeepSpeed's nor ``torch.optim``'s, ``max_grad_norm`` in its params."""
@@ -361,6 +382,7 @@ def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
         raise UserError(f"ZeRO stage {zero['stage']} cannot be combined with pipeline "
                         "parallelism (DeepSpeed shards gradients across the micro-batches a "
                         "pipeline accumulates); use --zero-stage 1 or 0")
+    _check_nvme(zero)
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
     if offload and zero["stage"] == 0:
         raise UserError("zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3 "

@@ -154,3 +154,19 @@ def test_every_refused_key_of_one_config_in_one_line(tmp_path):
                   "activation_checkpointing.cpu_checkpointing", "'sparse_attention'",
                   "'not_a_key'"):
         assert words in line
+
+
+def test_nvme_offload_is_checked_before_the_engine_is_built(tmp_path):
+    """DeepSpeed stops while building the engine when an NVMe offload's path is missing or its
+    async I/O op cannot load: the dry run says so first, in one line."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    missing = _json(tmp_path, "nvme-missing.json", {"zero_optimization": {
+        "stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "no")}}})
+    proc = _refused(*BASE, "--deepspeed_config", missing, "--dry-run")
+    assert "not a writable directory here" in proc.stderr
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        present = _json(tmp_path, "nvme.json", {"zero_optimization": {
+            "stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}})
+        proc = _refused(*BASE, "--deepspeed_config", present, "--dry-run")
+        assert "needs DeepSpeed's async I/O op (libaio)" in proc.stderr
