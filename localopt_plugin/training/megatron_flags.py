@@ -82,7 +82,10 @@ NEUTRAL_VALUES: dict[str, str] = {
 TEXT_DATA = ("--tokenizer-type", "--tokenizer-model", "--vocab-file", "--merge-file",
              "--vocab-size", "--data-impl", "--vocab-extra-ids", "--mock-data",
              "--data-cache-path", "--tiktoken-pattern", "--no-mmap-bin-files",
-             "--train-data-path", "--test-data-path", "--append-eod")
+             "--train-data-path", "--test-data-path", "--append-eod",
+             # Megatron-DeepSpeed's prebuilt index files of its text datasets
+             "--train-desc-path", "--train-doc-idx-path", "--train-idx-path",
+             "--train-sample-idx-path", "--train-shuffle-idx-path", "--aml-data-download-path")
 
 REFUSED: dict[str, str] = {
     "--cpu-optimizer": "(Megatron-DeepSpeed: the optimizer step on the CPU) is ZeRO-Offload "

@@ -18,7 +18,9 @@ DS_JSONS = sorted(p.stem for p in (COMPAT / "ds_json").glob("*.json"))
 # Megatron's text pipeline: what --data-path SHARDS replaces (docs/from-megatron.md)
 TEXT_DATA = {"--data-path", "--vocab-file", "--merge-file", "--tokenizer-type",
              "--tokenizer-model", "--data-impl", "--split", "--mock-data", "--vocab-size",
-             "--data-cache-path", "--tiktoken-pattern", "--no-mmap-bin-files"}
+             "--data-cache-path", "--tiktoken-pattern", "--no-mmap-bin-files",
+             "--train-desc-path", "--train-doc-idx-path", "--train-idx-path",
+             "--train-sample-idx-path", "--train-shuffle-idx-path"}
 # model, batch and schedule sizes for a CPU test; token counts are in samples x SEQ_TOKENS
 SHRINK = {"--num-layers": "2", "--hidden-size": "64", "--ffn-hidden-size": "128",
           "--num-attention-heads": "4", "--num-query-groups": "2", "--num-key-value-heads": "2",
