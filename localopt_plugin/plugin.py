@@ -46,7 +46,7 @@ def dataset_name(args: argparse.Namespace) -> str:
     meaning: data), else the built-in synthetic tokens. A dataset that reads no
     ``--data-path`` is refused together with one."""
     name = args.dataset or ("video-wds" if args.data_path else "synthetic-video-tokens")
-    config = _get("dataset", name).config
+    config = registry.get("dataset", name).config
     reads_paths = config is not None and "data_path" in {
         f.name for f in dataclasses.fields(config)}
     if not reads_paths:
@@ -71,15 +71,8 @@ def unused_component_flags(args: argparse.Namespace) -> list[str]:
     return unused
 
 
-def _get(kind: str, name: str) -> registry.Component:
-    try:
-        return registry.get(kind, name)
-    except registry.UnknownComponentError as err:
-        raise UserError(str(err)) from None
-
-
 def _config(kind: str, name: str, args: argparse.Namespace) -> Any:
-    component = _get(kind, name)
+    component = registry.get(kind, name)
     return component.config.from_args(args) if component.config is not None else None
 
 
@@ -115,18 +108,18 @@ class PluginConfig:
                    seed=args.seed)
 
     def build_dataset(self) -> VideoTokenSource:
-        return _get("dataset", self.dataset).build(self.dataset_config, seed=self.seed)
+        return registry.get("dataset", self.dataset).build(self.dataset_config, seed=self.seed)
 
     def build_objective(self, layout: SampleLayout) -> Objective:
         """The objective (and its window sampler), checked against the layout: e.g. a window
         longer than the video is refused naming ``--local-opt-window-frames``."""
-        _get("objective", self.objective)
+        registry.get("objective", self.objective)
         return build_objective(self.objective, layout, sampler=self.window_sampler,
                                window=self.window, config=self.objective_config,
                                seed=self.seed)
 
     def build_regularizers(self, train_iters: int | None) -> list:
-        return [_get("regularizer", name).build(config, train_iters=train_iters)
+        return [registry.get("regularizer", name).build(config, train_iters=train_iters)
                 for name, config in self.regularizers]
 
     def build(self, train_iters: int | None,
@@ -147,7 +140,7 @@ def recorded_regularizers(saved: dict) -> dict[str, dict[str, Any]]:
         return {name: dict(fields or {}) for name, fields in saved["regularizers"]}
     recorded = {}
     for name in saved.get("regularizer") or ():
-        flags = getattr(_get("regularizer", name).config, "FLAGS", {})
+        flags = getattr(registry.get("regularizer", name).config, "FLAGS", {})
         recorded[name] = {field: saved[dest] for field, dest in flags.items() if dest in saved}
     return recorded
 
@@ -163,7 +156,7 @@ def keep_recorded_settings(args: argparse.Namespace, saved: dict,
     for name in args.regularizer:
         if name not in recorded:
             continue
-        config = _get("regularizer", name).config
+        config = registry.get("regularizer", name).config
         before = getattr(config, "RECORDED_BEFORE", {})
         for field, dest in getattr(config, "FLAGS", {}).items():
             value = recorded[name].get(field, before.get(field))

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
+from localopt_plugin.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # kind -> the keyword arguments its build function receives besides the config
@@ -69,8 +71,9 @@ _REGISTRY: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
 _entry_points_loaded = False
 
 
-class UnknownComponentError(KeyError):
-    """A name that is not registered; the message lists the valid names."""
+class UnknownComponentError(UserError, KeyError):
+    """A name that is not registered; the message lists the valid names (a user's setting:
+    the commands print it as one ``error:`` line)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])

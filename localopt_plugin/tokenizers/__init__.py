@@ -23,10 +23,7 @@ __all__ = ["FSQConfig", "FSQVideoTokenizer", "TorchScriptConfig", "TorchScriptTo
 
 def build_tokenizer(name: str, **options: Any) -> VideoTokenizer:
     """The registered tokenizer ``name`` with its config built from ``options``."""
-    try:
-        component = registry.get("tokenizer", name)
-    except registry.UnknownComponentError as err:
-        raise UserError(str(err)) from None
+    component = registry.get("tokenizer", name)
     config = None
     if component.config is not None:
         fields = {f.name for f in dataclasses.fields(component.config)}

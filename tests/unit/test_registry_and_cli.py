@@ -28,6 +28,9 @@ def test_unknown_name_lists_registered_names():
         registry.get("objective", "no-such-loss")
     message = str(err.value)
     assert "no-such-loss" in message and "local-opt" in message and "full-sequence" in message
+    from localopt_plugin.errors import UserError
+
+    assert isinstance(err.value, UserError)  # the commands print it as one error line
     with pytest.raises(ValueError, match="kinds are"):
         registry.get("no-such-kind", "x")
 
