@@ -126,12 +126,11 @@ def test_pretrain_gives_localopt_train_losses_and_validation_loss(megatron_lm_py
                                                                   tmp_path):
     """DP=2 with validation data: the per-iteration losses of localopt-train, and Megatron-LM's
     first evaluation (iteration 10) reports localopt-train's full-sequence validation loss on
-    the same samples: one Megatron eval iteration is 2 micro-batches per rank here, so
-    localopt-train evaluates 2 micro-batches. (Later evaluations differ by design: Megatron-LM
-    reads on in its validation stream, localopt-train re-reads its first samples.)"""
+    the same samples with the same --eval-iters (both count global batches: here 2
+    micro-batches per rank). (Later evaluations differ by design: Megatron-LM reads on in its
+    validation stream, localopt-train re-reads its first samples.)"""
     log, records = _run_both(megatron_lm_python, shards, tmp_path, 2, "--eval-interval", "10",
-                             valid=True, megatron=("--eval-iters", "1"),
-                             localopt=("--eval-iters", "2"))
+                             "--eval-iters", "1", valid=True)
     _assert_localopt_train_losses(log, records)
     got = [float(v) for v in re.findall(
         rf"validation loss at iteration 10 \| valid full-sequence loss value: {NUMBER}", log)]
