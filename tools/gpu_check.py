@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""The prepared GPU check: stages that cannot fail silently, inside one device command's budget.
+"""The GPU acceptance check: on a CUDA machine, stages that cannot fail silently, within a time
+budget, writing a bounded number of files.
 
 Stages, each with its own timeout, exit status and log (tail in the summary):
-  env        install the carried wheels (--wheels) into a temporary site; versions; stops the
-             check at once if deepspeed, megatron-core, Megatron-LM or webdataset do not import
+  env        install an offline wheel bundle if given (--wheels); versions; stops the check at
+             once if deepspeed, megatron-core, Megatron-LM or webdataset do not import
   gpu-tests  the GPU-marked tests (tests/unit/test_attention.py: the window call under the
              flash kernel alone, the GPU's loss and gradients against the fp32 reference with
              and without recomputation, TransformerEngine's path when TE is importable)
@@ -12,13 +13,14 @@ Stages, each with its own timeout, exit status and log (tail in the summary):
   pretrain   Megatron-LM's pretrain() with the plugin (megatron_configs/pretrain_video_gpt.sh,
              which turns off the fusions whose kernels the machine lacks), a few iterations
 
-$OUT receives at most 6 files: summary.json, gpu-tests.log, speed.log, speed.json,
-pretrain.log (shards and checkpoints stay in a temporary folder). The stages' timeouts add up
-to 420 s (the --budget), so a rerun of a failed stage (--only NAME) fits the same lease.
-
-On the lent GPU machine (docs/benchmarks.md has the exact call):
-    bash tools/gpu_wheels.sh                                    # here: wheels + size check
-    device run, carry ["gpu_wheels"]:  python3 tools/gpu_check.py --wheels gpu_wheels
+Usage on any machine with a CUDA GPU and this repository (docs/benchmarks.md):
+    python tools/gpu_check.py --out gpu_results                     # every stage
+    python tools/gpu_check.py --out gpu_results --only speed        # rerun one stage
+Options: --budget SECONDS for the whole check (default: the stages' timeouts added up, 420 s),
+--timeout STAGE=SECONDS, --max-files N written to --out (default 6: summary.json, gpu-tests.log,
+speed.log, speed.json, pretrain.log; shards and checkpoints stay in a temporary folder), and
+--wheels DIR, a folder of wheels made by tools/gpu_wheels.sh for a machine without network.
+The verdict is summary.json ("ok", and per stage: status, seconds, log tail).
 CPU rehearsal (CI runs it: the same stages at tiny sizes, the same summary and file rules):
     .venv312/bin/python tools/gpu_check.py --rehearse --out /tmp/gpu-check
 """
@@ -38,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_OUT_FILES = 6
+MAX_OUT_FILES = 6  # the default of --max-files
 TAIL_LINES = 25
 # seconds per stage; on the GPU they add up to the budget
 GPU_TIMEOUTS = {"env": 45, "gpu-tests": 90, "speed": 120, "shards": 30, "pretrain": 135}
@@ -215,9 +217,14 @@ def judge(result: Result, stage: Stage, rehearse: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_results")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_results",
+                        help="folder for summary.json and the stages' logs (default $OUT, "
+                        "else gpu_results)")
+    parser.add_argument("--max-files", type=int, default=MAX_OUT_FILES,
+                        help="most files the check may leave in --out (more: the check fails)")
     parser.add_argument("--wheels", default=None,
-                        help="the carried wheel folder (tools/gpu_wheels.sh) to install first")
+                        help="a folder of wheels (tools/gpu_wheels.sh) to install first, for "
+                        "a machine without network")
     parser.add_argument("--rehearse", action="store_true",
                         help="on CPU at tiny sizes: the same stages, summary and file rules")
     parser.add_argument("--only", default=",".join(STAGES),
@@ -234,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted |= {NEEDS[s] for s in wanted if s in NEEDS}
     if args.wheels and not (os.path.isdir(args.wheels) and any(
             w.endswith(".whl") for w in os.listdir(args.wheels))):
-        parser.error(f"--wheels {args.wheels}: no wheels there. The folder is git-ignored: "
-                     "name it in the device call's carry (and fetch it: tools/gpu_wheels.sh)")
+        parser.error(f"--wheels {args.wheels}: no wheels there: make them with "
+                     "tools/gpu_wheels.sh and copy the folder (git-ignored) with the repository")
     timeouts = dict(REHEARSAL_TIMEOUTS if args.rehearse else GPU_TIMEOUTS)
     for item in args.timeout:
         name, _, seconds = item.partition("=")
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "env":
             if result.status != "passed":
                 print("gpu_check: stopping: the environment is not usable (see the lines "
-                      "above); did the wheels travel (carry) and install?", flush=True)
+                      "above); are the packages installed (or --wheels given)?", flush=True)
                 break
             te = '"transformer_engine": true' in result.note
         if name == "shards":
@@ -307,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         "stages": [asdict(r) for r in results],
     }
     files = sorted({*os.listdir(args.out), "summary.json"})
-    if len(files) > MAX_OUT_FILES:
-        print(f"gpu_check: error: {len(files)} files in {args.out}, more than "
-              f"{MAX_OUT_FILES}: {files}", flush=True)
+    if len(files) > args.max_files:
+        print(f"gpu_check: error: {len(files)} files in {args.out}, more than --max-files "
+              f"{args.max_files}: {files}", flush=True)
         summary["ok"] = False
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""What a device call carries: the working tree (tracked files and untracked files git does not
-ignore) and the carried paths, by top-level folder; fails above the limit (55 MiB of the 64 MiB
-one call takes, so a rerun with one more log still fits).
+"""The size of a copy of the working tree (tracked files and untracked files git does not
+ignore) plus extra folders, by top-level folder; fails above --limit-mib. For moving the
+repository and an offline wheel bundle (tools/gpu_wheels.sh) to a machine whose transfer is
+capped: the default 55 MiB leaves room under a 64 MiB cap for the logs a rerun adds.
 
     python tools/travel_size.py --carry gpu_wheels [--limit-mib 55]
 """

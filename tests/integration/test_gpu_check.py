@@ -99,6 +99,10 @@ def test_an_environment_without_deepspeed_stops_the_check_at_once(tmp_path):
     assert [s["status"] for s in rest] == ["not run"] * 4
     assert "environment is not usable" in proc.stdout
     assert os.listdir(out) == ["summary.json"]
+    # --max-files: a check that leaves more files than asked fails, saying so
+    proc, summary = rehearse(tmp_path / "capped", "--max-files", "0", PYTHONPATH=os.pathsep.join(
+        [str(shadow.parent), subprocess_env()["PYTHONPATH"]]))
+    assert not summary["ok"] and "more than --max-files 0" in proc.stdout
 
 
 def test_a_stage_past_its_timeout_is_killed_with_its_children(tmp_path):
