@@ -188,6 +188,7 @@ class RunConfig:
     zero_stage: int | None = None
     overlap_grad_reduce: bool = False
     tensorboard_queue_size: int = 1000
+    log_optimizer_states_to_tensorboard: bool = False
     fp16_loss_scaling: dict = dataclasses.field(default_factory=dict)  # --hysteresis ... -> JSON
 
     @classmethod
@@ -245,6 +246,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--tensorboard-queue-size", type=int, default=1000,
                    help="TensorBoard events buffered before a write (Megatron-LM's default)")
+    g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
+                   help="Megatron-DeepSpeed: norms of Adam's moments and of the weights at each "
+                   "--log-interval (TensorBoard, --metrics-file)")
     g.add_argument("--data-path", nargs="*", default=None)
     g.add_argument("--valid-data-path", nargs="*", default=None)
 

@@ -43,6 +43,7 @@ from localopt_plugin.training.config import TrainConfig
 from localopt_plugin.training.distributed import MegatronMpu, is_rank0
 from localopt_plugin.training.metrics import MetricsLogger
 from localopt_plugin.training.optim import build_optimizer, build_scheduler, param_groups
+from localopt_plugin.training.optimizer_states import optimizer_state_norms
 from localopt_plugin.training.steps import (
     TrainingStep,
     data_parallel_step,
@@ -192,6 +193,9 @@ def train(config: TrainConfig, source: VideoTokenSource) -> dict:
         })
         if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
             record.update(_skip_metrics(skipped_samples(source)))
+            if run.log_optimizer_states_to_tensorboard:
+                record.update(optimizer_state_norms(
+                    engine, config.deepspeed.config["zero_optimization"]["stage"]))
         if evaluating and state.iteration % run.eval_interval == 0:
             record[VALID_LOSS] = evaluate(engine, source, config)
             record[VALID_PPL] = math.exp(min(20.0, record[VALID_LOSS]))
