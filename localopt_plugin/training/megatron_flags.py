@@ -19,6 +19,7 @@ here too, so a user's script never stops at argparse. After parsing,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -118,7 +119,8 @@ REFUSED: dict[str, str] = {
     "--calculate-per-token-loss": "the plugin's objectives average over the window's tokens "
     "(their loss is defined per window): drop it",
 }
-MOE_FLAGS = r"--(moe-|expert-|create-moe|disable-moe|mlp-type|topk)"
+# Mixture-of-experts flags: accepted with a dense model (one expert), else refused
+MOE_FLAGS = r"--(num-experts|moe-|expert-|create-moe|disable-moe|mlp-type|topk)"
 TIMING_FLAGS = r"--(timing-log-level|timing-log-option|no-barrier-with-level-1-timing)$"
 
 
@@ -129,7 +131,7 @@ def _dense(args: argparse.Namespace) -> bool:
 
 
 FAMILIES: tuple[tuple[str, str], ...] = (
-    (r"--(num-experts|moe-|expert-|create-moe|disable-moe|mlp-type|topk)",
+    (MOE_FLAGS,
      "mixture-of-experts layers are not supported by the plugin's model: drop the MoE flags"),
     (r"--(fp8|fp4|first-last-layers-bf16|num-layers-at-)",
      "FP8/FP4 training is not supported by the plugin (bf16 or fp16 are): drop it"),
@@ -142,8 +144,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     (r"--(wandb-|one-logger|log-energy)",
      "localopt-train logs to TensorBoard (--tensorboard-dir) and JSON lines (--metrics-file); "
      "DeepSpeed's monitors (a \"wandb\" or \"tensorboard\" section in the JSON) also work"),
-    (r"--(log-|tensorboard-log-interval|tensorboard-queue-size|timing-log|"
-     r"no-barrier-with-level-1-timing|no-log-loss-scale)",
+    (r"--(log-|tensorboard-log-interval|tensorboard-queue-size|no-log-loss-scale)",
      "localopt-train logs loss, LR, grad norm, skipped steps and throughput every "
      "--log-interval to the console, --tensorboard-dir and --metrics-file; this Megatron "
      "logging option has no counterpart: drop it"),
@@ -151,6 +152,12 @@ FAMILIES: tuple[tuple[str, str], ...] = (
      "Megatron's profiler hooks are not in localopt-train; DeepSpeed's \"flops_profiler\" JSON "
      "section works: drop it"),
 )
+
+
+@functools.cache
+def _megatron_lm_flags() -> dict[str, int | str]:
+    """Megatron-LM's parser's flags and arities (read once)."""
+    return json.loads(MEGATRON_LM_FLAGS.read_text())["flags"]
 
 
 def _merged_nargs(a: int | str, b: int | str) -> int | str:
@@ -163,7 +170,7 @@ def _merged_nargs(a: int | str, b: int | str) -> int | str:
 
 def listed_flags() -> dict[str, int | str]:
     """Every flag of Megatron-LM's and Megatron-DeepSpeed's parsers, with its arity."""
-    flags = dict(json.loads(MEGATRON_LM_FLAGS.read_text())["flags"])
+    flags = dict(_megatron_lm_flags())
     for flag, nargs in json.loads(MEGATRON_DEEPSPEED_FLAGS.read_text())["flags"].items():
         flags[flag] = _merged_nargs(flags[flag], nargs) if flag in flags else nargs
     return flags
@@ -205,7 +212,7 @@ def why_refused(flag: str) -> str:
     for pattern, reason in FAMILIES:
         if re.match(pattern, flag):
             return f"{flag} {reason}" if reason.startswith("is ") else f"{flag}: {reason}"
-    if flag not in json.loads(MEGATRON_LM_FLAGS.read_text())["flags"]:
+    if flag not in _megatron_lm_flags():
         return (f"{flag} is a Megatron-DeepSpeed option that localopt-train does not implement: "
                 "drop it")
     return (f"{flag} is a Megatron-LM option that localopt-train does not implement: drop it, "
@@ -237,7 +244,7 @@ def resolve_megatron_flags(args: argparse.Namespace, explicit: set[str]) -> list
             notes.append(note + ")")
         elif flag in HOLDS_ALREADY:
             notes.append(f"{flag}: accepted, {HOLDS_ALREADY[flag]}")
-        elif re.match(MOE_FLAGS, flag) and _dense(args):
+        elif flag != "--num-experts" and re.match(MOE_FLAGS, flag) and _dense(args):
             notes.append(f"{flag}: accepted, the model is dense (--num-experts 1), so no MoE "
                          "setting applies, as in Megatron-DeepSpeed")
         elif re.match(TIMING_FLAGS, flag):
