@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -76,28 +78,30 @@ def recall_token_scores(model, config: RecallTokensConfig, split: str = "test") 
     never trained on)."""
     cues = split_cues(config, split)
     tokens = cue_tokens(config, cues)
-    logits = _logits(model, tokens)
+    with captured_attention(model) as probabilities:  # one forward: logits and attention
+        logits = _logits(model, tokens)
     reappear = _label_positions(config, config.reappear)
     scores = {"cues": len(cues), "chance": 1.0 / config.colours,
               "recall accuracy": _lead_accuracy(logits, tokens, reappear)}
     if config.cue_frames >= 2:
         scores["copy accuracy"] = _lead_accuracy(logits, tokens, _label_positions(config, 1))
+    after_cue = config.layout().video_start + config.cue_frames * config.frame_tokens
     other = cue_tokens(config, shifted_cues(config, cues))
-    other[:, config.layout().video_start + config.cue_frames * config.frame_tokens:] = \
-        tokens[:, config.layout().video_start + config.cue_frames * config.frame_tokens:]
+    other[:, after_cue:] = tokens[:, after_cue:]  # another cue, the rest of the clip kept
     true_nll = _frame_nll(logits, tokens, config, config.reappear)
     other_nll = _frame_nll(_logits(model, other), other, config, config.reappear)
     scores["cue worth (nats per clip)"] = float((other_nll - true_nll).mean())
     scores["reappearance NLL (nats per token)"] = float(true_nll.mean()) / config.frame_tokens
-    scores["attention to the cue"] = attention_to_cue(model, config, tokens)
+    scores["attention to the cue"] = attention_to_cue(config, probabilities)
     return scores
 
 
-@torch.no_grad()
-def attention_probabilities(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Causal attention probabilities ``[b, heads, s, s]`` of every layer of a plain forward,
-    recomputed from the queries and keys each core attention receives (after RoPE)."""
-    captured = []
+@contextlib.contextmanager
+def captured_attention(model) -> Iterator[list[torch.Tensor]]:
+    """While open, every forward of ``model`` appends each layer's causal attention
+    probabilities ``[b, heads, s, s]`` to the yielded list, recomputed from the queries and
+    keys its core attention receives (after RoPE)."""
+    captured: list[torch.Tensor] = []
 
     def capture(module, args, kwargs):
         query = args[0] if args else kwargs["query"]  # [s, b, heads, d]
@@ -111,23 +115,27 @@ def attention_probabilities(model, input_ids: torch.Tensor) -> list[torch.Tensor
     hooks = [layer.self_attention.core_attention.register_forward_pre_hook(
         capture, with_kwargs=True) for layer in model.decoder.layers]
     try:
-        forward_hidden(model, input_ids, torch.arange(input_ids.shape[1],
-                                                      device=input_ids.device))
+        yield captured
     finally:
         for hook in hooks:
             hook.remove()
-    return captured
 
 
-def attention_to_cue(model, config: RecallTokensConfig, tokens: torch.Tensor) -> float:
+@torch.no_grad()
+def attention_probabilities(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's causal attention probabilities of a plain forward of ``input_ids``."""
+    with captured_attention(model) as probabilities:
+        forward_hidden(model, input_ids, torch.arange(input_ids.shape[1],
+                                                      device=input_ids.device))
+    return probabilities
+
+
+def attention_to_cue(config: RecallTokensConfig, probabilities: list[torch.Tensor]) -> float:
     """Mean share of attention the reappearance frame's lead-token queries put on the cue
     frames' keys, over layers, heads and samples."""
-    length = tokens.shape[1] - 1
-    device = next(model.parameters()).device
     layout = config.layout()
     queries = torch.as_tensor(_label_positions(config, config.reappear))
     keys = slice(layout.video_start, layout.video_start + config.cue_frames * config.frame_tokens)
-    probabilities = attention_probabilities(model, tokens[:, :length].to(device))
     return float(np.mean([p[:, :, queries][..., keys].sum(-1).mean().item()
                           for p in probabilities]))
 
