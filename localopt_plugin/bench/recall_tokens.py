@@ -122,10 +122,7 @@ def task_of(args: argparse.Namespace) -> RecallTokensConfig:
 
 def task_flags(task: RecallTokensConfig) -> list[str]:
     """The dataset flags of ``task`` (localopt-train's)."""
-    return ["--dataset", "recall-tokens", *(
-        item for field in dataclasses.fields(task)
-        for item in ("--recall-tokens-" + field.name.replace("_", "-"),
-                     str(getattr(task, field.name))))]
+    return ["--dataset", "recall-tokens", *task.flags()]
 
 
 class FlopReplay:

@@ -59,12 +59,17 @@ class RecallTokensConfig:
         "samples": "training samples per epoch",
     }
 
+    @staticmethod
+    def flag(name: str) -> str:
+        """The flag of field ``name`` (``cue_frames`` -> ``--recall-tokens-cue-frames``)."""
+        return "--recall-tokens-" + name.replace("_", "-")
+
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("recall-tokens dataset (token-level recall task)")
         for field in dataclasses.fields(cls):
-            g.add_argument("--recall-tokens-" + field.name.replace("_", "-"), type=int,
-                           default=field.default, help=cls.HELP[field.name])
+            g.add_argument(cls.flag(field.name), type=int, default=field.default,
+                           help=cls.HELP[field.name])
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RecallTokensConfig:
@@ -73,13 +78,17 @@ class RecallTokensConfig:
         config.validate()
         return config
 
+    def flags(self) -> list[str]:
+        """These settings as the flags that give them."""
+        return [item for field in dataclasses.fields(self)
+                for item in (self.flag(field.name), str(getattr(self, field.name)))]
+
     def validate(self) -> None:
-        for flag, value, least in (("frames", self.frames, 2), ("grid", self.grid, 1),
-                                   ("colours", self.colours, 2), ("parts", self.parts, 1),
-                                   ("cue-frames", self.cue_frames, 1), ("gap", self.gap, 1),
-                                   ("samples", self.samples, 1)):
-            if value < least:
-                raise UserError(f"--recall-tokens-{flag} must be >= {least}, got {value}")
+        for name, least in (("frames", 2), ("grid", 1), ("colours", 2), ("parts", 1),
+                            ("cue_frames", 1), ("gap", 1), ("samples", 1)):
+            if getattr(self, name) < least:
+                raise UserError(f"{self.flag(name)} must be >= {least}, got "
+                                f"{getattr(self, name)}")
         side = math.isqrt(self.parts)
         if side * side != self.parts or self.grid % side:
             raise UserError(f"--recall-tokens-parts {self.parts} must be a square whose root "
