@@ -17,6 +17,10 @@ conventions for full sequences.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import torch
+
 from localopt_plugin.model import ModelConfig
 from localopt_plugin.plan import ForwardPlan
 
@@ -78,3 +82,12 @@ def recompute_flops(plan: ForwardPlan, config: ModelConfig) -> float:
     layers = (config.num_layers if config.recompute_method == "uniform"
               else config.recompute_num_layers)
     return batch * layers * _layer_flops(config, tokens, pairs)
+
+
+def replayed_plans(objective, tokens: torch.Tensor, records: list[dict]) -> Iterator[ForwardPlan]:
+    """The plans a trainer ran for its logged per-step ``records`` (one micro-batch each), as
+    it drew them: each step's metrics are fed back after it (``Objective.observe``), so an
+    adaptive sampler's draws follow the logged losses."""
+    for iteration, record in enumerate(records):
+        yield objective.plan(tokens, iteration, 0)
+        objective.observe(record)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from localopt_plugin.bench.flops import plan_flops
+from localopt_plugin.bench.flops import plan_flops, replayed_plans
 from localopt_plugin.data.procedural import BACKGROUNDS, NUM_CLASSES
 from localopt_plugin.errors import UserError
 from localopt_plugin.metric_names import (
@@ -278,13 +278,12 @@ class FlopCounter:
         the trainer's logged ``records``, each step's metrics are fed back as the trainer did
         (an adaptive sampler's draws follow them)."""
         objective = self.objective(variant, seed)
+        plans = (replayed_plans(objective, self.tokens, records[:count]) if records is not None
+                 else (objective.plan(self.tokens, iteration, 0) for iteration in range(count)))
         flops, starts = [], []
-        for iteration in range(count):
-            plan = objective.plan(self.tokens, iteration, 0)
+        for plan in plans:
             flops.append(plan_flops(plan, self.model, self.vocab))
             starts.append(float(plan.first_frame))
-            if records is not None:
-                objective.observe(records[iteration])
         return flops, starts
 
     def learns_from_losses(self, variant: Variant) -> bool:

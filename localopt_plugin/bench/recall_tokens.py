@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from localopt_plugin.bench.flops import plan_flops
+from localopt_plugin.bench.flops import plan_flops, replayed_plans
 from localopt_plugin.bench.quality import (
     run_logged,
     select_variants,
@@ -162,15 +162,14 @@ class FlopReplay:
     def steps(self, variant: TaskVariant, seed: int, records: list[dict]) -> list[float]:
         """FLOPs of each logged step; refuses a run whose logged windows differ from the
         replay's (the count would not be the run's)."""
-        objective, flops = self.objective(variant, seed), []
-        for i, record in enumerate(records):
-            plan = objective.plan(self.tokens, i, 0)
+        flops = []
+        plans = replayed_plans(self.objective(variant, seed), self.tokens, records)
+        for i, (plan, record) in enumerate(zip(plans, records, strict=True)):
             logged = record.get(WINDOW_START, record.get(CLIP_START))
             if logged is not None and logged != plan.first_frame:
                 raise RuntimeError(f"{variant.name}: step {i + 1} trained window {logged}, the "
                                    f"replay drew {plan.first_frame}")
             flops.append(self.flops(plan))
-            objective.observe(record)
         return flops
 
 
