@@ -67,6 +67,8 @@ def schedule(config: TrainConfig) -> dict:
     else:
         optimizer = {"adam": "AdamW", "sgd": "SGD"}[opt.optimizer]
     out = {"optimizer": optimizer, "train iters": run.train_iters}
+    if run.exit_interval:  # Megatron-LM stops (after saving) at the first multiple of it
+        out["exit interval"] = run.exit_interval
     if run.train_samples is not None:
         out["train samples"] = run.train_samples
     if run.train_tokens is not None:

@@ -16,6 +16,8 @@ def test_exit_interval_stops_after_saving_as_megatron(tmp_path):
     run of 4 with the same schedule (--lr-decay-iters 6)."""
     ckpt = tmp_path / "ckpt"
     flags = (*PRESET_TRAIN_FLAGS, "--lr-decay-iters", "6")
+    status, setup, err = dry_run([*flags, "--exit-interval", "4"])
+    assert status == 0 and setup["exit interval"] == 4, err  # the dry run says where it stops
     stopped = run_train(tmp_path, *flags, "--exit-interval", "4", "--save", str(ckpt),
                         name="exit")
     shorter = run_train(tmp_path, *flags, "--train-iters", "4", name="four")
