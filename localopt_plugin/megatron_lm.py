@@ -73,7 +73,12 @@ from localopt_plugin.plan import (
     plan_hidden,
 )
 from localopt_plugin.platform import apply_megatron_lm_shims, cuda_available, default_device
-from localopt_plugin.plugin import PluginConfig, add_plugin_args, keep_recorded_settings
+from localopt_plugin.plugin import (
+    PluginConfig,
+    PluginParts,
+    add_plugin_args,
+    keep_recorded_settings,
+)
 from localopt_plugin.regularizers import apply_regularizers
 
 log = logging.getLogger(__name__)
@@ -134,26 +139,33 @@ def _training_iteration() -> int | None:
         return None
 
 
-# id(args) -> (args, plugin config, source); holding args keeps its id from being reused. Not
-# kept on args itself: Megatron-LM pickles args into every checkpoint.
-_PLUGINS: dict[int, tuple[argparse.Namespace, PluginConfig, VideoTokenSource]] = {}
+# The plugin of the namespace Megatron-LM parsed last: (args, plugin config, parts). Not kept on
+# args itself: Megatron-LM pickles args into every checkpoint.
+_SETUP: tuple[argparse.Namespace, PluginConfig, PluginParts] | None = None
 
 
-def plugin_setup(args: argparse.Namespace) -> tuple[PluginConfig, VideoTokenSource]:
-    """The plugin's configuration and dataset from Megatron-LM's flags, built once per argument
-    namespace (the objective and regularizers checked against the dataset's layout); a run
-    resuming from ``--load`` keeps its checkpoint's regularizer settings (see
-    :func:`keep_checkpoint_settings`)."""
-    if id(args) not in _PLUGINS:
+def plugin_setup(args: argparse.Namespace) -> tuple[PluginConfig, PluginParts]:
+    """The plugin's configuration and parts (dataset, objective checked against its layout,
+    regularizers) from Megatron-LM's flags, built once per parsed namespace: the providers and
+    the forward step all use these. A run resuming from ``--load`` keeps its checkpoint's
+    regularizer settings (see :func:`keep_checkpoint_settings`)."""
+    global _SETUP
+    if _SETUP is None or _SETUP[0] is not args:
         check_megatron_config(args)
         keep_checkpoint_settings(args)
-        plugin = PluginConfig.from_args(args)
+        plugin = PluginConfig.from_args(args, _given_dests())
         if getattr(plugin.window, "learns_from_losses", False):
             raise UserError(f"--window-sampler {plugin.window_sampler} learns from each step's "
                             "loss, which pretrain() does not feed back to the plugin: train "
                             "with localopt-train, or use first-frame-balanced")
-        _PLUGINS[id(args)] = (args, plugin, plugin.build(args.train_iters))
-    return _PLUGINS[id(args)][1:]
+        _SETUP = (args, plugin, plugin.build(args.train_iters))
+    return _SETUP[1], _SETUP[2]
+
+
+def _given_dests() -> set[str]:
+    """The dests of the flags on this process's command line (Megatron-LM parses sys.argv)."""
+    return {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:]
+            if token.startswith("--")}
 
 
 def keep_checkpoint_settings(args: argparse.Namespace) -> list[str]:
@@ -168,9 +180,7 @@ def keep_checkpoint_settings(args: argparse.Namespace) -> list[str]:
     loaded = load_args_from_checkpoint(copy.deepcopy(args))
     if not isinstance(loaded, tuple):  # no checkpoint (yet) in --load
         return []
-    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:]
-             if token.startswith("--")}
-    notes = keep_recorded_settings(args, vars(loaded[1]), given)
+    notes = keep_recorded_settings(args, vars(loaded[1]), _given_dests())
     if os.environ.get("RANK", "0") == "0":
         for note in notes:
             print(f"localopt-plugin: {note}", flush=True)
@@ -179,7 +189,7 @@ def keep_checkpoint_settings(args: argparse.Namespace) -> list[str]:
 
 def video_source(args: argparse.Namespace) -> VideoTokenSource:
     """The registered dataset named by ``--dataset`` (see :func:`plugin_setup`)."""
-    return plugin_setup(args)[1]
+    return plugin_setup(args)[1].source
 
 
 # ----------------------------------------------------------------------------------- model
@@ -285,11 +295,11 @@ class LocalOptForwardStep:
     def _setup(self) -> None:
         if self.args is None:
             self.args = megatron_args()
-        plugin, source = plugin_setup(self.args)
-        self._layout = source.layout
-        self._objective = plugin.build_objective(source.layout)
-        self._full = FullSequence(source.layout)
-        self._regularizers = plugin.build_regularizers(self.args.train_iters)
+        parts = plugin_setup(self.args)[1]
+        self._layout = parts.source.layout
+        self._objective = parts.objective
+        self._full = FullSequence(parts.source.layout)
+        self._regularizers = list(parts.regularizers)
 
     def _position(self, model: GPTModel) -> tuple[int, int]:
         layers = model.decoder.layers

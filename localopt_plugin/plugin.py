@@ -1,11 +1,11 @@
 """The plugin's configuration: flags -> objective, window sampler, regularizers and dataset.
 
-One road for both entry points. ``localopt-train`` (its :class:`TrainConfig` holds a
-:class:`PluginConfig`) and Megatron-LM's hooks (:mod:`localopt_plugin.megatron_lm`) both call
-:meth:`PluginConfig.from_args` on the parsed flags, then :meth:`PluginConfig.build` once: the
-dataset (manifests read, no samples), and the objective and regularizers checked against the
-dataset's layout. Both do so before any process group starts, so a bad setting stops the run
-with one line naming the flag.
+One road for both entry points. ``localopt-train`` (:func:`~localopt_plugin.training.config.
+prepare`) and Megatron-LM's hooks (:func:`~localopt_plugin.megatron_lm.plugin_setup`) both call
+:meth:`PluginConfig.from_args` once on the parsed flags and build its parts once: the dataset
+(manifests read, no samples), the objective checked against the dataset's layout and the
+regularizers (:class:`PluginParts`), which the executor then uses. Both do so before any process
+group starts, so a bad setting stops the run with one line naming the flag.
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from localopt_plugin import registry
+from localopt_plugin import (  # noqa: F401  the packages whose built-in components register
+    data,
+    objectives,
+    registry,
+    regularizers,
+)
 from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.data.source import VideoTokenSource
 from localopt_plugin.errors import UserError
 from localopt_plugin.objectives import Objective, WindowConfig, build_objective
-from localopt_plugin.objectives.window_sampler import unused_adaptive_flags
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -60,20 +64,25 @@ def dataset_name(args: argparse.Namespace) -> str:
     return name
 
 
-def unused_component_flags(args: argparse.Namespace) -> list[str]:
-    """Flags of the adaptive sampler or the local-opt objective given without them (refused:
-    a setting is never silently ignored)."""
-    unused = [f"{flag} (only with --window-sampler adaptive)"
-              for flag in unused_adaptive_flags(args)]
-    if (getattr(args, "local_opt_full_sequence_share", None) is not None
-            and args.objective != "local-opt"):
-        unused.append("--local-opt-full-sequence-share (only with --objective local-opt)")
-    return unused
-
-
-def _config(kind: str, name: str, args: argparse.Namespace) -> Any:
-    component = registry.get(kind, name)
-    return component.config.from_args(args) if component.config is not None else None
+def unused_component_flags(args: argparse.Namespace, chosen: list[tuple[str, str]],
+                           given: set[str] | None = None) -> list[str]:
+    """Flags of registered components this run does not use (``chosen``: its ``(kind, name)``
+    pairs), given on the command line (``given``: their dests) or, without that list, set to
+    another value than their default: refused, a setting is never silently ignored."""
+    used = {registry.get(kind, name).config for kind, name in chosen} - {None}
+    used_dests = {config.dest(f.name) for config in used if hasattr(config, "flag_fields")
+                  for f in config.flag_fields()}
+    unused = {}
+    for kind in registry.KINDS:
+        for name in registry.names(kind):
+            config = registry.get(kind, name).config
+            if config in used or not hasattr(config, "changed_dests"):
+                continue
+            for dest in config.changed_dests(args, given):
+                if dest not in used_dests:
+                    flag = "--" + dest.replace("_", "-")
+                    unused.setdefault(flag, []).append(f"--{kind.replace('_', '-')} {name}")
+    return [f"{flag} (only with {' or '.join(owners)})" for flag, owners in unused.items()]
 
 
 @dataclass(frozen=True)
@@ -90,21 +99,27 @@ class PluginConfig:
     seed: int = 1234
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> PluginConfig:
+    def from_args(cls, args: argparse.Namespace, given: set[str] | None = None) -> PluginConfig:
         """Every component's config from the flags; raises :class:`UserError` naming the flag
-        of a bad value (each config validates its own flags)."""
+        of a bad value (each config validates its own flags) or of a component this run does
+        not use (``given``: the dests on the command line; see :func:`unused_component_flags`)."""
         dataset = dataset_name(args)
-        unused = unused_component_flags(args)
+        chosen = [("objective", args.objective), ("window_sampler", args.window_sampler),
+                  ("dataset", dataset), *(("regularizer", name) for name in args.regularizer)]
+        unused = unused_component_flags(args, chosen, given)
         if unused:
             raise UserError(f"{' and '.join(unused)}: given for a component this run does not "
                             "use (see --help): drop them or choose the component")
         return cls(objective=args.objective,
-                   objective_config=_config("objective", args.objective, args),
+                   objective_config=registry.config_from_args("objective", args.objective, args),
                    window_sampler=args.window_sampler,
-                   window=_config("window_sampler", args.window_sampler, args) or WindowConfig(),
-                   regularizers=tuple((name, _config("regularizer", name, args))
+                   window=(registry.config_from_args("window_sampler", args.window_sampler, args)
+                           or WindowConfig()),
+                   regularizers=tuple((name, registry.config_from_args("regularizer", name,
+                                                                       args))
                                       for name in args.regularizer),
-                   dataset=dataset, dataset_config=_config("dataset", dataset, args),
+                   dataset=dataset,
+                   dataset_config=registry.config_from_args("dataset", dataset, args),
                    seed=args.seed)
 
     def build_dataset(self) -> VideoTokenSource:
@@ -113,23 +128,30 @@ class PluginConfig:
     def build_objective(self, layout: SampleLayout) -> Objective:
         """The objective (and its window sampler), checked against the layout: e.g. a window
         longer than the video is refused naming ``--local-opt-window-frames``."""
-        registry.get("objective", self.objective)
         return build_objective(self.objective, layout, sampler=self.window_sampler,
                                window=self.window, config=self.objective_config,
                                seed=self.seed)
 
-    def build_regularizers(self, train_iters: int | None) -> list:
-        return [registry.get("regularizer", name).build(config, train_iters=train_iters)
-                for name, config in self.regularizers]
+    def build_regularizers(self, train_iters: int | None) -> tuple:
+        return tuple(registry.get("regularizer", name).build(config, train_iters=train_iters)
+                     for name, config in self.regularizers)
 
-    def build(self, train_iters: int | None,
-              source: VideoTokenSource | None = None) -> VideoTokenSource:
-        """The dataset (unless given), with the objective and regularizers checked against
-        it; what each entry point calls before any process group starts."""
-        source = source or self.build_dataset()
-        self.build_objective(source.layout)
-        self.build_regularizers(train_iters)
-        return source
+    def build(self, train_iters: int | None) -> PluginParts:
+        """The dataset, the objective checked against it and the regularizers, each built
+        once: what an entry point calls before any process group starts."""
+        source = self.build_dataset()
+        return PluginParts(source, self.build_objective(source.layout),
+                           self.build_regularizers(train_iters))
+
+
+@dataclass(frozen=True)
+class PluginParts:
+    """The plugin's parts of one run, built once from its :class:`PluginConfig` and handed to
+    the executor (the objective keeps the window sampler's state)."""
+
+    source: VideoTokenSource
+    objective: Objective
+    regularizers: tuple = ()
 
 
 def recorded_regularizers(saved: dict) -> dict[str, dict[str, Any]]:
@@ -140,9 +162,14 @@ def recorded_regularizers(saved: dict) -> dict[str, dict[str, Any]]:
         return {name: dict(fields or {}) for name, fields in saved["regularizers"]}
     recorded = {}
     for name in saved.get("regularizer") or ():
-        flags = getattr(registry.get("regularizer", name).config, "FLAGS", {})
-        recorded[name] = {field: saved[dest] for field, dest in flags.items() if dest in saved}
+        config = registry.get("regularizer", name).config
+        recorded[name] = {f.name: saved[config.dest(f.name)] for f in _flag_fields(config)
+                          if config.dest(f.name) in saved}
     return recorded
+
+
+def _flag_fields(config: type | None) -> list:
+    return config.flag_fields() if hasattr(config, "flag_fields") else []
 
 
 def keep_recorded_settings(args: argparse.Namespace, saved: dict,
@@ -158,8 +185,9 @@ def keep_recorded_settings(args: argparse.Namespace, saved: dict,
             continue
         config = registry.get("regularizer", name).config
         before = getattr(config, "RECORDED_BEFORE", {})
-        for field, dest in getattr(config, "FLAGS", {}).items():
-            value = recorded[name].get(field, before.get(field))
+        for field in _flag_fields(config):
+            dest = config.dest(field.name)
+            value = recorded[name].get(field.name, before.get(field.name))
             if dest in given or value is None or value == getattr(args, dest):
                 continue
             flag = "--" + dest.replace("_", "-")

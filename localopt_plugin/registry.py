@@ -1,17 +1,17 @@
 """The registry at the centre: components are registered by kind and name and selected by flags.
 
 Every kind shares one contract: a component is a **build function** and, optionally, a frozen
-**config dataclass** that brings its own flags::
+**config dataclass** deriving from :class:`~localopt_plugin.config_flags.FlagConfig`, whose
+fields are its flags (name, default, help and rule in one place)::
 
     @dataclass(frozen=True)
-    class MyLossConfig:
-        my_weight: float = 1.0
+    class MyLossConfig(FlagConfig):
+        PREFIX: ClassVar[str] = "--my-"
+        my_weight: float = option(1.0, "the loss's weight")  # --my-my-weight
 
-        @staticmethod
-        def add_args(parser): parser.add_argument("--my-weight", type=float, default=1.0)
-
-        @classmethod
-        def from_args(cls, args): return cls(my_weight=args.my_weight)
+        def validate(self):
+            if self.my_weight < 0:
+                raise UserError(f"{self.flag('my_weight')} must be >= 0")
 
     @register("objective", "my-loss", config=MyLossConfig)
     def build_my_loss(config, **context): ...
@@ -19,15 +19,15 @@ Every kind shares one contract: a component is a **build function** and, optiona
 The commands add every registered config's flags to their parser (``add_component_args``), turn
 the chosen components' flags into configs once (``config_from_args``) and call
 ``build(kind, name, config, **context)``; the context each kind receives is listed in
-``CONTEXT``. Third-party packages add components through the Python entry-point group
-``localopt_plugin.components``: each entry point names a module (or a callable) that registers
-its components when loaded.
+``CONTEXT``. The package's own components register when their package is imported (the modules
+that look a kind up import it, so the layer test sees the dependency); third-party packages add
+components through the Python entry-point group ``localopt_plugin.components``: each entry point
+names a module (or a callable) that registers its components when loaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,15 +48,6 @@ CONTEXT = {
 }
 KINDS = tuple(CONTEXT)
 ENTRY_POINT_GROUP = "localopt_plugin.components"
-# Modules of this package that register each kind's built-in components (imported on first use
-# of that kind only: a tokenizer lookup need not import Megatron-Core).
-_BUILTIN_MODULES = {
-    "objective": "localopt_plugin.objectives",
-    "window_sampler": "localopt_plugin.objectives",
-    "regularizer": "localopt_plugin.regularizers",
-    "dataset": "localopt_plugin.data",
-    "tokenizer": "localopt_plugin.tokenizers",
-}
 
 
 @dataclass(frozen=True)
@@ -98,12 +89,9 @@ def register(kind: str, name: str, *, config: type | None = None) -> Callable:
     return decorator
 
 
-def discover(kind: str | None = None) -> None:
-    """Import the built-in components of ``kind`` (all kinds if None) and, once, the
-    third-party entry points."""
+def discover() -> None:
+    """Load the third-party components of the entry points (once)."""
     global _entry_points_loaded
-    for module in {_BUILTIN_MODULES[k] for k in ([kind] if kind else KINDS)}:
-        importlib.import_module(module)
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
@@ -116,14 +104,14 @@ def discover(kind: str | None = None) -> None:
 
 def names(kind: str) -> list[str]:
     _check_kind(kind)
-    discover(kind)
+    discover()
     return sorted(_REGISTRY[kind])
 
 
 def get(kind: str, name: str) -> Component:
     """The registered component, or an error listing every registered name of that kind."""
     _check_kind(kind)
-    discover(kind)
+    discover()
     try:
         return _REGISTRY[kind][name]
     except KeyError:
@@ -145,7 +133,7 @@ def build(kind: str, name: str, config: Any = None, /, **context: Any) -> Any:
 
 
 def add_component_args(parser: argparse.ArgumentParser, kinds: tuple[str, ...] = KINDS) -> None:
-    """Add the flags of every registered component config of ``kinds`` (each config once)."""
+    """Add the flags of every registered component config of ``kinds`` (each flag once)."""
     seen: set[type] = set()
     for kind in kinds:
         for name in names(kind):

@@ -133,7 +133,8 @@ def measure(args: argparse.Namespace) -> None:
     from localopt_plugin.training.distributed import init_distributed
 
     cp = args.context_parallel_size
-    init_distributed(context_parallel=cp, seed=1234)
+    parallel = ParallelConfig(context_parallel_size=cp, cp_comm_type=("a2a",))
+    init_distributed(parallel, seed=1234)
     if dist.get_world_size() != cp:
         raise UserError(f"--measure-context-parallel runs on exactly {cp} ranks, not "
                         f"{dist.get_world_size()}")
@@ -142,7 +143,6 @@ def measure(args: argparse.Namespace) -> None:
                           frame_tokens=preset.frame_tokens)
     model = config_with_flags(preset.model, args.model_flags,
                               max_position_embeddings=layout.input_length, bf16=preset.bf16)
-    parallel = ParallelConfig(context_parallel_size=cp, cp_comm_type=("a2a",))
     engine = _engine(model, preset.vocab, 1234, parallel=parallel, zero_stage=args.zero_stage,
                      reduce_bucket_size=args.reduce_bucket_size)
     batch = args.micro_batch_size or preset.micro_batch

@@ -85,7 +85,7 @@ def _worker(args: argparse.Namespace) -> None:
     from localopt_plugin.training.distributed import init_distributed
     from localopt_plugin.training.parser import build_parser
 
-    init_distributed(pipeline_parallel=2, seed=1234)
+    init_distributed(ParallelConfig(pipeline_model_parallel_size=2), seed=1234)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     counter = Counter()
     kept: list[int] = []

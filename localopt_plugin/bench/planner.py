@@ -52,11 +52,20 @@ from localopt_plugin.bench.flops import plan_flops, recompute_flops
 from localopt_plugin.bench.speed import fixed_window
 from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.errors import UserError
-from localopt_plugin.model import ModelConfig, padded_vocab_size
-from localopt_plugin.objectives import FewerFrames, FullSequence, LocalOptimization, WindowSampler
+from localopt_plugin.model import ModelConfig, ParallelConfig, padded_vocab_size
+from localopt_plugin.objectives import (
+    FewerFrames,
+    FullSequence,
+    LocalOptimization,
+    WindowConfig,
+    WindowSampler,
+)
 from localopt_plugin.plan import ForwardPlan
 
 GIB = 2**30
+# the trainer's layout flags the planner takes (with their defaults, help and rules)
+PLANNED_LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                  "context_parallel_size")
 ALLREDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/allreduce bucket size
 
 
@@ -363,16 +372,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="tokens per latent frame (16x16 grid: 256)")
     parser.add_argument("--vocab", type=int, default=16384,
                         help="the tokenizer's vocabulary (padded as Megatron pads it)")
-    parser.add_argument("--local-opt-window-frames", type=int, default=2)
-    parser.add_argument("--local-opt-stride-frames", type=int, default=1)
-    parser.add_argument("--local-opt-first-window-prob", type=float, default=0.5)
+    WindowConfig.add_args(parser, only=("window_frames", "stride_frames", "first_window_prob"))
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--num-micro-batches", type=int, default=1,
                         help="micro-batches per step (gradient accumulation: pipeline in flight)")
     parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--context-parallel-size", type=int, default=1)
+    ParallelConfig.add_args(parser, only=PLANNED_LAYOUT)
     parser.add_argument("--data-parallel-size", type=int, default=1)
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="also report the largest micro-batch and clip that fit this much")
@@ -383,31 +388,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
+    """The planned run from the bench's flags, checked by the trainer's own rules (windows,
+    layout against the model)."""
     from localopt_plugin.model.presets import config_with_flags
 
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    if min(tp, cp, args.pipeline_model_parallel_size, args.data_parallel_size,
-           args.micro_batch_size, args.num_micro_batches, args.frames,
+    if min(args.data_parallel_size, args.micro_batch_size, args.num_micro_batches, args.frames,
            args.frame_tokens) < 1:
         raise UserError("sizes, frames and micro-batches must be >= 1")
     model = config_with_flags(args.preset, args.model_flags, bf16=args.bf16)
-    if model.num_attention_heads % tp:
-        raise UserError(f"--tensor-model-parallel-size {tp} must divide the "
-                        f"{model.num_attention_heads} attention heads")
-    if (model.num_attention_heads // tp) % cp:
-        raise UserError(f"--context-parallel-size {cp} must divide the "
-                        f"{model.num_attention_heads // tp} attention heads per tensor-parallel "
-                        f"rank (heads are sharded over the context-parallel ranks)")
-    if model.num_layers < args.pipeline_model_parallel_size:
-        raise UserError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} "
-                        f"exceeds the {model.num_layers} layers")
+    # the plugin runs context parallelism head-sharded (a2a): what a trained layout gives
+    parallel = ParallelConfig.from_args(args, cp_comm_type=("a2a",))
+    parallel.check_model(model)
+    window = WindowConfig.from_args(args)
+    window.validate(args.frames)
+    tp = parallel.tensor_model_parallel_size
     vocab = padded_vocab_size(args.vocab, model.make_vocab_size_divisible_by, tp)
     return Setup(model=model, vocab=vocab, frames=args.frames, frame_tokens=args.frame_tokens,
-                 window=args.local_opt_window_frames, stride=args.local_opt_stride_frames,
-                 first_prob=args.local_opt_first_window_prob,
+                 window=window.window_frames, stride=window.stride_frames,
+                 first_prob=window.first_window_prob,
                  micro_batch=args.micro_batch_size, zero_stage=args.zero_stage,
-                 tensor_parallel=tp, pipeline_parallel=args.pipeline_model_parallel_size,
-                 data_parallel=args.data_parallel_size, context_parallel=cp,
+                 tensor_parallel=tp, pipeline_parallel=parallel.pipeline_model_parallel_size,
+                 data_parallel=args.data_parallel_size,
+                 context_parallel=parallel.context_parallel_size,
                  num_micro_batches=args.num_micro_batches)
 
 

@@ -49,6 +49,7 @@ from localopt_plugin.metric_names import (
     STEP_TIME,
     WINDOW_START,
 )
+from localopt_plugin.objectives import WindowConfig
 from localopt_plugin.training.parser import build_parser
 
 READ_AT = (0.25, 0.5, 1.0)  # shares of full-sequence's FLOPs where figures are read
@@ -104,20 +105,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="a model preset (localopt-train --preset)")
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="constant after warm-up")
-    parser.add_argument("--window-frames", type=int, default=2, help="W of windowed variants")
-    parser.add_argument("--frames", type=int, default=RecallTokensConfig.frames)
-    parser.add_argument("--grid", type=int, default=RecallTokensConfig.grid)
-    parser.add_argument("--colours", type=int, default=RecallTokensConfig.colours)
-    parser.add_argument("--parts", type=int, default=RecallTokensConfig.parts)
-    parser.add_argument("--cue-frames", type=int, default=RecallTokensConfig.cue_frames)
-    parser.add_argument("--gap", type=int, default=RecallTokensConfig.gap)
-
-
-def task_of(args: argparse.Namespace) -> RecallTokensConfig:
-    task = RecallTokensConfig(frames=args.frames, grid=args.grid, colours=args.colours,
-                              parts=args.parts, cue_frames=args.cue_frames, gap=args.gap)
-    task.validate()
-    return task
+    WindowConfig.add_args(parser, only=("window_frames",))  # W of the windowed variants
+    # the task: localopt-train's own --recall-tokens-* flags (training samples: its default)
+    RecallTokensConfig.add_args(parser, only=("frames", "grid", "colours", "parts",
+                                              "cue_frames", "gap"))
 
 
 def task_flags(task: RecallTokensConfig) -> list[str]:
@@ -143,7 +134,8 @@ class FlopReplay:
         from localopt_plugin.plugin import PluginConfig
 
         parsed = build_parser().parse_args([
-            *task_flags(self.task), "--local-opt-window-frames", str(self.args.window_frames),
+            *task_flags(self.task), "--local-opt-window-frames",
+            str(self.args.local_opt_window_frames),
             "--seed", str(seed), *variant.flags])
         return PluginConfig.from_args(parsed).build_objective(self.layout)
 
@@ -183,7 +175,7 @@ def train(args: argparse.Namespace, task: RecallTokensConfig, variant: TaskVaria
            *task_flags(task), "--micro-batch-size", str(args.micro_batch_size),
            "--train-iters", str(steps), "--lr", str(args.lr), "--lr-decay-style", "constant",
            "--lr-warmup-iters", str(max(1, args.full_steps // 20)), "--weight-decay", "0.0",
-           "--seed", str(seed), "--local-opt-window-frames", str(args.window_frames),
+           "--seed", str(seed), "--local-opt-window-frames", str(args.local_opt_window_frames),
            "--log-interval", str(max(1, steps // 4)),
            "--save", os.path.join(run_dir, "checkpoint"),
            "--save-interval", str(max(1, math.ceil(steps / args.checkpoints))),
@@ -249,7 +241,7 @@ def run_variant(args, task, replay: FlopReplay, variant: TaskVariant, seed: int,
         margin = 1.6 if variant.adaptive else 1.05
         steps = math.ceil(margin * args.budget * unit / replay.expected_step(variant, seed))
     setting = {"steps": steps, "task": dataclasses.asdict(task), "flags": list(variant.flags),
-               "lr": args.lr, "model": args.model, "window": args.window_frames}
+               "lr": args.lr, "model": args.model, "window": args.local_opt_window_frames}
     if os.path.exists(row_file):
         with open(row_file) as f:
             row = json.load(f)
@@ -321,10 +313,11 @@ def _added(spec: list[str]) -> TaskVariant:
 
 
 def run(args: argparse.Namespace) -> dict:
-    task = task_of(args)
-    if args.window_frames >= task.frames:
-        raise UserError(f"--window-frames {args.window_frames} must be below --frames "
-                        f"{task.frames}")
+    task = RecallTokensConfig.from_args(args)
+    window = args.local_opt_window_frames
+    if window >= task.frames:
+        raise UserError(f"--local-opt-window-frames {window} must be below "
+                        f"--recall-tokens-frames {task.frames}")
     variants = select_variants([*VARIANTS, *map(_added, args.add_variant)], args.variants,
                                "this bench")
     replay = FlopReplay(args, task)
@@ -334,9 +327,9 @@ def run(args: argparse.Namespace) -> dict:
             for seed in args.seeds for variant in variants]
     summary = summarize(rows, variants)
     return {"bench": "recall-tokens", "task": dataclasses.asdict(task), "seeds": args.seeds,
-            "settings": {k: getattr(args, k) for k in ("full_steps", "budget", "model",
-                                                        "micro_batch_size", "lr",
-                                                        "window_frames")},
+            "settings": {**{k: getattr(args, k) for k in ("full_steps", "budget", "model",
+                                                           "micro_batch_size", "lr")},
+                         "window_frames": window},
             "full-sequence PFLOP": unit / 1e15, "machine": {"cpus": os.cpu_count()},
             "runs": rows, "summary": summary, "goal": goal(summary)}
 

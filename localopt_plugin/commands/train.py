@@ -31,49 +31,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_on_user_error(lambda: _run(args, explicit))
 
 
-def _plugin_source(args: argparse.Namespace, explicit: set[str]):
-    """Flags resolved (a refused flag, window, regularizer or dataset setting stops here, before
-    any process group) and the dataset built once; the notes of settings kept from --load."""
-    from localopt_plugin.plugin import PluginConfig, keep_recorded_settings
-    from localopt_plugin.training.checkpoint import recorded_config
-    from localopt_plugin.training.config import RunConfig
-    from localopt_plugin.training.megatron_flags import resolve_megatron_flags
-
-    resolve_megatron_flags(args, explicit)
-    notes: list[str] = []
-    if args.load and (recorded := recorded_config(args.load)) is not None:
-        notes = keep_recorded_settings(args, recorded, explicit)
-    return PluginConfig.from_args(args).build(RunConfig.from_args(args).train_iters), notes
-
-
 def _run(args: argparse.Namespace, explicit: set[str]) -> int:
-    from localopt_plugin.model import ParallelConfig
-    from localopt_plugin.training import config as train_config
+    """The flags resolved once: :func:`prepare` before any process group (a refused flag or
+    bad component setting stops here), :func:`resolve` once the world size is known."""
+    from localopt_plugin.training.config import prepare, resolve
 
     if args.dry_run:  # its JSON alone on stdout: what the libraries print goes to stderr
         from localopt_plugin.training.dry_run import describe
+        from localopt_plugin.training.rehearsal import rehearse
 
         with contextlib.redirect_stdout(sys.stderr):
-            source, notes = _plugin_source(args, explicit)
             world = int(os.environ.get("WORLD_SIZE", "1"))
-            config, source = train_config.resolve(args, world, source, explicit, tuple(notes))
-            described = describe(config, source, world)
+            config, parts = resolve(args, world, prepare(args, explicit), explicit)
+            described = describe(config, parts.source, world)
+            described["rehearsal"] = rehearse(config, parts)
         print(json.dumps(described, indent=2, default=str))
         return 0
-    source, notes = _plugin_source(args, explicit)
+    prepared = prepare(args, explicit)
+    from localopt_plugin.model import ParallelConfig
     from localopt_plugin.training.distributed import init_distributed
     from localopt_plugin.training.loop import configure_logging, train
 
-    parallel = ParallelConfig.from_args(args)
-    init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                     args.seed, parallel.distributed_backend,
-                     parallel.distributed_timeout_minutes, parallel.context_parallel_size)
+    init_distributed(ParallelConfig.from_args(args), args.seed)
     import torch.distributed as dist
 
     configure_logging()
-    config, source = train_config.resolve(args, dist.get_world_size(), source, explicit,
-                                          tuple(notes))
-    train(config, source)
+    train(*resolve(args, dist.get_world_size(), prepared, explicit))
     return 0
 
 

@@ -17,8 +17,6 @@ from trained ones by construction.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from localopt_plugin.config_flags import FlagConfig, option
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
 from localopt_plugin.data.source import MapStyleSource, VideoTokenSource
 from localopt_plugin.errors import UserError
@@ -38,50 +37,20 @@ LEAST_CUES = 20  # fewer possible cues cannot be split into three non-empty held
 
 
 @dataclass(frozen=True)
-class RecallTokensConfig:
+class RecallTokensConfig(FlagConfig):
     """The ``--recall-tokens-*`` flags: the task's sizes."""
 
-    frames: int = 9
-    grid: int = 4
-    colours: int = 4
-    parts: int = 4
-    cue_frames: int = 2
-    gap: int = 5
-    samples: int = 4096  # training samples (cues repeat: the train split holds ~70% of them)
+    PREFIX: ClassVar[str] = "--recall-tokens-"
+    GROUP: ClassVar[str] = "recall-tokens dataset (token-level recall task)"
 
-    HELP: ClassVar[dict[str, str]] = {
-        "frames": "latent frames per sample",
-        "grid": "a frame is GRID x GRID tokens",
-        "colours": "K: colours a cue block can take (chance recall is 1/K)",
-        "parts": "square blocks per frame, each in its own colour (1, 4, 9, ...)",
-        "cue_frames": "frames showing the cue before it is hidden",
-        "gap": "frames the cue stays hidden; it reappears after them",
-        "samples": "training samples per epoch",
-    }
-
-    @staticmethod
-    def flag(name: str) -> str:
-        """The flag of field ``name`` (``cue_frames`` -> ``--recall-tokens-cue-frames``)."""
-        return "--recall-tokens-" + name.replace("_", "-")
-
-    @classmethod
-    def add_args(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("recall-tokens dataset (token-level recall task)")
-        for field in dataclasses.fields(cls):
-            g.add_argument(cls.flag(field.name), type=int, default=field.default,
-                           help=cls.HELP[field.name])
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> RecallTokensConfig:
-        config = cls(**{f.name: getattr(args, "recall_tokens_" + f.name)
-                        for f in dataclasses.fields(cls)})
-        config.validate()
-        return config
-
-    def flags(self) -> list[str]:
-        """These settings as the flags that give them."""
-        return [item for field in dataclasses.fields(self)
-                for item in (self.flag(field.name), str(getattr(self, field.name)))]
+    frames: int = option(9, "latent frames per sample")
+    grid: int = option(4, "a frame is GRID x GRID tokens")
+    colours: int = option(4, "K: colours a cue block can take (chance recall is 1/K)")
+    parts: int = option(4, "square blocks per frame, each in its own colour (1, 4, 9, ...)")
+    cue_frames: int = option(2, "frames showing the cue before it is hidden")
+    gap: int = option(5, "frames the cue stays hidden; it reappears after them")
+    # cues repeat: the train split holds ~70% of them
+    samples: int = option(4096, "training samples per epoch")
 
     def validate(self) -> None:
         for name, least in (("frames", 2), ("grid", 1), ("colours", 2), ("parts", 1),

@@ -7,12 +7,13 @@ tokens. Predicting later frames needs the earlier ones, so losses reward real co
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from localopt_plugin.config_flags import FlagConfig, option
 from localopt_plugin.data.layout import SampleLayout, Vocabulary
 from localopt_plugin.data.source import MapStyleSource, VideoTokenSource
 from localopt_plugin.errors import UserError
@@ -54,39 +55,23 @@ class SyntheticVideoTokens(torch.utils.data.Dataset):
 
 
 @dataclass(frozen=True)
-class SyntheticConfig:
+class SyntheticConfig(FlagConfig):
     """The ``--synthetic-*`` flags."""
 
-    frames: int = 5
-    frame_tokens: int = 64
-    codebook_size: int = 512
-    num_classes: int = 10
+    PREFIX: ClassVar[str] = "--synthetic-"
+    GROUP: ClassVar[str] = "synthetic-video-tokens dataset"
 
-    @staticmethod
-    def add_args(parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("synthetic-video-tokens dataset")
-        g.add_argument("--synthetic-frames", type=int, default=5,
-                       help="latent frames per sample of the synthetic dataset")
-        g.add_argument("--synthetic-frame-tokens", type=int, default=64,
-                       help="tokens per latent frame of the synthetic dataset")
-        g.add_argument("--synthetic-codebook-size", type=int, default=512)
-        g.add_argument("--synthetic-num-classes", type=int, default=10)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> SyntheticConfig:
-        config = cls(frames=args.synthetic_frames, frame_tokens=args.synthetic_frame_tokens,
-                     codebook_size=args.synthetic_codebook_size,
-                     num_classes=args.synthetic_num_classes)
-        config.validate()
-        return config
+    frames: int = option(5, "latent frames per sample of the synthetic dataset")
+    frame_tokens: int = option(64, "tokens per latent frame of the synthetic dataset")
+    codebook_size: int = option(512, "video token ids of the synthetic dataset")
+    num_classes: int = option(10, "class labels of the synthetic dataset")
 
     def validate(self) -> None:
-        for flag, value, least in (("--synthetic-frames", self.frames, 1),
-                                   ("--synthetic-frame-tokens", self.frame_tokens, 1),
-                                   ("--synthetic-codebook-size", self.codebook_size, 2),
-                                   ("--synthetic-num-classes", self.num_classes, 0)):
-            if value < least:
-                raise UserError(f"{flag} must be >= {least}, got {value}")
+        for name, least in (("frames", 1), ("frame_tokens", 1), ("codebook_size", 2),
+                            ("num_classes", 0)):
+            if getattr(self, name) < least:
+                raise UserError(f"{self.flag(name)} must be >= {least}, got "
+                                f"{getattr(self, name)}")
 
 
 @register("dataset", "synthetic-video-tokens", config=SyntheticConfig)

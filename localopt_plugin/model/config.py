@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from localopt_plugin.config_flags import FlagConfig, argument_group, option
 from localopt_plugin.errors import UserError
 
 RECOMPUTE_GRANULARITIES = ("selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTATION = "activation recomputation (Megatron-LM flags)"
+PRECISION = "mixed precision (Megatron-LM flags)"
 
 
 def fields_from(cls: type, source: Any, **overrides: Any) -> dict[str, Any]:
@@ -36,99 +40,94 @@ def from_dict(cls: type, values: dict[str, Any]) -> Any:
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
+def _normalization(value: str) -> str:
+    names = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
+    try:
+        return names[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from LayerNorm, "
+                                         f"RMSNorm)") from None
+
+
 @dataclass(frozen=True)
-class ModelConfig:
-    """A GPT's architecture, initialisation and activation recomputation (Megatron-LM flags)."""
+class ModelConfig(FlagConfig):
+    """A GPT's architecture, initialisation and activation recomputation (Megatron-LM flags,
+    with Megatron-LM's defaults)."""
 
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None
-    kv_channels: int | None = None
-    group_query_attention: bool = False
-    num_query_groups: int = 1
-    max_position_embeddings: int | None = None
-    position_embedding_type: str = "learned_absolute"
-    rotary_percent: float = 1.0
-    rotary_base: int = 10000
-    normalization: str = "LayerNorm"
-    norm_epsilon: float = 1e-5
-    swiglu: bool = False
-    disable_bias_linear: bool = False
-    untie_embeddings_and_output_weights: bool = False
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
-    transformer_impl: str = "local"
-    use_cpu_initialization: bool = False
-    recompute_granularity: str | None = None
-    recompute_method: str | None = None
-    recompute_num_layers: int | None = None
-    bf16: bool = False
-    fp16: bool = False
+    GROUP: ClassVar[str] = "model (Megatron-LM flags)"
 
-    @staticmethod
-    def add_args(parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("model (Megatron-LM flags)")
-        g.add_argument("--num-layers", type=int, default=2)
-        g.add_argument("--hidden-size", type=int, default=128)
-        g.add_argument("--num-attention-heads", type=int, default=4)
-        g.add_argument("--ffn-hidden-size", type=int, default=None,
-                       help="default (Megatron-LM's): 4 x hidden size; with --swiglu "
-                       "int(8 x hidden / 3 / 64) x 64")
-        g.add_argument("--kv-channels", type=int, default=None)
-        g.add_argument("--group-query-attention", action="store_true")
-        g.add_argument("--num-query-groups", type=int, default=1)
-        g.add_argument("--seq-length", type=int, default=None,
-                       help="default: the sequence length the dataset produces")
-        g.add_argument("--max-position-embeddings", type=int, default=None,
-                       help="default: --seq-length")
-        g.add_argument("--position-embedding-type", default="learned_absolute",
-                       choices=["learned_absolute", "rope"])
-        g.add_argument("--rotary-percent", type=float, default=1.0)
-        g.add_argument("--rotary-base", type=int, default=10000)
-        g.add_argument("--normalization", default="LayerNorm", type=_normalization,
-                       help="LayerNorm or RMSNorm (any case, as Megatron-DeepSpeed writes it)")
-        g.add_argument("--norm-epsilon", type=float, default=1e-5)
-        g.add_argument("--swiglu", action="store_true")
-        g.add_argument("--disable-bias-linear", action="store_true")
-        g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-        g.add_argument("--hidden-dropout", type=float, default=0.1)
-        g.add_argument("--attention-dropout", type=float, default=0.1)
-        g.add_argument("--init-method-std", type=float, default=0.02)
-        g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-        g.add_argument("--transformer-impl", default="local",
-                       choices=["local", "transformer_engine"],
-                       help="local: pure PyTorch layers with SDPA attention; transformer_engine: "
-                       "TransformerEngine's layers and fused attention (needs TE and a GPU)")
-        g.add_argument("--use-cpu-initialization", action="store_true")
-        g = parser.add_argument_group("activation recomputation (Megatron-LM flags)")
-        g.add_argument("--recompute-activations", action="store_true",
-                       help="selective recomputation of the core attention "
-                       "(= --recompute-granularity selective)")
-        g.add_argument("--recompute-granularity", default=None, choices=RECOMPUTE_GRANULARITIES,
-                       help="selective: recompute the core attention in backward; full: "
-                       "recompute whole layers (with --recompute-method and "
-                       "--recompute-num-layers)")
-        g.add_argument("--recompute-method", default=None, choices=RECOMPUTE_METHODS,
-                       help="full recomputation: uniform (chunks of --recompute-num-layers "
-                       "layers) or block (the first --recompute-num-layers layers per stage)")
-        g.add_argument("--recompute-num-layers", type=int, default=None)
+    num_layers: int = option(2, "transformer layers")
+    hidden_size: int = option(128, "hidden size")
+    num_attention_heads: int = option(4, "attention heads")
+    ffn_hidden_size: int | None = option(
+        None, "default (Megatron-LM's): 4 x hidden size; with --swiglu int(8 x hidden / 3 / 64) "
+        "x 64", type=int)
+    kv_channels: int | None = option(None, "channels per head (default: hidden / heads)",
+                                     type=int)
+    group_query_attention: bool = option(False, "grouped-query attention "
+                                         "(--num-query-groups)")
+    num_query_groups: int = option(1, "key/value groups with --group-query-attention")
+    max_position_embeddings: int | None = option(None, "default: --seq-length", type=int)
+    position_embedding_type: str = option("learned_absolute", "positions: a learned table or "
+                                          "rotary", choices=("learned_absolute", "rope"))
+    rotary_percent: float = option(1.0, "share of each head's channels that rotate")
+    rotary_base: int = option(10000, "RoPE base (theta)")
+    normalization: str = option("LayerNorm", "LayerNorm or RMSNorm (any case, as "
+                                "Megatron-DeepSpeed writes it)", type=_normalization)
+    norm_epsilon: float = option(1e-5, "the norms' epsilon")
+    swiglu: bool = option(False, "SwiGLU MLP (gated SiLU)")
+    disable_bias_linear: bool = option(False, "no biases in the linear layers")
+    untie_embeddings_and_output_weights: bool = option(False, "an output layer of its own "
+                                                       "(default: the embedding's weight)")
+    hidden_dropout: float = option(0.1, "dropout after attention and MLP")
+    attention_dropout: float = option(0.1, "dropout of the attention probabilities")
+    init_method_std: float = option(0.02, "standard deviation of the initial weights")
+    make_vocab_size_divisible_by: int = option(128, "pad the vocabulary to a multiple of this "
+                                               "x tensor-parallel size")
+    transformer_impl: str = option(
+        "local", "local: pure PyTorch layers with SDPA attention; transformer_engine: "
+        "TransformerEngine's layers and fused attention (needs TE and a GPU)",
+        choices=("local", "transformer_engine"))
+    use_cpu_initialization: bool = option(False, "initialise the weights on the CPU")
+    recompute_granularity: str | None = option(
+        None, "selective: recompute the core attention in backward; full: recompute whole "
+        "layers (with --recompute-method and --recompute-num-layers)",
+        choices=RECOMPUTE_GRANULARITIES, group=RECOMPUTATION)
+    recompute_method: str | None = option(
+        None, "full recomputation: uniform (chunks of --recompute-num-layers layers) or block "
+        "(the first --recompute-num-layers layers per stage)", choices=RECOMPUTE_METHODS,
+        group=RECOMPUTATION)
+    recompute_num_layers: int | None = option(None, "layers per recomputed chunk or block",
+                                              type=int, group=RECOMPUTATION)
+    bf16: bool = option(False, "bf16 mixed precision", group=PRECISION)
+    fp16: bool = option(False, "fp16 mixed precision", group=PRECISION)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ModelConfig:
+    def add_args(cls, parser: argparse.ArgumentParser,
+                 only: Iterable[str] | None = None) -> None:
+        super().add_args(parser, only)
+        if only is not None:
+            return
+        argument_group(parser, cls.GROUP).add_argument(
+            "--seq-length", type=int, default=None,
+            help="default: the sequence length the dataset produces")
+        argument_group(parser, RECOMPUTATION).add_argument(
+            "--recompute-activations", action="store_true",
+            help="selective recomputation of the core attention (= --recompute-granularity "
+            "selective)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **values: Any) -> ModelConfig:
         granularity = getattr(args, "recompute_granularity", None)
         if getattr(args, "recompute_activations", False):
             if granularity not in (None, "selective"):
                 raise UserError(f"--recompute-activations means selective recomputation but "
-                                 f"--recompute-granularity is {granularity}")
+                                f"--recompute-granularity is {granularity}")
             granularity = "selective"
-        config = cls(**fields_from(cls, args, recompute_granularity=granularity))
+        config = super().from_args(args, recompute_granularity=granularity, **values)
         if config.ffn_hidden_size is None:
             config = dataclasses.replace(config, ffn_hidden_size=default_ffn_hidden_size(
                 config.hidden_size, config.swiglu))
-        config.validate()
         return config
 
     def validate(self) -> None:
@@ -164,47 +163,57 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
+class ParallelConfig(FlagConfig):
     """The model-parallel layout (Megatron-LM flags); data parallelism is what remains."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    cp_comm_type: tuple[str, ...] = ("p2p",)
-    sequence_parallel: bool = False
-    distributed_backend: str | None = None
-    distributed_timeout_minutes: float | None = None
+    GROUP: ClassVar[str] = "parallelism (Megatron-LM flags)"
 
-    @staticmethod
-    def add_args(parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("parallelism (Megatron-LM flags)")
-        g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-        g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-        g.add_argument("--context-parallel-size", type=int, default=1,
-                       help="split each sample's tokens over this many ranks; attention runs "
-                       "head-sharded (all-to-all): needs --cp-comm-type a2a")
-        g.add_argument("--cp-comm-type", nargs="+", default=["p2p"],
-                       help="Megatron's context-parallel communication (default p2p, Megatron's "
-                       "ring); the plugin implements a2a (head-sharded, Ulysses)")
-        g.add_argument("--sequence-parallel", action="store_true")
-        g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
-                       help="default: nccl with CUDA, gloo without")
-        g.add_argument("--distributed-timeout-minutes", type=float, default=None,
-                       help="collective timeout (default: DeepSpeed's, 30 minutes)")
-        g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int,
-                       default=None, help="set by the deepspeed launcher")
+    tensor_model_parallel_size: int = option(1, "ranks each layer's weights are split over")
+    pipeline_model_parallel_size: int = option(1, "ranks the layers are split over")
+    context_parallel_size: int = option(1, "split each sample's tokens over this many ranks; "
+                                        "attention runs head-sharded (all-to-all): needs "
+                                        "--cp-comm-type a2a")
+    cp_comm_type: tuple[str, ...] = option(("p2p",), "Megatron's context-parallel "
+                                           "communication (p2p is Megatron's ring); the plugin "
+                                           "implements a2a (head-sharded, Ulysses)", nargs="+")
+    sequence_parallel: bool = option(False, "split norms, dropout and residuals over the "
+                                     "tensor-parallel ranks along the sequence")
+    distributed_backend: str | None = option(None, "default: nccl with CUDA, gloo without",
+                                             choices=("nccl", "gloo"))
+    distributed_timeout_minutes: float | None = option(
+        None, "collective timeout (default: DeepSpeed's, 30 minutes)", type=float)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ParallelConfig:
-        config = cls(**fields_from(cls, args))
-        config = dataclasses.replace(config, cp_comm_type=tuple(config.cp_comm_type))
-        config.check_context_parallel()
+    def add_args(cls, parser: argparse.ArgumentParser,
+                 only: Iterable[str] | None = None) -> None:
+        super().add_args(parser, only)
+        if only is None:
+            parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int,
+                                default=None, help="set by the deepspeed launcher")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **values: Any) -> ParallelConfig:
+        config = super().from_args(args, **values)
         if config.distributed_backend == "nccl":
             _check_nccl()
         if config.sequence_parallel and config.tensor_model_parallel_size == 1:
             # Megatron-LM's rule: sequence parallelism splits over TP ranks, so TP=1 turns it off
             return dataclasses.replace(config, sequence_parallel=False)
         return config
+
+    def validate(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{self.flag(name)} must be >= 1, got {getattr(self, name)}")
+        self.check_context_parallel()
+
+    def check_world(self, world_size: int) -> None:
+        """The world splits into whole model-parallel groups."""
+        if world_size % self.model_parallel_size:
+            raise UserError(f"world size {world_size} is not divisible by tensor x pipeline x "
+                            f"context parallel size {self.tensor_model_parallel_size} x "
+                            f"{self.pipeline_model_parallel_size} x "
+                            f"{self.context_parallel_size}")
 
     def check_context_parallel(self) -> None:
         """Context parallelism as the plugin runs it (head-sharded all-to-all)."""
@@ -273,15 +282,6 @@ def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
         raise UserError(f"--swiglu with --hidden-size {hidden_size} gives Megatron-LM's default "
                         f"FFN size 0 (int(8h/3/64)*64): set --ffn-hidden-size")
     return size
-
-
-def _normalization(value: str) -> str:
-    names = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
-    try:
-        return names[value.lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from LayerNorm, "
-                                         f"RMSNorm)") from None
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

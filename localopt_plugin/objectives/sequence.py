@@ -8,13 +8,14 @@ pipeline stages, Megatron-LM's forward step) run the plans.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from localopt_plugin.config_flags import FlagConfig, option
 from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.errors import UserError
 from localopt_plugin.metric_names import CLIP_START, FULL_SEQUENCE_STEP, LM_LOSS, WINDOW_START
@@ -77,27 +78,20 @@ class FullSequence(Objective):
 
 
 @dataclass(frozen=True)
-class LocalOptConfig:
+class LocalOptConfig(FlagConfig):
     """``--local-opt-full-sequence-share``: a share of steps trained on the whole sequence."""
 
-    full_sequence_share: float = 0.0
+    PREFIX: ClassVar[str] = "--local-opt-"
+    GROUP: ClassVar[str] = "localopt-plugin: local-opt objective (--objective local-opt)"
 
-    @staticmethod
-    def add_args(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument_group("localopt-plugin: local-opt objective").add_argument(
-            "--local-opt-full-sequence-share", type=float, default=None,
-            help="probability that a step trains on the whole sequence instead of a window "
-            f"(drawn per iteration from the seed; default {LocalOptConfig.full_sequence_share}; "
-            "only with --objective local-opt)")
+    full_sequence_share: float = option(0.0, "probability that a step trains on the whole "
+                                        "sequence instead of a window (drawn per iteration "
+                                        "from the seed)")
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> LocalOptConfig:
-        share = getattr(args, "local_opt_full_sequence_share", None)
-        config = cls() if share is None else cls(full_sequence_share=share)
-        if not 0.0 <= config.full_sequence_share <= 1.0:
-            raise UserError(f"--local-opt-full-sequence-share must be in [0, 1], got "
-                            f"{config.full_sequence_share}")
-        return config
+    def validate(self) -> None:
+        if not 0.0 <= self.full_sequence_share <= 1.0:
+            raise UserError(f"{self.flag('full_sequence_share')} must be in [0, 1], got "
+                            f"{self.full_sequence_share}")
 
 
 class LocalOptimization(Objective):

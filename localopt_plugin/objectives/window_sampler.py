@@ -20,14 +20,13 @@ rounded so that any layout with the same global batch draws the same windows.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 from megatron.core import parallel_state
 
+from localopt_plugin.config_flags import FlagConfig, option
 from localopt_plugin.errors import UserError
 from localopt_plugin.registry import register
 
@@ -35,55 +34,37 @@ WINDOW_SCOPES = ("step", "micro-batch")
 
 
 @dataclass(frozen=True)
-class WindowConfig:
+class WindowConfig(FlagConfig):
     """The windows Local Optimization (and the fewer-frames baseline) draw from."""
 
-    window_frames: int = 2
-    stride_frames: int = 1
-    first_window_prob: float = 0.5
-    scope: str = "step"
+    PREFIX: ClassVar[str] = "--local-opt-"
+    GROUP: ClassVar[str] = "localopt-plugin: windows"
 
-    @staticmethod
-    def add_args(parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("localopt-plugin: windows")
-        g.add_argument("--local-opt-window-frames", type=int, default=2,
-                       help="W: latent frames optimized per step")
-        g.add_argument("--local-opt-stride-frames", type=int, default=1,
-                       help="S: candidate window starts every S frames (S < W overlaps "
-                       "windows)")
-        g.add_argument("--local-opt-first-window-prob", type=float, default=0.5,
-                       help="p: probability of drawing the window that starts at frame 0")
-        g.add_argument("--local-opt-window-scope", choices=WINDOW_SCOPES, default="step",
-                       help="step: one window per iteration for the whole global batch (equal "
-                       "work on every rank); micro-batch: a window per global micro-batch "
-                       "(more windows per step, ranks wait on the longest context)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> WindowConfig:
-        config = cls(window_frames=args.local_opt_window_frames,
-                     stride_frames=args.local_opt_stride_frames,
-                     first_window_prob=args.local_opt_first_window_prob,
-                     scope=getattr(args, "local_opt_window_scope", "step"))
-        config.validate()
-        return config
+    window_frames: int = option(2, "W: latent frames optimized per step")
+    stride_frames: int = option(1, "S: candidate window starts every S frames (S < W overlaps "
+                                "windows)")
+    first_window_prob: float = option(0.5, "p: probability of drawing the window that starts "
+                                      "at frame 0")
+    scope: str = option("step", "step: one window per iteration for the whole global batch "
+                        "(equal work on every rank); micro-batch: a window per global "
+                        "micro-batch (more windows per step, ranks wait on the longest "
+                        "context)", flag="--local-opt-window-scope", choices=WINDOW_SCOPES)
 
     def validate(self, num_frames: int | None = None) -> None:
         """Raises :class:`UserError` naming the flag of a bad value; with ``num_frames`` (the
         dataset's latent frames), also a window longer than the video."""
-        if self.window_frames <= 0:
-            raise UserError(f"--local-opt-window-frames must be positive, got "
-                             f"{self.window_frames}")
-        if self.stride_frames <= 0:
-            raise UserError(f"--local-opt-stride-frames must be positive, got "
-                             f"{self.stride_frames}")
+        for name in ("window_frames", "stride_frames"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{self.flag(name)} must be positive, got "
+                                f"{getattr(self, name)}")
         if not 0.0 <= self.first_window_prob <= 1.0:
-            raise UserError(f"--local-opt-first-window-prob must be in [0, 1], got "
-                             f"{self.first_window_prob}")
+            raise UserError(f"{self.flag('first_window_prob')} must be in [0, 1], got "
+                            f"{self.first_window_prob}")
         if self.scope not in WINDOW_SCOPES:
-            raise UserError(f"--local-opt-window-scope must be one of "
-                             f"{', '.join(WINDOW_SCOPES)}, got {self.scope!r}")
+            raise UserError(f"{self.flag('scope')} must be one of {', '.join(WINDOW_SCOPES)}, "
+                            f"got {self.scope!r}")
         if num_frames is not None and self.window_frames > num_frames:
-            raise UserError(f"--local-opt-window-frames {self.window_frames} exceeds the "
+            raise UserError(f"{self.flag('window_frames')} {self.window_frames} exceeds the "
                             f"{num_frames} latent frames of a sample")
 
 
@@ -95,8 +76,7 @@ def global_micro_batch(accumulation_step: int) -> int:
 
 
 def candidate_starts(num_frames: int, window_frames: int, stride_frames: int) -> list[int]:
-    """First frames of the candidate windows; raises :class:`UserError` on invalid settings."""
-    WindowConfig(window_frames, stride_frames).validate(num_frames)
+    """First frames of the candidate windows (the settings checked by :class:`WindowConfig`)."""
     starts = list(range(0, num_frames - window_frames + 1, stride_frames))
     if starts[-1] != num_frames - window_frames:
         starts.append(num_frames - window_frames)
@@ -208,46 +188,23 @@ class AdaptiveWindowSampler(WindowSampler):
 class AdaptiveWindowConfig(WindowConfig):
     """The window flags plus the adaptive sampler's own (``--window-sampler adaptive``)."""
 
-    floor: float = 0.25
-    decay: float = 0.9
+    PREFIX: ClassVar[str] = "--local-opt-adaptive-"
+    GROUP: ClassVar[str] = "localopt-plugin: adaptive window sampler (--window-sampler adaptive)"
+
+    floor: float = option(0.25, "share of the later windows' draws spread evenly, the rest in "
+                          "proportion to their recent loss")
+    decay: float = option(0.9, "smoothing of each window start's loss per step that trained it")
     learns_from_losses: ClassVar[bool] = True  # needs the trainer's loss feedback
-
-    @staticmethod
-    def add_args(parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("localopt-plugin: adaptive window sampler")
-        g.add_argument("--local-opt-adaptive-floor", type=float, default=None,
-                       help=f"share of the later windows' draws spread evenly, the rest in "
-                       f"proportion to their recent loss (default {AdaptiveWindowConfig.floor}; "
-                       "only with --window-sampler adaptive)")
-        g.add_argument("--local-opt-adaptive-decay", type=float, default=None,
-                       help=f"smoothing of each window start's loss per step that trained it "
-                       f"(default {AdaptiveWindowConfig.decay}; only with --window-sampler "
-                       "adaptive)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> AdaptiveWindowConfig:
-        given = {name: getattr(args, f"local_opt_adaptive_{name}") for name in ("floor", "decay")}
-        config = cls(**dataclasses.asdict(WindowConfig.from_args(args)),
-                     **{k: v for k, v in given.items() if v is not None})
-        config.validate()
-        return config
 
     def validate(self, num_frames: int | None = None) -> None:
         super().validate(num_frames)
         if not 0.0 <= self.floor <= 1.0:
-            raise UserError(f"--local-opt-adaptive-floor must be in [0, 1], got {self.floor}")
+            raise UserError(f"{self.flag('floor')} must be in [0, 1], got {self.floor}")
         if not 0.0 <= self.decay < 1.0:
-            raise UserError(f"--local-opt-adaptive-decay must be in [0, 1), got {self.decay}")
+            raise UserError(f"{self.flag('decay')} must be in [0, 1), got {self.decay}")
         if self.scope != "step":
-            raise UserError("--window-sampler adaptive learns from each step's loss, one "
-                            "window per step: use --local-opt-window-scope step")
-
-
-def unused_adaptive_flags(args: argparse.Namespace) -> list[str]:
-    """The adaptive sampler's flags given with another sampler (refused, not ignored)."""
-    return [f"--local-opt-adaptive-{name}" for name in ("floor", "decay")
-            if getattr(args, f"local_opt_adaptive_{name}", None) is not None
-            and getattr(args, "window_sampler", None) != "adaptive"]
+            raise UserError(f"--window-sampler adaptive learns from each step's loss, one "
+                            f"window per step: use {self.flag('scope')} step")
 
 
 @register("window_sampler", "adaptive", config=AdaptiveWindowConfig)

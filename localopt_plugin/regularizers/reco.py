@@ -28,13 +28,13 @@ mean; the shares' gradients sum over the ranks.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from localopt_plugin.config_flags import FlagConfig, option
 from localopt_plugin.errors import UserError
 from localopt_plugin.metric_names import RECO_LOSS, RECO_RAW, RECO_WEIGHT
 from localopt_plugin.model.context_parallel import SequenceShard, rows_after
@@ -119,18 +119,15 @@ class ReCo:
     not depend on model width.
     """
 
-    def __init__(self, weight: float = 0.1, pairs: str = "adjacent-token",
-                 schedule: str = "constant", warmup_iters: int = 0,
-                 train_iters: int | None = None, target_ratio: float = 0.1,
-                 reduction: str = "sum", states: str = "pre-norm") -> None:
-        config = ReCoConfig(weight, pairs, reduction, schedule, warmup_iters, target_ratio,
-                            states)
+    def __init__(self, config: ReCoConfig | None = None,
+                 train_iters: int | None = None) -> None:
+        config = config or ReCoConfig()
         config.validate()
         config.validate_length(train_iters)
-        self.weight, self.pairs, self.schedule = weight, pairs, schedule
-        self.reduction, self.states = reduction, states
-        self.warmup_iters, self.train_iters, self.target_ratio = (warmup_iters, train_iters,
-                                                                   target_ratio)
+        self.config, self.train_iters = config, train_iters
+        self.weight, self.pairs, self.schedule = config.weight, config.pairs, config.schedule
+        self.reduction, self.states = config.reduction, config.states
+        self.warmup_iters, self.target_ratio = config.warmup_iters, config.target_ratio
 
     def scheduled_weight(self, iteration: int) -> float:
         """The weight before any adaptive choice: for ``adaptive``, its cap."""
@@ -176,44 +173,56 @@ class ReCo:
 
 
 @dataclass(frozen=True)
-class ReCoConfig:
+class ReCoConfig(FlagConfig):
     """The ``--reco-*`` flags. The defaults are the form the ReCo sweep found to keep quality
     (docs/local-optimization.md): the paper's sum and lambda on the final norm's input."""
 
-    weight: float = 0.1
-    pairs: str = "adjacent-token"
-    reduction: str = "sum"
-    schedule: str = "constant"
-    warmup_iters: int = 0
-    target_ratio: float = 0.1
-    states: str = "pre-norm"
+    PREFIX: ClassVar[str] = "--reco-"
+    GROUP: ClassVar[str] = "localopt-plugin: ReCo (--regularizer reco)"
 
-    # field -> the flag's dest
-    FLAGS: ClassVar[dict[str, str]] = {
-        "weight": "reco_weight", "pairs": "reco_pairs", "reduction": "reco_reduction",
-        "schedule": "reco_weight_schedule", "warmup_iters": "reco_warmup_iters",
-        "target_ratio": "reco_target_ratio", "states": "reco_states"}
+    weight: float = option(0.1, "ReCo lambda (the paper's 0.1; 0 disables ReCo at no cost); "
+                           "with --reco-weight-schedule adaptive, the weight is capped at "
+                           f"{ADAPTIVE_CAP:g} x lambda")
+    pairs: str = option("adjacent-token", "ReCo pairs inside the optimized frames: consecutive "
+                        "tokens (i, i+1) or the same spatial token in consecutive frames "
+                        "(i, i+P)", choices=PAIR_MODES)
+    reduction: str = option("sum", "over the hidden dimension: sum (the paper's squared L2 "
+                            "norm; its scale grows with the hidden size) or mean (scale-free)",
+                            choices=REDUCTIONS)
+    schedule: str = option("constant", "ReCo weight over training: constant lambda; "
+                           "linear-warmup 0 -> lambda over --reco-warmup-iters; cosine lambda "
+                           "-> 0 over --train-iters; adaptive: chosen each step from detached "
+                           "values so that weighted ReCo / LM loss = --reco-target-ratio (at "
+                           f"most {ADAPTIVE_CAP:g} x lambda)", flag="--reco-weight-schedule",
+                           choices=SCHEDULES)
+    warmup_iters: int = option(0, "iterations of the linear-warmup ReCo schedule")
+    target_ratio: float = option(0.1, "adaptive ReCo schedule: weighted ReCo loss / LM loss "
+                                 "to hold")
+    states: str = option("pre-norm", "hidden states ReCo compares: pre-norm (the residual "
+                         "stream before the final norm; the form that kept quality in the ReCo "
+                         "sweep) or final (after the final norm, what the output layer reads)",
+                         choices=STATES)
+
     # what a run recorded without a field trained with: ReCo acted on the final states before
     # --reco-states existed, and --reco-states defaulted to final until the ReCo sweep
     RECORDED_BEFORE: ClassVar[dict[str, str]] = {"states": "final"}
 
     def validate(self) -> None:
         """Raises :class:`UserError` naming the flag of a bad value."""
+        def one_of(name: str, choices: tuple[str, ...]) -> tuple[bool, str]:
+            value = getattr(self, name)
+            return value in choices, (f"{self.flag(name)} must be one of {', '.join(choices)}, "
+                                      f"got {value!r}")
+
         checks = (
             (math.isfinite(self.weight) and self.weight >= 0,
-             f"--reco-weight must be >= 0, got {self.weight}"),
-            (self.pairs in PAIR_MODES,
-             f"--reco-pairs must be one of {', '.join(PAIR_MODES)}, got {self.pairs!r}"),
-            (self.schedule in SCHEDULES, f"--reco-weight-schedule must be one of "
-             f"{', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (self.warmup_iters >= 0, f"--reco-warmup-iters must be >= 0, got "
+             f"{self.flag('weight')} must be >= 0, got {self.weight}"),
+            one_of("pairs", PAIR_MODES), one_of("schedule", SCHEDULES),
+            (self.warmup_iters >= 0, f"{self.flag('warmup_iters')} must be >= 0, got "
              f"{self.warmup_iters}"),
             (math.isfinite(self.target_ratio) and self.target_ratio >= 0,
-             f"--reco-target-ratio must be >= 0, got {self.target_ratio}"),
-            (self.reduction in REDUCTIONS, f"--reco-reduction must be one of "
-             f"{', '.join(REDUCTIONS)}, got {self.reduction!r}"),
-            (self.states in STATES,
-             f"--reco-states must be one of {', '.join(STATES)}, got {self.states!r}"),
+             f"{self.flag('target_ratio')} must be >= 0, got {self.target_ratio}"),
+            one_of("reduction", REDUCTIONS), one_of("states", STATES),
         )
         for ok, message in checks:
             if not ok:
@@ -222,47 +231,12 @@ class ReCoConfig:
     def validate_length(self, train_iters: int | None) -> None:
         """The cosine schedule decays over the run's ``train_iters``, so it needs them."""
         if self.schedule == "cosine" and not (train_iters and train_iters > 0):
-            raise UserError(f"--reco-weight-schedule cosine needs --train-iters > 0, "
+            raise UserError(f"{self.flag('schedule')} cosine needs --train-iters > 0, "
                             f"got {train_iters}")
-
-    @staticmethod
-    def add_args(parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("localopt-plugin: ReCo (--regularizer reco)")
-        g.add_argument("--reco-weight", type=float, default=0.1,
-                       help="ReCo lambda (the paper's 0.1; 0 disables ReCo at no cost); with "
-                       "--reco-weight-schedule adaptive, the weight is capped at 10 x lambda")
-        g.add_argument("--reco-pairs", default="adjacent-token", choices=PAIR_MODES,
-                       help="ReCo pairs inside the optimized frames: consecutive tokens "
-                       "(i, i+1) or the same spatial token in consecutive frames (i, i+P)")
-        g.add_argument("--reco-reduction", default="sum", choices=REDUCTIONS,
-                       help="over the hidden dimension: sum (the paper's squared L2 norm; its "
-                       "scale grows with the hidden size) or mean (scale-free)")
-        g.add_argument("--reco-states", default="pre-norm", choices=STATES,
-                       help="hidden states ReCo compares: pre-norm (the residual stream before "
-                       "the final norm; the form that kept quality in the ReCo sweep) or final "
-                       "(after the final norm, what the output layer reads)")
-        g.add_argument("--reco-weight-schedule", default="constant", choices=SCHEDULES,
-                       help="ReCo weight over training: constant lambda; linear-warmup 0 -> "
-                       "lambda over --reco-warmup-iters; cosine lambda -> 0 over --train-iters; "
-                       "adaptive: chosen each step from detached values so that weighted ReCo "
-                       "/ LM loss = --reco-target-ratio (at most 10 x lambda)")
-        g.add_argument("--reco-warmup-iters", type=int, default=0,
-                       help="iterations of the linear-warmup ReCo schedule")
-        g.add_argument("--reco-target-ratio", type=float, default=0.1,
-                       help="adaptive ReCo schedule: weighted ReCo loss / LM loss to hold")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ReCoConfig:
-        config = cls(**{field: getattr(args, dest) for field, dest in cls.FLAGS.items()})
-        config.validate()  # validate_length once the run's length is known (build_reco)
-        return config
 
 
 @register("regularizer", "reco", config=ReCoConfig)
 def build_reco(config: ReCoConfig, *, train_iters: int | None = None) -> ReCo:
     """ReCo configured by the ``--reco-*`` flags (and ``--train-iters`` for ``cosine``);
     raises :class:`UserError` naming the flag of an invalid setting."""
-    return ReCo(weight=config.weight, pairs=config.pairs, schedule=config.schedule,
-                warmup_iters=config.warmup_iters, train_iters=train_iters,
-                target_ratio=config.target_ratio, reduction=config.reduction,
-                states=config.states)
+    return ReCo(config, train_iters)

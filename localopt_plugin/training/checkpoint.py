@@ -106,22 +106,32 @@ def recorded_config(directory: str) -> dict | None:
 
 
 def load_checkpoint(engine, config: TrainConfig, objective=None) -> TrainState:
-    """Resume ``engine`` (and the objective's state: an adaptive window sampler's losses)."""
-    directory = config.run.load
-    path, client = engine.load_checkpoint(directory)
+    """Resume ``engine`` (and the objective's state: an adaptive window sampler's losses), with
+    what Megatron's resume flags leave out: ``--no-load-optim`` (optimizer and LR schedule),
+    ``--no-load-lr-state``, ``--no-load-rng``, ``--finetune`` (weights only, from iteration 0)
+    and ``--reset-iteration`` (iteration and consumed samples from 0)."""
+    run = config.run
+    directory = run.load
+    path, client = engine.load_checkpoint(
+        directory, load_module_only=run.finetune,
+        load_optimizer_states=not (run.finetune or run.no_load_optim),
+        load_lr_scheduler_states=not (run.finetune or run.no_load_optim
+                                      or run.no_load_lr_state))
     if path is None:
         if is_rank0():
             log.warning("no checkpoint found in --load %s; starting from scratch", directory)
         return TrainState()
     tag = tag_of(client["iteration"])
     rng_file = _rng_file(directory, tag)
-    if os.path.exists(rng_file) and client.get("world_size") == dist.get_world_size():
+    if run.finetune or run.no_load_rng:
+        pass
+    elif os.path.exists(rng_file) and client.get("world_size") == dist.get_world_size():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     elif is_rank0():
         log.warning("RNG states not restored (saved with world size %s, now %d): dropout "
                     "masks will differ from an uninterrupted run", client.get("world_size"),
                     dist.get_world_size())
-    if objective is not None:
+    if objective is not None and not run.finetune:
         objective.load_state_dict(client.get("objective_state", {}))
     saved = client.get("config", {})
     changed = {key: (saved[key], getattr(config, key)) for key in EXACT_RESUME_KEYS
@@ -130,7 +140,12 @@ def load_checkpoint(engine, config: TrainConfig, objective=None) -> TrainState:
         log.warning("resuming with different %s (saved -> now): the run continues, but not "
                     "exactly as the uninterrupted one would (data order and window draws "
                     "depend on them)", {k: f"{a} -> {b}" for k, (a, b) in changed.items()})
+    state = TrainState(client["iteration"], client["consumed_samples"])
+    if run.finetune or run.reset_iteration:  # Megatron: iteration 0, the data from its start
+        state = TrainState()
+        engine.global_steps = engine.global_samples = 0
     if is_rank0():
-        log.info("resumed from %s at iteration %d (%d samples consumed)", path,
-                 client["iteration"], client["consumed_samples"])
-    return TrainState(client["iteration"], client["consumed_samples"])
+        log.info("resumed from %s (saved at iteration %d) at iteration %d (%d samples "
+                 "consumed)", path, client["iteration"], state.iteration,
+                 state.consumed_samples)
+    return state

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from localopt_plugin import registry
+from localopt_plugin.config_flags import FlagConfig, argument_group, option
 from localopt_plugin.data.manifest import check_manifest_against_model
 from localopt_plugin.data.source import VideoTokenSource
 from localopt_plugin.errors import UserError
@@ -28,7 +30,8 @@ from localopt_plugin.model.config import (
     from_dict,
     padded_vocab_size,
 )
-from localopt_plugin.plugin import PluginConfig
+from localopt_plugin.objectives import Objective
+from localopt_plugin.plugin import PluginConfig, PluginParts, keep_recorded_settings
 
 CONFIG_VERSION = 2  # 1: the flags as a flat dict under "args" (before typed configs)
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
@@ -37,80 +40,63 @@ OPTIMIZERS = ("adam", "sgd")  # Megatron-LM's others (muon, lion, soap) are refu
 
 
 @dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerConfig(FlagConfig):
     """The optimizer and Megatron's LR/weight-decay schedule (Megatron-LM flags, defaults and
     meaning: ``--optimizer adam`` is AdamW; a schedule is given in iterations or, with
     ``--train-samples``, in samples)."""
 
-    optimizer: str = "adam"
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    lr_decay_style: str = "linear"
-    lr_warmup_iters: int = 0
-    lr_warmup_samples: int = 0
-    lr_warmup_fraction: float | None = None
-    lr_decay_iters: int | None = None
-    lr_decay_samples: int | None = None
-    lr_wsd_decay_style: str = "exponential"
-    lr_wsd_decay_iters: int | None = None
-    lr_wsd_decay_samples: int | None = None
-    lr_warmup_tokens: int | None = None
-    lr_decay_tokens: int | None = None
-    override_opt_param_scheduler: bool = False
-    use_checkpoint_opt_param_scheduler: bool = False
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    sgd_momentum: float = 0.9
-    clip_grad: float | None = None
+    GROUP: ClassVar[str] = "optimizer and learning-rate schedule (Megatron-LM flags)"
 
-    @staticmethod
-    def add_args(g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
-                       help="adam: AdamW (Megatron's adam, decoupled weight decay); sgd: SGD "
-                       "with --sgd-momentum")
-        g.add_argument("--lr", type=float, default=3e-4)
-        g.add_argument("--min-lr", type=float, default=0.0)
-        g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES)
-        g.add_argument("--lr-warmup-iters", type=int, default=0)
-        g.add_argument("--lr-warmup-samples", type=int, default=0,
-                       help="warm-up in samples (with --train-samples)")
-        g.add_argument("--lr-warmup-fraction", type=float, default=None,
-                       help="warm-up as a fraction of the decay length")
-        g.add_argument("--lr-decay-iters", type=int, default=None,
-                       help="default: --train-iters")
-        g.add_argument("--lr-decay-samples", type=int, default=None,
-                       help="decay in samples (with --train-samples; default: --train-samples)")
-        g.add_argument("--lr-wsd-decay-style", default="exponential",
-                       choices=("exponential", "linear", "cosine", "minus_sqrt"))
-        g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
-                       help="WSD's final decay (default: a tenth of the decay length)")
-        g.add_argument("--lr-wsd-decay-samples", type=int, default=None)
-        g.add_argument("--lr-warmup-tokens", type=int, default=None,
-                       help="Megatron-DeepSpeed: warm-up in tokens (samples x --seq-length)")
-        g.add_argument("--lr-decay-tokens", type=int, default=None,
-                       help="Megatron-DeepSpeed: decay in tokens (samples x --seq-length)")
-        g.add_argument("--override-opt_param-scheduler", action="store_true",
-                       help="on --load, the LR schedule of the flags replaces the checkpoint's")
-        g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
-                       help="on --load, keep the checkpoint's LR schedule (default: the flags' "
-                       "must match it, as in Megatron-LM)")
-        g.add_argument("--weight-decay", type=float, default=0.01)
-        g.add_argument("--adam-beta1", type=float, default=0.9)
-        g.add_argument("--adam-beta2", type=float, default=0.999)
-        g.add_argument("--adam-eps", type=float, default=1e-8)
-        g.add_argument("--sgd-momentum", type=float, default=0.9)
-        g.add_argument("--clip-grad", type=float, default=None,
-                       help="default: the JSON's gradient_clipping, else 1.0")
+    optimizer: str = option("adam", "adam: AdamW (Megatron's adam, decoupled weight decay); "
+                            "sgd: SGD with --sgd-momentum", choices=OPTIMIZERS)
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr: float = option(0.0, "learning rate at the end of the decay")
+    lr_decay_style: str = option("linear", "decay after warm-up", choices=LR_DECAY_STYLES)
+    lr_warmup_iters: int = option(0, "warm-up in iterations")
+    lr_warmup_samples: int = option(0, "warm-up in samples (with --train-samples)")
+    lr_warmup_fraction: float | None = option(None, "warm-up as a fraction of the decay "
+                                              "length", type=float)
+    lr_decay_iters: int | None = option(None, "decay length (default: --train-iters)", type=int)
+    lr_decay_samples: int | None = option(None, "decay in samples (with --train-samples; "
+                                          "default: --train-samples)", type=int)
+    lr_wsd_decay_style: str = option("exponential", "WSD's final decay",
+                                     choices=("exponential", "linear", "cosine", "minus_sqrt"))
+    lr_wsd_decay_iters: int | None = option(None, "WSD's final decay (default: a tenth of the "
+                                            "decay length)", type=int)
+    lr_wsd_decay_samples: int | None = option(None, "WSD's final decay in samples", type=int)
+    lr_warmup_tokens: int | None = option(None, "Megatron-DeepSpeed: warm-up in tokens "
+                                          "(samples x --seq-length)", type=int)
+    lr_decay_tokens: int | None = option(None, "Megatron-DeepSpeed: decay in tokens (samples x "
+                                         "--seq-length)", type=int)
+    override_opt_param_scheduler: bool = option(
+        False, "on --load, the LR schedule of the flags replaces the checkpoint's",
+        flag="--override-opt_param-scheduler")
+    use_checkpoint_opt_param_scheduler: bool = option(
+        False, "on --load, keep the checkpoint's LR schedule (default: the flags' must match "
+        "it, as in Megatron-LM)", flag="--use-checkpoint-opt_param-scheduler")
+    weight_decay: float = option(0.01, "decoupled weight decay")
+    adam_beta1: float = option(0.9, "Adam's beta1")
+    adam_beta2: float = option(0.999, "Adam's beta2")
+    adam_eps: float = option(1e-8, "Adam's epsilon")
+    sgd_momentum: float = option(0.9, "SGD's momentum")
+    clip_grad: float | None = option(None, "gradient-norm clipping (default: the JSON's "
+                                     "gradient_clipping, else 1.0)", type=float)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> OptimizerConfig:
-        config = cls(**fields_from(cls, args))
-        config.validate(sample_based=getattr(args, "train_samples", None) is not None)
+    def from_args(cls, args: argparse.Namespace, **values: Any) -> OptimizerConfig:
+        config = super().from_args(args, **values)
+        config.check_schedule(sample_based=getattr(args, "train_samples", None) is not None)
         return config
 
-    def validate(self, sample_based: bool) -> None:
+    def validate(self) -> None:
+        if self.lr_warmup_fraction is not None and (self.lr_warmup_iters
+                                                    or self.lr_warmup_samples):
+            raise UserError("give one of --lr-warmup-fraction and --lr-warmup-iters/-samples")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise UserError("give one of --override-opt_param-scheduler and "
+                            "--use-checkpoint-opt_param-scheduler")
+
+    def check_schedule(self, sample_based: bool) -> None:
         """Megatron-LM's rules: a schedule is in iterations or in samples, never both."""
         if sample_based:
             given = [flag for flag, value in (("--lr-decay-iters", self.lr_decay_iters),
@@ -128,12 +114,6 @@ class OptimizerConfig:
             if given:
                 raise UserError(f"{', '.join(given)} need sample-based training "
                                 f"(--train-samples instead of --train-iters)")
-        if self.lr_warmup_fraction is not None and (self.lr_warmup_iters
-                                                    or self.lr_warmup_samples):
-            raise UserError("give one of --lr-warmup-fraction and --lr-warmup-iters/-samples")
-        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
-            raise UserError("give one of --override-opt_param-scheduler and "
-                            "--use-checkpoint-opt_param-scheduler")
 
     def schedule_iters(self, train_iters: int, train_samples: int | None, global_batch: int,
                        seq_length: int) -> tuple[float, float, float | None]:
@@ -162,37 +142,94 @@ class OptimizerConfig:
         return warmup, decay, wsd
 
 
+TRAINING = "training (Megatron-LM flags)"
+CHECKPOINTS = "checkpointing and logging (Megatron-LM flags)"
+DEEPSPEED = "DeepSpeed"
+TRAINER = "localopt-train"
+
+
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(FlagConfig):
     """Iterations, batch sizes, checkpoints, logging and the DeepSpeed JSON (Megatron-LM flags
     where Megatron has them)."""
 
-    train_iters: int = DEFAULT_TRAIN_ITERS
-    train_samples: int | None = None
-    train_tokens: int | None = None
-    exit_duration_in_mins: float | None = None
-    exit_interval: int | None = None
-    seed: int = 1234
-    micro_batch_size: int | None = None
-    global_batch_size: int | None = None
-    save: str | None = None
-    load: str | None = None
-    save_interval: int | None = None
-    log_interval: int = 100
-    eval_interval: int | None = None
-    eval_iters: int = 10
-    tensorboard_dir: str | None = None
-    metrics_file: str | None = None
-    progress: str = "auto"
-    deepspeed_config: str | None = None
-    zero_stage: int | None = None
-    overlap_grad_reduce: bool = False
-    tensorboard_queue_size: int = 1000
-    log_optimizer_states_to_tensorboard: bool = False
+    GROUP: ClassVar[str] = TRAINING
+
+    train_iters: int | None = option(
+        None, f"default: --train-samples / global batch, else {DEFAULT_TRAIN_ITERS}", type=int)
+    train_samples: int | None = option(
+        None, "sample-based training (Megatron-LM): iterations = samples // global batch, the "
+        "LR schedule in samples (--lr-*-samples)", type=int)
+    train_tokens: int | None = option(
+        None, "Megatron-DeepSpeed: also stop once this many tokens (samples x --seq-length) "
+        "are consumed", type=int)
+    exit_duration_in_mins: float | None = option(
+        None, "stop (after saving, if --save) once training has run this long", type=float)
+    exit_interval: int | None = option(
+        None, "stop (after saving, if --save) at the first iteration divisible by it, as "
+        "Megatron-LM", type=int)
+    seed: int = option(1234, "initialisation, data order, window draws, dropout")
+    micro_batch_size: int | None = option(
+        None, "default: the DeepSpeed JSON's train_micro_batch_size_per_gpu, else 2", type=int)
+    global_batch_size: int | None = option(
+        None, "default: the JSON's train_batch_size, else micro batch x data-parallel",
+        type=int)
+    save: str | None = option(None, "checkpoint directory to save to", group=CHECKPOINTS)
+    load: str | None = option(None, "checkpoint directory to resume from", group=CHECKPOINTS)
+    no_load_optim: bool = option(False, "with --load: fresh optimizer (and, as in Megatron, LR "
+                                 "schedule) state", group=CHECKPOINTS)
+    no_load_rng: bool = option(False, "with --load: keep this run's random states (dropout "
+                               "masks)", group=CHECKPOINTS)
+    no_load_lr_state: bool = option(False, "Megatron-DeepSpeed, with --load: restart the LR "
+                                    "schedule", group=CHECKPOINTS)
+    finetune: bool = option(False, "with --load: the weights only; iteration, consumed "
+                            "samples, optimizer, LR schedule and random states start afresh "
+                            "(Megatron-LM's meaning)", group=CHECKPOINTS)
+    reset_iteration: bool = option(False, "Megatron-DeepSpeed, with --load: iteration and "
+                                   "consumed samples start at 0, the optimizer and LR schedule "
+                                   "states are loaded", group=CHECKPOINTS)
+    save_interval: int | None = option(None, "iterations between checkpoints (default: at the "
+                                       "end)", type=int, group=CHECKPOINTS)
+    log_interval: int = option(100, "iterations between log lines", group=CHECKPOINTS)
+    eval_interval: int | None = option(None, "iterations between evaluations (default: none)",
+                                       type=int, group=CHECKPOINTS)
+    eval_iters: int = option(10, "global batches (of --global-batch-size samples) per "
+                             "evaluation, as in Megatron", group=CHECKPOINTS)
+    tensorboard_dir: str | None = option(None, "TensorBoard event directory",
+                                         group=CHECKPOINTS)
+    metrics_file: str | None = option(None, "append every iteration's metrics as a JSON line "
+                                      "(rank 0)", group=TRAINER)
+    progress: str = option("auto", "progress bar (auto: when attached to a terminal)",
+                           choices=("auto", "on", "off"), group=TRAINER)
+    deepspeed_config: str | None = None  # --deepspeed_config / --deepspeed-config (add_args)
+    zero_stage: int | None = option(None, "overrides zero_optimization.stage of the JSON",
+                                    type=int, choices=(0, 1, 2, 3), group=DEEPSPEED)
+    overlap_grad_reduce: bool = False  # Megatron's flag, mapped (megatron_flags)
+    tensorboard_queue_size: int = option(1000, "TensorBoard events buffered before a write "
+                                         "(Megatron-LM's default)", group=CHECKPOINTS)
+    log_optimizer_states_to_tensorboard: bool = option(
+        False, "Megatron-DeepSpeed: norms of Adam's moments and of the weights at each "
+        "--log-interval (TensorBoard, --metrics-file)", group=CHECKPOINTS)
     fp16_loss_scaling: dict = dataclasses.field(default_factory=dict)  # --hysteresis ... -> JSON
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+    def add_args(cls, parser: argparse.ArgumentParser,
+                 only: Iterable[str] | None = None) -> None:
+        super().add_args(parser, only)
+        if only is not None:
+            return
+        g = argument_group(parser, CHECKPOINTS)
+        g.add_argument("--data-path", nargs="*", default=None)
+        g.add_argument("--valid-data-path", nargs="*", default=None)
+        g = argument_group(parser, DEEPSPEED)
+        g.add_argument("--deepspeed", action="store_true",
+                       help="accepted for Megatron-DeepSpeed scripts; DeepSpeed always runs the "
+                       "loop")
+        g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                       default=None, help="DeepSpeed JSON config (see ds_configs/)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **values: Any) -> RunConfig:
         train_iters, train_samples = args.train_iters, getattr(args, "train_samples", None)
         if train_iters is not None and train_samples is not None:
             raise UserError("give one of --train-iters and --train-samples (Megatron-LM: "
@@ -200,81 +237,41 @@ class RunConfig:
         if train_samples is not None and train_samples < 1:
             raise UserError(f"--train-samples must be >= 1, got {train_samples}")
         # sample-based: the iterations follow once the global batch is known (resolve())
-        config = cls(**fields_from(cls, args, train_iters=(
-            DEFAULT_TRAIN_ITERS if train_iters is None else train_iters)))
-        if config.train_iters < 0 or config.eval_iters < 1 or config.log_interval < 1:
+        return super().from_args(
+            args, train_iters=DEFAULT_TRAIN_ITERS if train_iters is None else train_iters,
+            **{name: getattr(args, name) for name in (
+                "deepspeed_config", "overlap_grad_reduce", "fp16_loss_scaling")
+               if hasattr(args, name)}, **values)
+
+    def validate(self) -> None:
+        if self.train_iters < 0 or self.eval_iters < 1 or self.log_interval < 1:
             raise UserError("--train-iters must be >= 0, --eval-iters and --log-interval >= 1")
-        if config.exit_interval is not None and config.exit_interval < 1:
-            raise UserError(f"--exit-interval must be >= 1, got {config.exit_interval}")
-        return config
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise UserError(f"--exit-interval must be >= 1, got {self.exit_interval}")
+        resume = [self.flag(name) for name in ("no_load_optim", "no_load_rng",
+                                               "no_load_lr_state", "finetune",
+                                               "reset_iteration") if getattr(self, name)]
+        if resume and not self.load:
+            raise UserError(f"{' and '.join(resume)} without --load: they say what a resumed "
+                            "run loads; add --load CHECKPOINT_DIR or drop them")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    """Megatron-LM's training, checkpointing and logging flags, and DeepSpeed's."""
-    g = parser.add_argument_group("training (Megatron-LM flags)")
-    g.add_argument("--micro-batch-size", type=int, default=None,
-                   help="default: the DeepSpeed JSON's train_micro_batch_size_per_gpu, else 2")
-    g.add_argument("--global-batch-size", type=int, default=None,
-                   help="default: the JSON's train_batch_size, else micro batch x data-parallel")
-    g.add_argument("--train-iters", type=int, default=None,
-                   help=f"default: --train-samples / global batch, else {DEFAULT_TRAIN_ITERS}")
-    g.add_argument("--train-samples", type=int, default=None,
-                   help="sample-based training (Megatron-LM): iterations = samples // global "
-                   "batch, the LR schedule in samples (--lr-*-samples)")
-    g.add_argument("--train-tokens", type=int, default=None,
-                   help="Megatron-DeepSpeed: also stop once this many tokens (samples x "
-                   "--seq-length) are consumed")
-    g.add_argument("--exit-duration-in-mins", type=float, default=None,
-                   help="stop (after saving, if --save) once training has run this long")
-    g.add_argument("--exit-interval", type=int, default=None,
-                   help="stop (after saving, if --save) at the first iteration divisible by it, "
-                   "as Megatron-LM")
-    OptimizerConfig.add_args(g)
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
-    g.add_argument("--seed", type=int, default=1234)
-
-    g = parser.add_argument_group("checkpointing and logging (Megatron-LM flags)")
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=10,
-                   help="global batches (of --global-batch-size samples) per evaluation, as "
-                   "in Megatron")
-    g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
-                   help="TensorBoard events buffered before a write (Megatron-LM's default)")
-    g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
-                   help="Megatron-DeepSpeed: norms of Adam's moments and of the weights at each "
-                   "--log-interval (TensorBoard, --metrics-file)")
-    g.add_argument("--data-path", nargs="*", default=None)
-    g.add_argument("--valid-data-path", nargs="*", default=None)
-
-    g = parser.add_argument_group("DeepSpeed")
-    g.add_argument("--deepspeed", action="store_true",
-                   help="accepted for Megatron-DeepSpeed scripts; DeepSpeed always runs the loop")
-    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   default=None, help="DeepSpeed JSON config (see ds_configs/)")
-    g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
-                   help="overrides zero_optimization.stage of the JSON")
+    """Megatron-LM's training, optimizer, checkpointing and logging flags, and DeepSpeed's."""
+    RunConfig.add_args(parser)
+    OptimizerConfig.add_args(parser)
 
 
 def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of localopt-train itself (Megatron-LM has its own logging and checks)."""
-    g = parser.add_argument_group("localopt-train")
+    g = argument_group(parser, TRAINER)
     g.add_argument("--tokenizer", default=None,
                    help="registered video tokenizer the data must have been made with "
                    "(checked against the shards' manifest)")
-    g.add_argument("--metrics-file", default=None,
-                   help="append every iteration's metrics as a JSON line (rank 0)")
     g.add_argument("--dry-run", action="store_true",
-                   help="validate flags and the DeepSpeed config, print the resolved setup and "
-                   "exit without building the model or touching data (world size from "
-                   "$WORLD_SIZE, default 1)")
-    g.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                   help="progress bar (auto: when attached to a terminal)")
+                   help="validate flags and the DeepSpeed config, build the DeepSpeed engine "
+                   "on a one-layer stand-in and take one step on a batch of the data, print the "
+                   "resolved setup and exit (world size from $WORLD_SIZE, default 1)")
     return parser
 
 
@@ -326,36 +323,51 @@ class TrainConfig:
             self.run.train_iters, self.run.train_samples, self.global_batch_size,
             self.seq_length))
 
-    def build_objective(self, layout):
-        return self.plugin.build_objective(layout)
 
-    def build_regularizers(self) -> list:
-        return self.plugin.build_regularizers(self.run.train_iters)
+@dataclass(frozen=True)
+class Prepared:
+    """What ``localopt-train`` builds from its flags before any process group starts."""
+
+    plugin: PluginConfig
+    source: VideoTokenSource
+    objective: Objective
+    notes: tuple[str, ...] = ()  # flags mapped or accepted, settings kept from --load
 
 
-def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource | None = None,
-            explicit: set[str] = frozenset(),
-            notes: tuple[str, ...] = ()) -> tuple[TrainConfig, VideoTokenSource]:
-    """Flags -> configs, the dataset (manifests read, no samples) and the derived values.
+def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Prepared:
+    """The flags resolved once (Megatron's aliases mapped, a resumed checkpoint's regularizer
+    settings kept, a refused flag or bad component setting stopped here naming it), the
+    dataset and the objective built once. ``explicit``: dests of the flags given on the
+    command line (without it, settings that differ from their defaults count as given)."""
+    from localopt_plugin.training.checkpoint import recorded_config
+    from localopt_plugin.training.megatron_flags import resolve_megatron_flags
+
+    notes = resolve_megatron_flags(args, explicit or set())
+    if args.load and (recorded := recorded_config(args.load)) is not None:
+        notes += keep_recorded_settings(args, recorded, explicit or set())
+    plugin = PluginConfig.from_args(args, explicit)
+    source = plugin.build_dataset()
+    return Prepared(plugin, source, plugin.build_objective(source.layout), tuple(notes))
+
+
+def resolve(args: argparse.Namespace, world_size: int, prepared: Prepared | None = None,
+            explicit: set[str] | None = None) -> tuple[TrainConfig, PluginParts]:
+    """Flags -> configs and the run's parts (dataset, objective, regularizers), each once;
+    ``prepared``: what :func:`prepare` built from the same ``args`` (built here if None).
 
     ``explicit``: dests of the flags given on the command line (see
-    :func:`~localopt_plugin.training.deepspeed_config.reconcile_deepspeed`); ``notes``: what
-    the caller changed in ``args`` before (e.g. a resumed checkpoint's kept settings).
+    :func:`~localopt_plugin.training.deepspeed_config.reconcile_deepspeed`).
     Raises :class:`UserError` naming the flag, file or JSON key to change.
     """
     from localopt_plugin.training.deepspeed_config import reconcile_deepspeed
-    from localopt_plugin.training.megatron_flags import resolve_megatron_flags
 
-    flag_notes = [*resolve_megatron_flags(args, explicit), *notes]
-    plugin = PluginConfig.from_args(args)
+    prepared = prepared or prepare(args, explicit)
+    explicit = explicit or set()
+    plugin, source, objective = prepared.plugin, prepared.source, prepared.objective
     model = ModelConfig.from_args(args)
     parallel = ParallelConfig.from_args(args)
     parallel.check_model(model)
-    if world_size % parallel.model_parallel_size:
-        raise UserError(f"world size {world_size} is not divisible by tensor x pipeline x "
-                        f"context parallel size {parallel.tensor_model_parallel_size} x "
-                        f"{parallel.pipeline_model_parallel_size} x "
-                        f"{parallel.context_parallel_size}")
+    parallel.check_world(world_size)
     if parallel.pipeline_model_parallel_size > 1 and parallel.context_parallel_size > 1:
         raise UserError("--context-parallel-size > 1 with --pipeline-model-parallel-size > 1: "
                         "localopt-train pipelines on DeepSpeed's pipeline engine, whose grid "
@@ -367,14 +379,13 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
                         "pretrain() (examples/pretrain_video_gpt.py) runs both, or drop one")
     if parallel.pipeline_model_parallel_size > 1 and model.transformer_impl != "local":
         raise UserError("pipeline parallelism needs --transformer-impl local")
-    if parallel.pipeline_model_parallel_size > 1 and model.recompute_granularity == "full":
-        raise UserError("--recompute-granularity full recomputes Megatron's transformer block, "
-                        "which localopt-train's pipeline stages do not use: use "
-                        "--recompute-granularity selective with pipeline parallelism")
+    if parallel.pipeline_model_parallel_size > 1 and model.recompute_method == "block":
+        raise UserError("--recompute-method block with --pipeline-model-parallel-size > 1: "
+                        "localopt-train's pipeline recomputes with DeepSpeed's activation "
+                        "checkpointing, in uniform chunks of --recompute-num-layers: use "
+                        "--recompute-method uniform (Megatron-LM's pretrain() runs block)")
     run = RunConfig.from_args(args)
     optimizer = OptimizerConfig.from_args(args)
-    if source is None:
-        source = plugin.build_dataset()
     _check_tokenizer(getattr(args, "tokenizer", None), source)
 
     layout = source.layout
@@ -408,9 +419,8 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
         run=run, plugin=plugin, seq_length=seq_length, data_parallel_size=dp,
         micro_batch_size=ds.micro_batch_size, global_batch_size=ds.global_batch_size,
         gradient_accumulation_steps=ds.gradient_accumulation_steps, deepspeed=ds,
-        flag_notes=tuple(flag_notes))
-    objective = plugin.build_objective(layout)  # windows against the video length
-    config.build_regularizers()
+        flag_notes=prepared.notes)
+    regularizers = plugin.build_regularizers(run.train_iters)  # cosine: the run's length
     zero = ds.config["zero_optimization"]
     if zero["stage"] == 3 and parallel.context_parallel_size > 1 and not zero.get(
             "reduce_scatter", True):
@@ -425,13 +435,15 @@ def resolve(args: argparse.Namespace, world_size: int, source: VideoTokenSource 
                         "all ranks must run the same passes; with --local-opt-window-scope "
                         "micro-batch they draw different windows: use "
                         "--local-opt-window-scope step or --zero-stage 1/2")
-    return config, source
+    return config, PluginParts(source, objective, regularizers)
 
 
 def _check_tokenizer(name: str | None, source: VideoTokenSource) -> None:
     """``--tokenizer``: registered, and the one the shards were made with."""
     if name is None:
         return
+    from localopt_plugin import tokenizers  # noqa: F401  registers the built-in tokenizers
+
     registry.get("tokenizer", name)  # an unknown name is a UserError listing the names
     manifest = source.info.get("manifest")
     if manifest is not None and manifest.tokenizer != name:

@@ -14,7 +14,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from localopt_plugin.errors import UserError
+from localopt_plugin.model.config import ParallelConfig
 from localopt_plugin.platform import apply_cpu_shims, cuda_available, seed_model_parallel_rng
 
 
@@ -24,15 +24,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(
-    tensor_parallel: int = 1,
-    pipeline_parallel: int = 1,
-    seed: int = 1234,
-    backend: str | None = None,
-    timeout_minutes: float | None = None,
-    context_parallel: int = 1,
-) -> None:
-    """Initialise torch.distributed (if needed), Megatron's parallel state and RNG streams."""
+def init_distributed(parallel: ParallelConfig | None = None, seed: int = 1234) -> None:
+    """Initialise torch.distributed (if needed), Megatron's parallel state for ``parallel``
+    (default: one process holds the whole model) and RNG streams."""
+    parallel = parallel or ParallelConfig()
     apply_cpu_shims()
     import deepspeed
     from megatron.core import parallel_state
@@ -43,9 +38,9 @@ def init_distributed(
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                               MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        backend = backend or ("nccl" if cuda_available() else "gloo")
-        timeout = {} if timeout_minutes is None else {
-            "timeout": datetime.timedelta(minutes=timeout_minutes)}
+        backend = parallel.distributed_backend or ("nccl" if cuda_available() else "gloo")
+        timeout = {} if parallel.distributed_timeout_minutes is None else {
+            "timeout": datetime.timedelta(minutes=parallel.distributed_timeout_minutes)}
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
                                    verbose=False, **timeout)
         # Gloo's worker threads outlive an undestroyed group and abort the process at
@@ -53,17 +48,12 @@ def init_distributed(
         atexit.register(destroy_distributed)
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    world = dist.get_world_size()
-    if world % (tensor_parallel * pipeline_parallel * context_parallel):
-        raise UserError(
-            f"world size {world} is not divisible by tensor x pipeline x context parallel "
-            f"size {tensor_parallel} x {pipeline_parallel} x {context_parallel}"
-        )
+    parallel.check_world(dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel,
-            pipeline_model_parallel_size=pipeline_parallel,
-            context_parallel_size=context_parallel,
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
         )
     seed_model_parallel_rng(seed)
 

@@ -34,6 +34,7 @@ from localopt_plugin.metric_names import (
 from localopt_plugin.model import build_gpt_model
 from localopt_plugin.pause_point import pause_point
 from localopt_plugin.platform import cuda_available
+from localopt_plugin.plugin import PluginParts
 from localopt_plugin.training.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -82,12 +83,12 @@ def _zero3_under_context_parallelism(module: TrainingStep, config: TrainConfig, 
                         data_parallel_group=mpu.get_sequence_data_parallel_group(), mpu=mpu)
 
 
-def setup(config: TrainConfig, source: VideoTokenSource) -> Trainer:
-    """Model, objective, optimizer, schedule and DeepSpeed engine (process groups must exist)."""
+def setup(config: TrainConfig, parts: PluginParts) -> Trainer:
+    """Model, optimizer, schedule and DeepSpeed engine around the run's objective and
+    regularizers (process groups must exist)."""
     import deepspeed
 
-    objective = config.build_objective(source.layout)
-    regularizers = config.build_regularizers()
+    source, objective, regularizers = parts.source, parts.objective, list(parts.regularizers)
     if config.parallel.pipeline_model_parallel_size > 1:
         from localopt_plugin.training.pipeline import build_pipeline_module
 
@@ -148,9 +149,10 @@ def _skip_metrics(total: Counter[str]) -> dict[str, float]:
             **{f"skipped: {reason}": float(n) for reason, n in sorted(total.items())}}
 
 
-def train(config: TrainConfig, source: VideoTokenSource) -> dict:
+def train(config: TrainConfig, parts: PluginParts) -> dict:
     """Run training; returns the logged records, the final state and the skip counts."""
-    trainer = setup(config, source)
+    trainer = setup(config, parts)
+    source = parts.source
     engine, run = trainer.engine, config.run
     state = (load_checkpoint(engine, config, trainer.objective) if run.load
              else TrainState())

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 MEGATRON_LM_FLAGS = Path(__file__).with_name("megatron_lm_flags.json")
 MEGATRON_DEEPSPEED_FLAGS = Path(__file__).with_name("megatron_deepspeed_flags.json")
 PREFIX = "megatron_flag__"  # namespace attributes of the flags added here
-NOTES = "megatron_flag_notes"  # where the notes of a resolved namespace are kept
 
 PRETRAIN_HINT = ("or run Megatron-LM's own pretrain() with the plugin: "
                  "examples/pretrain_video_gpt.py (docs/megatron-lm.md)")
@@ -168,10 +167,31 @@ def _merged_nargs(a: int | str, b: int | str) -> int | str:
     return "?" if {a, b} == {0, 1} else "*"
 
 
+@functools.cache
+def _megatron_deepspeed_flags() -> dict[str, int | str]:
+    """Megatron-DeepSpeed's parser's flags and arities (read once)."""
+    return json.loads(MEGATRON_DEEPSPEED_FLAGS.read_text())["flags"]
+
+
+def _arity_text(nargs: int | str) -> str:
+    return {0: "a switch", 1: "one value", "?": "an optional value", "+": "a list",
+            "*": "a list"}.get(nargs, f"{nargs} values")
+
+
+def parsers_disagree(flag: str) -> str | None:
+    """For a name both parsers define with different arities (different meanings), what each
+    reads; None where they agree or only one defines it."""
+    lm, md = _megatron_lm_flags().get(flag), _megatron_deepspeed_flags().get(flag)
+    if lm is None or md is None or lm == md:
+        return None
+    return (f"Megatron-LM's parser reads {flag} as {_arity_text(lm)}, Megatron-DeepSpeed's as "
+            f"{_arity_text(md)}")
+
+
 def listed_flags() -> dict[str, int | str]:
     """Every flag of Megatron-LM's and Megatron-DeepSpeed's parsers, with its arity."""
     flags = dict(_megatron_lm_flags())
-    for flag, nargs in json.loads(MEGATRON_DEEPSPEED_FLAGS.read_text())["flags"].items():
+    for flag, nargs in _megatron_deepspeed_flags().items():
         flags[flag] = _merged_nargs(flags[flag], nargs) if flag in flags else nargs
     return flags
 
@@ -203,7 +223,14 @@ def _value_text(value: object) -> str:
 
 
 def why_refused(flag: str) -> str:
-    """The one-line reason and remedy for a flag localopt-train does not run."""
+    """The one-line reason and remedy for a flag localopt-train does not run (and, for a name
+    the two parsers read differently, that neither reading runs)."""
+    reason = _refusal(flag)
+    disagreement = parsers_disagree(flag)
+    return reason if disagreement is None else f"{reason} ({disagreement}: neither runs here)"
+
+
+def _refusal(flag: str) -> str:
     if flag in TEXT_DATA:
         return f"{flag} configures Megatron's text pipeline; {SHARDS_HINT}"
     if flag in REFUSED:
@@ -215,19 +242,19 @@ def why_refused(flag: str) -> str:
     if flag not in _megatron_lm_flags():
         return (f"{flag} is a Megatron-DeepSpeed option that localopt-train does not implement: "
                 "drop it")
-    return (f"{flag} is a Megatron-LM option that localopt-train does not implement: drop it, "
+    origin = "Megatron-LM and Megatron-DeepSpeed" if flag in _megatron_deepspeed_flags() else (
+        "Megatron-LM")
+    return (f"{flag} is a {origin} option that localopt-train does not implement: drop it, "
             + PRETRAIN_HINT)
 
 
 def resolve_megatron_flags(args: argparse.Namespace, explicit: set[str]) -> list[str]:
     """Apply aliases and check every added flag; returns the notes the dry run shows.
 
-    Rewrites ``args`` in place (aliases become the flags they stand for); raises
-    :class:`UserError` for the first refused flag, naming the others refused too. A second
-    call returns the first call's notes.
+    Rewrites ``args`` in place (aliases become the flags they stand for), so it runs once per
+    namespace (:func:`~localopt_plugin.training.config.prepare`); raises :class:`UserError`
+    for the first refused flag, naming the others refused too.
     """
-    if hasattr(args, NOTES):
-        return getattr(args, NOTES)
     notes: list[str] = []
     notes += _apply_aliases(args, explicit)
     refused = []
@@ -252,8 +279,11 @@ def resolve_megatron_flags(args: argparse.Namespace, explicit: set[str]) -> list
                          "(step time, tokens/s at each --log-interval); Megatron's "
                          "per-function timers are not kept")
         elif flag in NEUTRAL_VALUES and _value_text(value) == NEUTRAL_VALUES[flag]:
+            disagreement = parsers_disagree(flag)
+            either = "" if disagreement is None else (
+                f"; {disagreement}, and {_value_text(value)} changes nothing under either")
             notes.append(f"{flag} {_value_text(value)}: accepted (the value that changes "
-                         f"nothing here)")
+                         f"nothing here{either})")
         elif flag == "--ds-sequence-parallel-size":
             notes.append(_ulysses(args, explicit, int(value)))
         elif flag == "--no-pipeline-parallel":
@@ -267,7 +297,6 @@ def resolve_megatron_flags(args: argparse.Namespace, explicit: set[str]) -> list
     if refused:
         others = f" (also not run here: {', '.join(refused[1:])})" if len(refused) > 1 else ""
         raise UserError(why_refused(refused[0]) + others)
-    setattr(args, NOTES, notes)
     return notes
 
 

@@ -63,13 +63,19 @@ def plan_to_pipe(plan: ForwardPlan):
 def build_pipeline_module(model: ModelConfig, parallel: ParallelConfig, vocab_size: int,
                           seed: int, regularizers=()) -> PipelineModule:
     """The GPT as a DeepSpeed PipelineModule over Megatron's parallel layout, with the
-    single-process model's initial weights."""
+    single-process model's initial weights. Full recomputation (``--recompute-granularity full
+    --recompute-method uniform --recompute-num-layers N``) is DeepSpeed's pipeline activation
+    checkpointing: each stage's modules in chunks of N, a chunk of transformer layers only
+    recomputed in backward (a chunk with the embedding or the final norm is kept)."""
     topology = PipeModelDataParallelTopology(
         num_pp=parallel_state.get_pipeline_model_parallel_world_size(),
         num_mp=parallel_state.get_tensor_model_parallel_world_size(),
         num_dp=parallel_state.get_data_parallel_world_size())
+    interval = model.recompute_num_layers if model.recompute_granularity == "full" else 0
     module = PipelineModule(layers=pipeline_layers(model, parallel, vocab_size),
                             loss_fn=PipelineLoss(regularizers), topology=topology,
-                            partition_method="type:TransformerLayerStage", dynamic_shape=True)
+                            partition_method="type:TransformerLayerStage", dynamic_shape=True,
+                            activation_checkpoint_interval=interval,
+                            checkpointable_layers=["TransformerLayerStage"])
     initialize_parameters(stage_parameters(module), transformer_config(model, parallel), seed)
     return module

@@ -30,7 +30,7 @@ from localopt_plugin.training.distributed import init_distributed
 def main(out: str, preset: str, flags: str, vocab: str, frames: str, frame_tokens: str,
          batch: str) -> None:
     cp = int(os.environ["WORLD_SIZE"])  # every rank splits the sample
-    init_distributed(context_parallel=cp, seed=1234)
+    init_distributed(ParallelConfig(context_parallel_size=cp, cp_comm_type=("a2a",)), seed=1234)
     model = config_with_flags(preset, flags)
     setup = Setup(model=model, vocab=padded_vocab_size(int(vocab),
                                                        model.make_vocab_size_divisible_by, 1),

@@ -32,7 +32,7 @@ from localopt_plugin.model import ParallelConfig, build_gpt_model
 from localopt_plugin.model.presets import preset_config
 from localopt_plugin.objectives.sequence import FewerFrames, FullSequence, LocalOptimization
 from localopt_plugin.regularizers import apply_regularizers
-from localopt_plugin.regularizers.reco import ReCo
+from localopt_plugin.regularizers.reco import ReCo, ReCoConfig
 from localopt_plugin.training.distributed import init_distributed
 
 LAYOUT = SampleLayout(video_start=3, num_frames=5, frame_tokens=16)
@@ -46,8 +46,10 @@ def fixed_window(first: int):
 
 def cases():
     """(name, objective, regularizers)"""
-    reco_token = ReCo(weight=0.1, pairs="adjacent-token", reduction="sum", states="pre-norm")
-    reco_frame = ReCo(weight=0.1, pairs="adjacent-frame", reduction="mean", states="final")
+    reco_token = ReCo(ReCoConfig(weight=0.1, pairs="adjacent-token", reduction="sum",
+                                 states="pre-norm"))
+    reco_frame = ReCo(ReCoConfig(weight=0.1, pairs="adjacent-frame", reduction="mean",
+                                 states="final"))
     last = LAYOUT.num_frames - WINDOW
     yield "full-sequence", FullSequence(LAYOUT), []
     yield "full-sequence+reco", FullSequence(LAYOUT), [reco_token]
@@ -141,7 +143,8 @@ def kept_context_bytes(model, objective, regularizers, tokens) -> tuple[int, dic
 
 
 def main(out: str, *query_groups: str) -> None:
-    init_distributed(context_parallel=int(os.environ["WORLD_SIZE"]), seed=1234)
+    init_distributed(ParallelConfig(context_parallel_size=int(os.environ["WORLD_SIZE"]),
+                                    cp_comm_type=("a2a",)), seed=1234)
     cp = dist.get_world_size()
     group = parallel_state.get_context_parallel_group()
     results: dict[str, dict] = {}
@@ -167,7 +170,7 @@ def main(out: str, *query_groups: str) -> None:
                 reference, sharded, objective, regularizers, tokens, group)
         for first in (0, LAYOUT.num_frames - WINDOW):
             objective = LocalOptimization(LAYOUT, fixed_window(first))
-            regularizers = [ReCo(weight=0.1, pairs="adjacent-token")]
+            regularizers = [ReCo(ReCoConfig(weight=0.1, pairs="adjacent-token"))]
             kept, record = kept_context_bytes(sharded, objective, regularizers, tokens)
             reference_kept, _ = kept_context_bytes(reference, objective, regularizers, tokens)
             results[f"bytes@{first} groups={groups}"] = {

@@ -46,7 +46,7 @@ def _drop_received_context() -> None:
 
 
 def main(out_dir: str, objectives: list[str]) -> None:
-    init_distributed(pipeline_parallel=2, seed=1234)
+    init_distributed(ParallelConfig(pipeline_model_parallel_size=2), seed=1234)
     if os.environ.get("LOCALOPT_TEST_PERTURB") == "dropped-context":
         _drop_received_context()
     rank = parallel_state.get_pipeline_model_parallel_rank()

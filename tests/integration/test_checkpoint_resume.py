@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from helpers.configs import PRESET_TRAIN_FLAGS
 from helpers.launch import REPO, TRAIN_MODULE, run_train, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -114,3 +115,47 @@ def test_zero_to_fp32_checkpoint_loads_into_plain_gptmodel(tmp_path):
     assert check.returncode == 0, check.stderr[-4000:]
     assert "logits match" in check.stdout and "rebuilt from checkpoint" in check.stdout
     assert "swapped layers fail" in check.stdout  # the comparison's negative control
+
+
+def test_resume_flags_leave_out_what_they_name(tmp_path):
+    """Megatron's resume flags, each against the uninterrupted run U (6 iterations, resumed
+    from its checkpoint of iteration 4). A step's loss is computed before its update,
+    so it depends on the weights, the batch and the dropout masks only:
+
+    * ``--no-load-optim``: iteration 5 goes on from the checkpoint (U's loss), the LR schedule
+      restarts (U's LR of iteration 1), and fresh Adam moments make iteration 6 differ from U;
+    * ``--no-load-lr-state --no-load-rng``: the LR restarts while the iteration goes on, and
+      iteration 5's loss differs from U's (other dropout masks, same weights and batch);
+    * ``--reset-iteration``: iterations count from 1 on the data's first batch, with the saved
+      LR schedule (U's LR of iteration 5);
+    * ``--finetune``: iterations from 1 on the first batch with U's LR of iteration 1 and U's
+      dropout masks: only the loaded weights make iteration 1's loss differ from U's.
+
+    Without these flags a resumed run matches U exactly (the test above): the control."""
+    flags = (*PRESET_TRAIN_FLAGS, "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+             "--lr-decay-iters", "6", "--lr-decay-style", "linear")
+    ckpt = tmp_path / "ckpt"
+    full = {r["iteration"]: r for r in run_train(tmp_path, *flags, "--save", str(ckpt),
+                                                 "--save-interval", "4", name="full")}
+    (ckpt / "latest").write_text("iter_0000004")  # resume from iteration 4, not the last
+
+    def resumed(name: str, *extra: str) -> dict[int, dict]:
+        records = run_train(tmp_path, *flags, "--load", str(ckpt), *extra, name=name)
+        return {r["iteration"]: r for r in records}
+
+    optim = resumed("no-load-optim", "--no-load-optim")
+    assert sorted(optim) == [5, 6]
+    assert optim[5]["lm loss"] == full[5]["lm loss"] and optim[5]["lr"] == full[1]["lr"]
+    assert optim[6]["lm loss"] != full[6]["lm loss"]
+
+    lr_rng = resumed("no-load-lr-state", "--no-load-lr-state", "--no-load-rng")
+    assert sorted(lr_rng) == [5, 6] and lr_rng[5]["lr"] == full[1]["lr"]
+    assert lr_rng[5]["lm loss"] != full[5]["lm loss"]
+
+    reset = resumed("reset-iteration", "--reset-iteration", "--train-iters", "2")
+    assert sorted(reset) == [1, 2] and reset[1]["lr"] == full[5]["lr"]
+    assert reset[1]["lm loss"] != full[1]["lm loss"]
+
+    finetune = resumed("finetune", "--finetune", "--train-iters", "2")
+    assert sorted(finetune) == [1, 2] and finetune[1]["lr"] == full[1]["lr"]
+    assert finetune[1]["lm loss"] < full[1]["lm loss"] - 0.01  # the trained weights

@@ -5,6 +5,7 @@ line."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -170,3 +171,30 @@ def test_nvme_offload_is_checked_before_the_engine_is_built(tmp_path):
             "stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}})
         proc = _refused(*BASE, "--deepspeed_config", present, "--dry-run")
         assert "needs DeepSpeed's async I/O op (libaio)" in proc.stderr
+
+
+def test_the_dry_run_builds_the_engine_and_stops_on_what_deepspeed_refuses(tmp_path):
+    """An optimizer option no rule knows passes every check of the configuration (resolve) and
+    would stop the run inside DeepSpeed's engine: the dry run's rehearsal builds that engine on
+    a stand-in model and ends with one error line naming it. A valid ZeRO-3 offload config is
+    built and stepped (DeepSpeed's stage-3 optimizer) in a world of one process."""
+    import torch.distributed as dist
+    from helpers.configs import train_args
+    from helpers.launch import dry_run
+
+    from localopt_plugin.training.config import resolve
+
+    bogus = _json(tmp_path, "bogus.json", {"optimizer": {
+        "type": "AdamW", "params": {"lr": 1e-3, "betas_typo": [0.9, 0.95]}}})
+    resolve(train_args(*BASE, "--deepspeed_config", bogus), 1)  # the rules see nothing wrong
+    proc = _refused(*BASE, "--deepspeed_config", bogus, "--dry-run")
+    assert "the run would stop at start (building the DeepSpeed engine" in proc.stderr
+    assert "betas_typo" in proc.stderr
+    offload = _json(tmp_path, "z3.json", {"zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}})
+    status, setup, err = dry_run([*BASE, "--deepspeed_config", offload])
+    assert status == 0, err
+    rehearsal = setup["rehearsal"]
+    assert rehearsal["zero stage"] == 3 and "Stage3" in rehearsal["optimizer"], rehearsal
+    assert math.isfinite(rehearsal["first step loss"])
+    assert dist.get_world_size() == 1

@@ -90,8 +90,10 @@ def test_plan_command_prints_and_writes_json(tmp_path):
     assert "expected speed-up" in proc.stdout and "largest micro-batch" in proc.stdout
     assert result["local-opt"]["expected speed-up (FLOPs)"] > 1
     assert len(result["rows"]) == 2 + 16  # full-sequence, fewer-frames, 16 windows
-    proc, _ = _plan(tmp_path / "cp", *flags, "--context-parallel-size", "5")  # 12 heads
-    assert proc.returncode != 0 and "--context-parallel-size 5 must divide" in proc.stderr
+    # 12 heads: refused by the trainer's own rule, in its words
+    proc, _ = _plan(tmp_path / "cp", *flags, "--context-parallel-size", "5")
+    assert proc.returncode != 0 and ("does not split over --context-parallel-size 5"
+                                     in proc.stderr), proc.stderr[-2000:]
     proc, _ = _plan(tmp_path / "cp-measure", "--preset", "test", "--context-parallel-size", "2",
                     "--measure")
     assert proc.returncode != 0 and "localopt-bench speed --context-parallel-size" in proc.stderr

@@ -21,7 +21,7 @@ from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.model import KVMemory, SDPAttention, build_gpt_model, layer_spec
 from localopt_plugin.model import attention as attention_module
 from localopt_plugin.objectives import LocalOptimization
-from localopt_plugin.regularizers import ReCo
+from localopt_plugin.regularizers import ReCo, ReCoConfig
 from localopt_plugin.training.steps import TrainingStep
 
 LAYOUT = SampleLayout(video_start=3, num_frames=5, frame_tokens=16)
@@ -374,7 +374,7 @@ def _recomputation_against_plain(monkeypatch, recompute: str, first: int) -> Non
     results, saved = [], []
     for model in (plain_model, recomputing):
         model.train()
-        step = TrainingStep(model, objective, [ReCo(0.1, reduction="mean")])
+        step = TrainingStep(model, objective, [ReCo(ReCoConfig(0.1, reduction="mean"))])
         stored = [0]
 
         def pack(t, stored=stored):

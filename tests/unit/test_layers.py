@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "localopt_plugin"
 # top-level module or package of localopt_plugin -> its layer
 LAYERS = {
-    "registry": 0, "platform": 0, "errors": 0, "metric_names": 0,
+    "registry": 0, "platform": 0, "errors": 0, "metric_names": 0, "config_flags": 0,
     "pause_point": 0,
     "data": 1, "video": 1, "tokenizers": 1,
     "model": 2,
@@ -54,3 +57,38 @@ def test_no_module_imports_a_higher_layer():
             if LAYERS[imported] > LAYERS[top]:
                 violations.append(f"{'/'.join(relative)} imports localopt_plugin.{imported}")
     assert not violations, "\n".join(violations)
+
+
+def _registered() -> dict[str, set[str]]:
+    """Every ``@register(kind, name)`` in the package's source, by kind."""
+    found: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register"
+                    and len(node.args) == 2
+                    and all(isinstance(a, ast.Constant) for a in node.args)):
+                found.setdefault(node.args[0].value, set()).add(node.args[1].value)
+    return found
+
+
+def test_built_in_components_register_through_imports_the_layer_test_sees():
+    """The registry names no module of the package (a string import would hide an upward
+    dependency from the test above): each kind's built-ins register when the modules that look
+    the kind up are imported: the plugin config for the run's components, ``tokenizers`` for
+    tokenizers. Checked in a fresh interpreter against every ``@register`` in the source."""
+    tree = ast.parse((PACKAGE / "registry.py").read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr)}
+    named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+             and isinstance(n.value, str) and id(n) not in docstrings
+             and n.value.startswith("localopt_plugin.")}
+    assert named == {"localopt_plugin.components"}, named  # the entry-point group only
+    code = ("import json; from localopt_plugin import plugin, tokenizers, registry; "
+            "print(json.dumps({k: registry.names(k) for k in registry.KINDS}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    names = {kind: set(found) for kind, found in json.loads(out.splitlines()[-1]).items()}
+    expected = _registered()
+    assert set(expected) == set(names) and all(expected[k] <= names[k] for k in expected), (
+        expected, names)

@@ -86,3 +86,24 @@ def test_rotary_theta_is_megatron_lms_rotary_base():
     assert status == 0, err
     assert "--rotary-position-embeddings-theta 500000 -> --rotary-base 500000" in setup[
         "flag notes"]
+
+
+def test_a_name_the_parsers_read_differently_says_which_reading_applies():
+    """Where Megatron-LM's and Megatron-DeepSpeed's parsers give one name different arities,
+    the refusal or the dry run's note names both readings; a name they agree on does not."""
+    lm = json.loads((REPO / "localopt_plugin/training/megatron_lm_flags.json").read_text())
+    md = json.loads((REPO / "localopt_plugin/training/megatron_deepspeed_flags.json")
+                    .read_text())
+    differ = {f for f in lm["flags"] if f in md["flags"] and lm["flags"][f] != md["flags"][f]}
+    assert {"--profile", "--num-experts"} <= differ
+    status, _, err = dry_run(["--profile", "pt"])
+    assert status == 2 and "Megatron-LM's parser reads --profile as a switch, " \
+        "Megatron-DeepSpeed's as one value: neither runs here" in err, err
+    status, setup, err = dry_run(["--num-experts", "1"])
+    assert status == 0, err
+    note = next(n for n in setup["flag notes"] if n.startswith("--num-experts"))
+    assert "Megatron-DeepSpeed's as a list, and 1 changes nothing under either" in note, note
+    status, _, err = dry_run(["--rampup-batch-size", "4", "4", "100"])
+    assert "reads --rampup-batch-size as 3 values" in err, err
+    status, _, err = dry_run(["--kd"])  # only Megatron-DeepSpeed defines it: no such note
+    assert status == 2 and "parser reads" not in err, err

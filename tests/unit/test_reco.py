@@ -143,21 +143,22 @@ def fake_output(seed: int = 0, frames: int = FRAMES):
 
 
 def test_linear_warmup_and_cosine_follow_their_formulas():
-    warm = ReCo(weight=0.3, schedule="linear-warmup", warmup_iters=8)
+    warm = ReCo(ReCoConfig(weight=0.3, schedule="linear-warmup", warmup_iters=8))
     for it in (0, 1, 3, 7, 8, 9, 100):
         assert warm.scheduled_weight(it) == pytest.approx(0.3 * min(it / 8, 1.0), abs=1e-15)
     assert warm.scheduled_weight(4) == pytest.approx(0.15)
-    cosine = ReCo(weight=0.3, schedule="cosine", train_iters=40)
+    cosine = ReCo(ReCoConfig(weight=0.3, schedule="cosine"), train_iters=40)
     for it in (0, 5, 10, 20, 33, 40, 55):
         expected = 0.3 * 0.5 * (1 + math.cos(math.pi * min(it / 40, 1)))
         assert cosine.scheduled_weight(it) == pytest.approx(expected, abs=1e-15)
     assert cosine.scheduled_weight(0) == pytest.approx(0.3)
     assert cosine.scheduled_weight(20) == pytest.approx(0.15)
     assert cosine.scheduled_weight(40) == pytest.approx(0.0, abs=1e-15)
-    assert ReCo(weight=0.3).scheduled_weight(1234) == 0.3
-    assert ReCo(weight=0.3, schedule="linear-warmup").scheduled_weight(0) == 0.3  # 0 iters
+    assert ReCo(ReCoConfig(weight=0.3)).scheduled_weight(1234) == 0.3
+    # 0 warm-up iterations
+    assert ReCo(ReCoConfig(weight=0.3, schedule="linear-warmup")).scheduled_weight(0) == 0.3
     # a pure function of the iteration: a fresh instance (a resumed run) agrees
-    again = ReCo(weight=0.3, schedule="cosine", train_iters=40)
+    again = ReCo(ReCoConfig(weight=0.3, schedule="cosine"), train_iters=40)
     assert [again.scheduled_weight(i) for i in range(50)] == [
         cosine.scheduled_weight(i) for i in range(50)]
 
@@ -165,7 +166,7 @@ def test_linear_warmup_and_cosine_follow_their_formulas():
 @pytest.mark.parametrize("pairs", PAIR_MODES)
 def test_constant_weight_loss_and_metrics(pairs):
     out, _ = fake_output()
-    loss, metrics = ReCo(weight=0.25, pairs=pairs)(out, iteration=3)
+    loss, metrics = ReCo(ReCoConfig(weight=0.25, pairs=pairs))(out, iteration=3)
     raw = reco_penalty(out.hidden.detach(), P, pairs).item()
     assert loss.item() == pytest.approx(0.25 * raw, rel=1e-6)
     assert float(metrics["reco raw"]) == pytest.approx(raw, rel=1e-6)
@@ -176,7 +177,7 @@ def test_constant_weight_loss_and_metrics(pairs):
 
 def test_adaptive_weight_holds_the_target_ratio_and_is_detached():
     out, ce_param = fake_output()
-    reco = ReCo(weight=0.1, schedule="adaptive", target_ratio=0.2)
+    reco = ReCo(ReCoConfig(weight=0.1, schedule="adaptive", target_ratio=0.2))
     loss, metrics = reco(out, iteration=0)
     raw = reco_penalty(out.hidden.detach(), P).item()
     expected_weight = 0.2 * 5.0 / raw
@@ -194,11 +195,12 @@ def test_adaptive_weight_is_capped():
     out, _ = fake_output()
     raw = reco_penalty(out.hidden.detach(), P).item()
     target = 10 * ADAPTIVE_CAP * 0.1 * raw / 5.0  # would need 10x the cap
-    _, metrics = ReCo(weight=0.1, schedule="adaptive", target_ratio=target)(out, 0)
+    _, metrics = ReCo(ReCoConfig(weight=0.1, schedule="adaptive", target_ratio=target))(out, 0)
     assert float(metrics["reco weight"]) == pytest.approx(ADAPTIVE_CAP * 0.1)
     ones = torch.ones(FRAMES * P, B, H)
     flat = ObjectiveOutput(out.loss, ones, ones, 1, 0, FRAMES)
-    loss, metrics = ReCo(weight=0.1, schedule="adaptive")(flat, 0)  # raw 0: the cap, no NaN
+    # raw 0: the cap, no NaN
+    loss, metrics = ReCo(ReCoConfig(weight=0.1, schedule="adaptive"))(flat, 0)
     assert float(metrics["reco weight"]) == pytest.approx(ADAPTIVE_CAP * 0.1)
     assert loss.item() == 0.0
 
@@ -216,7 +218,8 @@ def test_zero_weight_computes_nothing(monkeypatch, kwargs, iteration):
 
     monkeypatch.setattr(reco_module, "reco_penalty", fail)
     out, _ = fake_output()
-    loss, metrics = ReCo(**kwargs)(out, iteration)
+    train_iters = kwargs.pop("train_iters", None)
+    loss, metrics = ReCo(ReCoConfig(**kwargs), train_iters)(out, iteration)
     assert loss.item() == 0.0 and loss.grad_fn is None
     assert metrics["reco loss"] == 0.0 and metrics["reco weight"] == 0.0
     assert math.isnan(metrics["reco raw"])
@@ -225,8 +228,8 @@ def test_zero_weight_computes_nothing(monkeypatch, kwargs, iteration):
 def test_adjacent_frame_needs_two_frames():
     out, _ = fake_output(frames=1)
     with pytest.raises(ValueError, match="at least 2"):
-        ReCo(pairs="adjacent-frame")(out, 0)
-    ReCo(pairs="adjacent-token")(out, 0)
+        ReCo(ReCoConfig(pairs="adjacent-frame"))(out, 0)
+    ReCo(ReCoConfig(pairs="adjacent-token"))(out, 0)
 
 
 def reco_from_flags(*flags: str) -> ReCo:
@@ -285,7 +288,7 @@ def test_reco_gradient_reaches_transformer_layers(dist_world_of_one, pairs, obje
     obj = (LocalOptimization(LAYOUT, fixed_window(1, 2)) if objective == "local-opt"
            else FullSequence(LAYOUT))
     def reco(weight):  # on the final states, which the independent computation below uses
-        return [ReCo(weight, pairs, states="final")]
+        return [ReCo(ReCoConfig(weight, pairs, states="final"))]
 
     total, metrics, with_reco = step_grads(TrainingStep(model, obj, reco(0.1)), tokens)
     lm_total, _, without = step_grads(TrainingStep(model, obj, reco(0.0)), tokens)
@@ -324,7 +327,7 @@ def test_pre_norm_states_are_the_final_norms_input(dist_world_of_one):
     pre = out.pre_norm_hidden
     assert pre.shape == out.hidden.shape and not torch.allclose(pre, out.hidden)
     torch.testing.assert_close(model.decoder.final_layernorm(pre), out.hidden)
-    loss, metrics = ReCo(0.1, states="pre-norm")(out, 0)
+    loss, metrics = ReCo(ReCoConfig(0.1, states="pre-norm"))(out, 0)
     expected = reco_penalty(pre, LAYOUT.frame_tokens)
     assert float(metrics["reco raw"]) == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()  # the penalty before the norm cannot reach the norm's weight
@@ -335,7 +338,7 @@ def test_pre_norm_states_are_the_final_norms_input(dist_world_of_one):
 
 def test_bad_reco_states_are_refused():
     with pytest.raises(ValueError, match="--reco-states must be one of"):
-        ReCo(0.1, states="normed")
+        ReCo(ReCoConfig(0.1, states="normed"))
 
 
 # -- 4./5. the trainer: TP=2 against TP=1, console and TensorBoard -----------------------------

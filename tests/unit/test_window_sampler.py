@@ -30,7 +30,7 @@ def test_candidate_starts(frames, window, stride, expected):
 ])
 def test_invalid_settings_fail_clearly(frames, window, stride, message):
     with pytest.raises(ValueError, match=message):
-        candidate_starts(frames, window, stride)
+        WindowSampler(frames, window, stride, seed=0)
 
 
 def test_probability_outside_unit_interval_is_refused():

@@ -16,10 +16,12 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import sentencepiece
 import torch
 
+from localopt_plugin.config_flags import FlagConfig, option
 from localopt_plugin.data.manifest import (
     Manifest,
     check_compatible,
@@ -37,58 +39,41 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class VideoWdsConfig:
+class VideoWdsConfig(FlagConfig):
     """Flags of the ``video-wds`` dataset (``--data-path``/``--valid-data-path``, and
-    Megatron-LM's ``--train-data-path``, are Megatron's)."""
+    Megatron-LM's ``--train-data-path``, are Megatron's: :meth:`from_args` reads them)."""
+
+    GROUP: ClassVar[str] = "video-wds dataset"
 
     data_path: tuple[str, ...] = ()
     valid_data_path: tuple[str, ...] | None = None
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    condition: str | None = None
-    max_text_tokens: int | None = None
-    text_tokenizer_model: str | None = None
-    null_condition_prob: float = 0.0
-    max_bad_sample_fraction: float = 0.01
-
-    @staticmethod
-    def add_args(parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("video-wds dataset")
-        g.add_argument("--data-num-workers", type=int, default=2,
-                       help="DataLoader workers per rank (0: read in the training process); "
-                       "the sample order depends on it, so keep it when resuming")
-        g.add_argument("--data-shuffle-buffer", type=int, default=1000,
-                       help="samples in each worker's shuffle buffer")
-        g.add_argument("--data-condition", choices=["class", "text"], default=None,
-                       help="condition on the class label or the caption (default: the "
-                       "manifest's)")
-        g.add_argument("--max-text-tokens", type=int, default=None,
-                       help="caption tokens per sample, padded/truncated (default: the "
-                       "manifest's)")
-        g.add_argument("--text-tokenizer-model", default=None,
-                       help="sentencepiece model of the captions (default: the manifest's); "
-                       "its fingerprint must match the manifest")
-        g.add_argument("--null-condition-prob", type=float, default=0.0,
-                       help="probability of replacing a training sample's condition with the "
-                       "null condition (classifier-free guidance)")
-        g.add_argument("--max-bad-sample-fraction", type=float, default=0.01,
-                       help="stop the run when a worker has skipped more than this fraction of "
-                       "the samples it read (never judged on less than one epoch share)")
+    num_workers: int = option(2, "DataLoader workers per rank (0: read in the training "
+                              "process); the sample order depends on it, so keep it when "
+                              "resuming", flag="--data-num-workers")
+    shuffle_buffer: int = option(1000, "samples in each worker's shuffle buffer",
+                                 flag="--data-shuffle-buffer")
+    condition: str | None = option(None, "condition on the class label or the caption (default: "
+                                   "the manifest's)", flag="--data-condition",
+                                   choices=("class", "text"))
+    max_text_tokens: int | None = option(None, "caption tokens per sample, padded/truncated "
+                                         "(default: the manifest's)", type=int)
+    text_tokenizer_model: str | None = option(None, "sentencepiece model of the captions "
+                                              "(default: the manifest's); its fingerprint must "
+                                              "match the manifest")
+    null_condition_prob: float = option(0.0, "probability of replacing a training sample's "
+                                        "condition with the null condition (classifier-free "
+                                        "guidance)")
+    max_bad_sample_fraction: float = option(0.01, "stop the run when a worker has skipped "
+                                            "more than this fraction of the samples it read "
+                                            "(never judged on less than one epoch share)")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> VideoWdsConfig:
+    def from_args(cls, args: argparse.Namespace, **values) -> VideoWdsConfig:
         # Megatron-LM names the training split --train-data-path when --valid-data-path is set
         data_path = args.data_path or getattr(args, "train_data_path", None)
-        config = cls(
-            data_path=tuple(data_path or ()),
-            valid_data_path=tuple(args.valid_data_path) if args.valid_data_path else None,
-            num_workers=args.data_num_workers, shuffle_buffer=args.data_shuffle_buffer,
-            condition=args.data_condition, max_text_tokens=args.max_text_tokens,
-            text_tokenizer_model=args.text_tokenizer_model,
-            null_condition_prob=args.null_condition_prob,
-            max_bad_sample_fraction=args.max_bad_sample_fraction)
-        config.validate()
-        return config
+        valid = args.valid_data_path
+        return super().from_args(args, data_path=tuple(data_path or ()),
+                                 valid_data_path=tuple(valid) if valid else None, **values)
 
     def validate(self) -> None:
         if not self.data_path:
