@@ -14,11 +14,9 @@ layout is not rehearsed (one process has no other ranks); the rules check it.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
 
 import torch.distributed as dist
 
@@ -46,8 +44,7 @@ def stand_in(config: TrainConfig) -> TrainConfig:
                                data_parallel_size=1, global_batch_size=micro * accumulation)
 
 
-@contextlib.contextmanager
-def _world_of_one(seed: int) -> Iterator[None]:
+def _world_of_one(seed: int) -> None:
     """Process groups of one process (an in-memory store: no port, whatever launched the dry
     run), with the environment DeepSpeed reads for it. They stay for the rest of the process,
     torn down at exit: DeepSpeed keeps the groups it saw, so a later engine in the same process
@@ -66,7 +63,6 @@ def _world_of_one(seed: int) -> Iterator[None]:
             and dist.get_world_size(parallel_state.get_model_parallel_group()) != 1):
         raise RuntimeError("the dry run's rehearsal runs in a world of one process")
     init_distributed(ParallelConfig(), seed)
-    yield
 
 
 def rehearse(config: TrainConfig, parts: PluginParts) -> dict:
@@ -78,29 +74,29 @@ def rehearse(config: TrainConfig, parts: PluginParts) -> dict:
     small = stand_in(config)
     started = time.perf_counter()
     stage = "building the DeepSpeed engine"
-    with _world_of_one(config.run.seed):
-        try:
-            trainer = setup(small, parts)
-            stage = "reading the training stream"
-            stream = parts.source.train.batches(small.micro_batch_size, 0, 1, config.run.seed)
-            stage = "a training step"
-            if config.seq_length <= STEP_TOKENS:
-                loss = data_parallel_step(trainer.engine, stream, small, 0).get(TOTAL_LOSS)
-            else:
-                next(stream)
-                loss = (f"not rehearsed: {config.seq_length} tokens per sample (the stand-in "
-                        f"steps on at most {STEP_TOKENS})")
-            if parts.source.valid is not None:
-                stage = "reading the validation stream"
-                next(parts.source.valid.batches(small.micro_batch_size, 0, 1, config.run.seed))
-        except UserError:
-            raise
-        except Exception as err:  # noqa: BLE001  whatever the run would stop on, as one line
-            message = " ".join(str(err).split()) or type(err).__name__
-            raise UserError(f"the run would stop at start ({stage}, rehearsed on a stand-in "
-                            f"model of 1 layer in one process): {type(err).__name__}: "
-                            f"{message}") from err
-        optimizer = type(trainer.engine.optimizer).__name__
+    _world_of_one(config.run.seed)
+    try:
+        trainer = setup(small, parts)
+        stage = "reading the training stream"
+        stream = parts.source.train.batches(small.micro_batch_size, 0, 1, config.run.seed)
+        stage = "a training step"
+        if config.seq_length <= STEP_TOKENS:
+            loss = data_parallel_step(trainer.engine, stream, small, 0).get(TOTAL_LOSS)
+        else:
+            next(stream)
+            loss = (f"not rehearsed: {config.seq_length} tokens per sample (the stand-in "
+                    f"steps on at most {STEP_TOKENS})")
+        if parts.source.valid is not None:
+            stage = "reading the validation stream"
+            next(parts.source.valid.batches(small.micro_batch_size, 0, 1, config.run.seed))
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001  whatever the run would stop on, as one line
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise UserError(f"the run would stop at start ({stage}, rehearsed on a stand-in "
+                        f"model of 1 layer in one process): {type(err).__name__}: "
+                        f"{message}") from err
+    optimizer = type(trainer.engine.optimizer).__name__
     return {"stand-in model": "1 layer x 32, 2 heads, one process (the layout is checked by "
             "rule)", "optimizer": optimizer,
             "zero stage": small.deepspeed.config["zero_optimization"]["stage"],
