@@ -35,6 +35,9 @@ class FlagConfig:
 
     PREFIX: ClassVar[str] = "--"  # a field's flag: PREFIX + its name in dashes
     GROUP: ClassVar[str] = ""  # the --help section
+    # flags the config's from_args reads that are no field (Megatron's switches and aliases):
+    # (--help section or None for GROUP, the flag's names, argparse options)
+    EXTRA_FLAGS: ClassVar[tuple[tuple[str | None, tuple[str, ...], dict], ...]] = ()
 
     @classmethod
     def flag_fields(cls) -> list[dataclasses.Field]:
@@ -57,9 +60,10 @@ class FlagConfig:
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser,
                  only: Iterable[str] | None = None) -> None:
-        """The fields' flags (``only``: some of them, e.g. for a bench), each in the group of
-        the class that declares it; a flag the parser has already (a parent config's, added
-        for another component) is not added again."""
+        """The fields' flags (``only``: some of them, e.g. for a bench) and, without ``only``,
+        the ``EXTRA_FLAGS``, each in the group of the class that declares it; a field's flag the
+        parser has already (a parent config's, added for another component) is not added
+        again."""
         for klass in reversed(cls.__mro__):
             declared = vars(klass).get("__annotations__", {})
             fields = [f for f in cls.flag_fields() if f.name in declared
@@ -68,6 +72,8 @@ class FlagConfig:
             for field in fields:
                 group = argument_group(parser, field.metadata["group"] or klass.GROUP)
                 group.add_argument(cls.flag(field.name), **_argparse_options(field))
+            for title, names, options in vars(klass).get("EXTRA_FLAGS", ()) if only is None else ():
+                argument_group(parser, title or klass.GROUP).add_argument(*names, **options)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **values: Any) -> Self:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from localopt_plugin.config_flags import FlagConfig, argument_group, option
+from localopt_plugin.config_flags import FlagConfig, option
 from localopt_plugin.errors import UserError
 
 RECOMPUTE_GRANULARITIES = ("selective", "full")
@@ -102,19 +101,12 @@ class ModelConfig(FlagConfig):
     bf16: bool = option(False, "bf16 mixed precision", group=PRECISION)
     fp16: bool = option(False, "fp16 mixed precision", group=PRECISION)
 
-    @classmethod
-    def add_args(cls, parser: argparse.ArgumentParser,
-                 only: Iterable[str] | None = None) -> None:
-        super().add_args(parser, only)
-        if only is not None:
-            return
-        argument_group(parser, cls.GROUP).add_argument(
-            "--seq-length", type=int, default=None,
-            help="default: the sequence length the dataset produces")
-        argument_group(parser, RECOMPUTATION).add_argument(
-            "--recompute-activations", action="store_true",
-            help="selective recomputation of the core attention (= --recompute-granularity "
-            "selective)")
+    EXTRA_FLAGS: ClassVar = (
+        (None, ("--seq-length",), dict(type=int, default=None, help="default: the sequence "
+                                       "length the dataset produces")),
+        (RECOMPUTATION, ("--recompute-activations",), dict(
+            action="store_true", help="selective recomputation of the core attention "
+            "(= --recompute-granularity selective)")))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **values: Any) -> ModelConfig:
@@ -183,13 +175,8 @@ class ParallelConfig(FlagConfig):
     distributed_timeout_minutes: float | None = option(
         None, "collective timeout (default: DeepSpeed's, 30 minutes)", type=float)
 
-    @classmethod
-    def add_args(cls, parser: argparse.ArgumentParser,
-                 only: Iterable[str] | None = None) -> None:
-        super().add_args(parser, only)
-        if only is None:
-            parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int,
-                                default=None, help="set by the deepspeed launcher")
+    EXTRA_FLAGS: ClassVar = ((None, ("--local-rank", "--local_rank"), dict(
+        dest="local_rank", type=int, default=None, help="set by the deepspeed launcher")),)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **values: Any) -> ParallelConfig:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -212,21 +211,15 @@ class RunConfig(FlagConfig):
         "--log-interval (TensorBoard, --metrics-file)", group=CHECKPOINTS)
     fp16_loss_scaling: dict = dataclasses.field(default_factory=dict)  # --hysteresis ... -> JSON
 
-    @classmethod
-    def add_args(cls, parser: argparse.ArgumentParser,
-                 only: Iterable[str] | None = None) -> None:
-        super().add_args(parser, only)
-        if only is not None:
-            return
-        g = argument_group(parser, CHECKPOINTS)
-        g.add_argument("--data-path", nargs="*", default=None)
-        g.add_argument("--valid-data-path", nargs="*", default=None)
-        g = argument_group(parser, DEEPSPEED)
-        g.add_argument("--deepspeed", action="store_true",
-                       help="accepted for Megatron-DeepSpeed scripts; DeepSpeed always runs the "
-                       "loop")
-        g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                       default=None, help="DeepSpeed JSON config (see ds_configs/)")
+    EXTRA_FLAGS: ClassVar = (
+        (CHECKPOINTS, ("--data-path",), dict(nargs="*", default=None)),
+        (CHECKPOINTS, ("--valid-data-path",), dict(nargs="*", default=None)),
+        (DEEPSPEED, ("--deepspeed",), dict(action="store_true", help="accepted for "
+                                           "Megatron-DeepSpeed scripts; DeepSpeed always runs "
+                                           "the loop")),
+        (DEEPSPEED, ("--deepspeed_config", "--deepspeed-config"), dict(
+            dest="deepspeed_config", default=None, help="DeepSpeed JSON config (see "
+            "ds_configs/)")))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **values: Any) -> RunConfig:
