@@ -263,7 +263,7 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    "(checked against the shards' manifest)")
     g.add_argument("--dry-run", action="store_true",
                    help="validate flags and the DeepSpeed config, build the DeepSpeed engine "
-                   "on a one-layer stand-in and take one step on a batch of the data, print the "
+                   "on a one-layer stand-in and take one step on one sample of the data, print the "
                    "resolved setup and exit (world size from $WORLD_SIZE, default 1)")
     return parser
 

@@ -5,8 +5,8 @@ DeepSpeed, its optimizer, ZeRO or the data loaders would only refuse once runnin
 option it does not take, an offload device this machine cannot serve, a shard that does not
 decode) is found by building it: the DeepSpeed engine with the run's JSON (optimizer, scheduler,
 ZeRO stage and offload, precision) around a stand-in model of the run's architecture at tiny
-sizes, in a world of one process, then one training step on a batch of the training stream
-(samples of at most ``STEP_TOKENS`` tokens; longer ones are only read) and one batch of the
+sizes, in a world of one process, then one training step on a sample of the training stream
+(samples of at most ``STEP_TOKENS`` tokens; longer ones are only read) and one sample of the
 validation stream. Whatever fails becomes one ``error:`` line. The parallel
 layout is not rehearsed (one process has no other ranks); the rules check it.
 """
@@ -34,14 +34,16 @@ STAND_IN = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "kv_ch
 def stand_in(config: TrainConfig) -> TrainConfig:
     """The run's configuration for one process and a model of 1 layer x 32 (2 heads; 1 query
     group under GQA), its architecture switches, precision and recomputation kept, the DeepSpeed
-    JSON's batch for one data-parallel rank."""
+    JSON's batch keys set to one sample per step (the batch arithmetic is checked by rule)."""
     model = dataclasses.replace(config.model, **STAND_IN, num_query_groups=1,
                                 recompute_num_layers=config.model.recompute_num_layers and 1)
-    micro, accumulation = config.micro_batch_size, config.gradient_accumulation_steps
     ds = config.deepspeed
-    ds = dataclasses.replace(ds, config={**ds.config, "train_batch_size": micro * accumulation})
+    ds = dataclasses.replace(ds, config={**ds.config, "train_batch_size": 1,
+                                         "train_micro_batch_size_per_gpu": 1,
+                                         "gradient_accumulation_steps": 1})
     return dataclasses.replace(config, model=model, parallel=ParallelConfig(), deepspeed=ds,
-                               data_parallel_size=1, global_batch_size=micro * accumulation)
+                               data_parallel_size=1, micro_batch_size=1, global_batch_size=1,
+                               gradient_accumulation_steps=1)
 
 
 def _world_of_one(seed: int) -> None:
@@ -97,8 +99,8 @@ def rehearse(config: TrainConfig, parts: PluginParts) -> dict:
                         f"model of 1 layer in one process): {type(err).__name__}: "
                         f"{message}") from err
     optimizer = type(trainer.engine.optimizer).__name__
-    return {"stand-in model": "1 layer x 32, 2 heads, one process (the layout is checked by "
-            "rule)", "optimizer": optimizer,
+    return {"stand-in model": "1 layer x 32, 2 heads, one sample per step, one process (the "
+            "layout and the batch arithmetic are checked by rule)", "optimizer": optimizer,
             "zero stage": small.deepspeed.config["zero_optimization"]["stage"],
             "first step loss": loss,
             "seconds": round(time.perf_counter() - started, 1)}
