@@ -105,14 +105,13 @@ class FlagConfig:
         return argv
 
     @classmethod
-    def changed_dests(cls, args: argparse.Namespace, given: set[str] | None) -> list[str]:
-        """The dests of this config's flags that were given (``given``: the dests on the
-        command line) or, without that list, hold another value than their default."""
-        dests = [(cls.dest(f.name), f.default) for f in cls.flag_fields()]
+    def changed_fields(cls, args: argparse.Namespace, given: set[str] | None) -> list[str]:
+        """This config's flag fields that were given (``given``: the dests on the command
+        line) or, without that list, hold another value than their default in ``args``."""
         if given is not None:
-            return [dest for dest, _ in dests if dest in given]
-        return [dest for dest, default in dests
-                if hasattr(args, dest) and getattr(args, dest) != default]
+            return [f.name for f in cls.flag_fields() if cls.dest(f.name) in given]
+        return [f.name for f in cls.flag_fields() if hasattr(args, cls.dest(f.name))
+                and getattr(args, cls.dest(f.name)) != f.default]
 
 
 def argument_group(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:

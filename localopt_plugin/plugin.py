@@ -76,12 +76,12 @@ def unused_component_flags(args: argparse.Namespace, chosen: list[tuple[str, str
     for kind in registry.KINDS:
         for name in registry.names(kind):
             config = registry.get(kind, name).config
-            if config in used or not hasattr(config, "changed_dests"):
+            if config in used or not hasattr(config, "changed_fields"):
                 continue
-            for dest in config.changed_dests(args, given):
-                if dest not in used_dests:
-                    flag = "--" + dest.replace("_", "-")
-                    unused.setdefault(flag, []).append(f"--{kind.replace('_', '-')} {name}")
+            for field in config.changed_fields(args, given):
+                if config.dest(field) not in used_dests:
+                    unused.setdefault(config.flag(field), []).append(
+                        f"--{kind.replace('_', '-')} {name}")
     return [f"{flag} (only with {' or '.join(owners)})" for flag, owners in unused.items()]
 
 
@@ -190,7 +190,7 @@ def keep_recorded_settings(args: argparse.Namespace, saved: dict,
             value = recorded[name].get(field.name, before.get(field.name))
             if dest in given or value is None or value == getattr(args, dest):
                 continue
-            flag = "--" + dest.replace("_", "-")
+            flag = config.flag(field.name)
             notes.append(f"{flag} {value}: the checkpoint's setting, kept on resuming (the "
                          f"default is {getattr(args, dest)}; give {flag} to change it)")
             setattr(args, dest, value)

@@ -125,30 +125,30 @@ class ReCo:
         config.validate()
         config.validate_length(train_iters)
         self.config, self.train_iters = config, train_iters
-        self.weight, self.pairs, self.schedule = config.weight, config.pairs, config.schedule
-        self.reduction, self.states = config.reduction, config.states
-        self.warmup_iters, self.target_ratio = config.warmup_iters, config.target_ratio
 
     def scheduled_weight(self, iteration: int) -> float:
         """The weight before any adaptive choice: for ``adaptive``, its cap."""
-        if self.schedule == "linear-warmup" and self.warmup_iters > 0:
-            return self.weight * min(iteration / self.warmup_iters, 1.0)
-        if self.schedule == "cosine":
+        config = self.config
+        if config.schedule == "linear-warmup" and config.warmup_iters > 0:
+            return config.weight * min(iteration / config.warmup_iters, 1.0)
+        if config.schedule == "cosine":
             progress = min(iteration / self.train_iters, 1.0)
-            return self.weight * 0.5 * (1.0 + math.cos(math.pi * progress))
-        if self.schedule == "adaptive":
-            return ADAPTIVE_CAP * self.weight if self.target_ratio > 0 else 0.0
-        return self.weight
+            return config.weight * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if config.schedule == "adaptive":
+            return ADAPTIVE_CAP * config.weight if config.target_ratio > 0 else 0.0
+        return config.weight
 
     def adaptive_weight(self, lm_loss: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         """``min(target * CE / raw, cap)`` on detached values; the cap when ``raw`` is 0."""
-        cap = ADAPTIVE_CAP * self.weight
+        config = self.config
+        cap = ADAPTIVE_CAP * config.weight
         lm_loss, raw = lm_loss.detach().float(), raw.detach().float()
-        ratio = self.target_ratio * lm_loss / torch.where(raw > 0, raw, torch.ones_like(raw))
+        ratio = config.target_ratio * lm_loss / torch.where(raw > 0, raw, torch.ones_like(raw))
         return torch.where(raw > 0, ratio.clamp(max=cap), torch.full_like(raw, cap))
 
     def __call__(self, out: ObjectiveOutput,
                  iteration: int) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        config = self.config
         weight: float | torch.Tensor = self.scheduled_weight(iteration)
         if weight == 0:
             # Disabled for this step: no penalty computed; "reco raw" NaN means "not computed".
@@ -159,13 +159,13 @@ class ReCo:
             raise ValueError(f"hidden has {positions} positions, not a whole number "
                              f"of {out.num_frames} frames")
         frame_tokens = positions // out.num_frames
-        if self.pairs == "adjacent-frame" and out.num_frames < 2:
+        if config.pairs == "adjacent-frame" and out.num_frames < 2:
             raise UserError("--reco-pairs adjacent-frame needs at least 2 optimized frames "
                              "(e.g. --local-opt-window-frames >= 2)")
-        hidden = out.pre_norm_hidden if self.states == "pre-norm" else out.hidden
-        raw = reco_penalty(hidden, frame_tokens, self.pairs, self.reduction, out.shard)
+        hidden = out.pre_norm_hidden if config.states == "pre-norm" else out.hidden
+        raw = reco_penalty(hidden, frame_tokens, config.pairs, config.reduction, out.shard)
         whole_raw = out.whole(raw)  # raw is this rank's share under context parallelism
-        if self.schedule == "adaptive":
+        if config.schedule == "adaptive":
             weight = self.adaptive_weight(out.lm_loss(), whole_raw)
         loss = weight * raw
         return loss, {RECO_LOSS: weight * whole_raw, RECO_RAW: whole_raw,

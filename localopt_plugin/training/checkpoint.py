@@ -123,11 +123,10 @@ def load_checkpoint(engine, config: TrainConfig, objective=None) -> TrainState:
         return TrainState()
     tag = tag_of(client["iteration"])
     rng_file = _rng_file(directory, tag)
-    if run.finetune or run.no_load_rng:
-        pass
-    elif os.path.exists(rng_file) and client.get("world_size") == dist.get_world_size():
+    load_rng = not (run.finetune or run.no_load_rng)  # else this run's own random states
+    if load_rng and os.path.exists(rng_file) and client.get("world_size") == dist.get_world_size():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    elif is_rank0():
+    elif load_rng and is_rank0():
         log.warning("RNG states not restored (saved with world size %s, now %d): dropout "
                     "masks will differ from an uninterrupted run", client.get("world_size"),
                     dist.get_world_size())

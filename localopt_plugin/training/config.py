@@ -200,7 +200,7 @@ class RunConfig(FlagConfig):
                                       "(rank 0)", group=TRAINER)
     progress: str = option("auto", "progress bar (auto: when attached to a terminal)",
                            choices=("auto", "on", "off"), group=TRAINER)
-    deepspeed_config: str | None = None  # --deepspeed_config / --deepspeed-config (add_args)
+    deepspeed_config: str | None = None  # --deepspeed_config (EXTRA_FLAGS: two spellings)
     zero_stage: int | None = option(None, "overrides zero_optimization.stage of the JSON",
                                     type=int, choices=(0, 1, 2, 3), group=DEEPSPEED)
     overlap_grad_reduce: bool = False  # Megatron's flag, mapped (megatron_flags)

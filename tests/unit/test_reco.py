@@ -247,14 +247,16 @@ def test_registered_and_built_from_flags():
     assert tuple(choices["reco_reduction"]) == REDUCTIONS
     default = reco_from_flags()
     # the default is the form the ReCo sweep found: the paper's sum and lambda, pre-norm
-    assert (default.weight, default.pairs, default.schedule, default.reduction,
-            default.states) == (0.1, "adjacent-token", "constant", "sum", "pre-norm")
+    assert (default.config.weight, default.config.pairs, default.config.schedule,
+            default.config.reduction, default.config.states) == (
+        0.1, "adjacent-token", "constant", "sum", "pre-norm")
     reco = reco_from_flags(
         "--reco-weight", "0.3", "--reco-pairs", "adjacent-frame", "--reco-weight-schedule",
         "cosine", "--reco-warmup-iters", "7", "--reco-target-ratio", "0.5",
         "--train-iters", "20")
-    assert (reco.weight, reco.pairs, reco.schedule, reco.warmup_iters, reco.train_iters,
-            reco.target_ratio) == (0.3, "adjacent-frame", "cosine", 7, 20, 0.5)
+    assert (reco.config.weight, reco.config.pairs, reco.config.schedule,
+            reco.config.warmup_iters, reco.train_iters, reco.config.target_ratio) == (
+        0.3, "adjacent-frame", "cosine", 7, 20, 0.5)
     for bad in (("--reco-weight", "-1"), ("--reco-warmup-iters", "-2"),
                 ("--reco-weight-schedule", "cosine", "--train-iters", "0")):
         with pytest.raises(ValueError, match="^--"):
