@@ -85,6 +85,19 @@ def schedule(config: TrainConfig) -> dict:
     return out
 
 
+def recomputation(config: TrainConfig) -> dict:
+    """Megatron's recomputation flags and, under DeepSpeed's pipeline, how its stages run full
+    recomputation (their chunks start at the stage's first module, not its first layer)."""
+    model = config.model
+    out = {"granularity": model.recompute_granularity, "method": model.recompute_method,
+           "layers": model.recompute_num_layers}
+    if model.recompute_granularity == "full" and config.parallel.pipeline_model_parallel_size > 1:
+        out["run as"] = (f"DeepSpeed pipeline activation checkpointing: each stage's modules in "
+                         f"chunks of {model.recompute_num_layers}, a chunk holding the embedding "
+                         "or the final norm is not recomputed")
+    return out
+
+
 def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> dict:
     """What the run would do, from its resolved configuration."""
     parallel, model, plugin = config.parallel, config.model, config.plugin
@@ -117,9 +130,7 @@ def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> 
         "precision": "bf16" if model.bf16 else "fp16" if model.fp16 else "fp32",
         **schedule(config),
         "evaluation": evaluation(config, source),
-        "recomputation": {"granularity": model.recompute_granularity,
-                          "method": model.recompute_method,
-                          "layers": model.recompute_num_layers},
+        "recomputation": recomputation(config),
         "deepspeed": config.deepspeed.config,
         "flag notes": list(config.flag_notes),
         "deepspeed notes": config.deepspeed.notes,

@@ -39,6 +39,7 @@ def test_full_recomputation_under_deepspeed_pipeline_gives_the_same_losses(tmp_p
             "--recompute-num-layers", "1")
     status, setup, stderr = dry_run([*flags, *full], world=2)
     assert status == 0 and setup["recomputation"]["granularity"] == "full", stderr
+    assert "DeepSpeed pipeline activation checkpointing" in setup["recomputation"]["run as"]
     status, _, stderr = dry_run([*flags, *full[:3], "block", *full[4:]], world=2)
     assert status == 2 and "use --recompute-method uniform" in stderr, stderr
     plain = run_train(tmp_path, *flags, nproc=2, name="pp-plain")
