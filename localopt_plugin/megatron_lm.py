@@ -366,7 +366,8 @@ class LocalOptForwardStep:
         DDP averages gradients over data x context-parallel ranks: the share is scaled by the
         context-parallel size so that the shares' gradients sum (the reports are whole)."""
         out = objective_output(output_tensor, hidden, pre_norm_hidden, plan.first_frame,
-                               plan.num_frames, plan.metrics, shard, loss_shard)
+                               plan.num_frames, plan.metrics, shard, loss_shard,
+                               plan.window_count)
         num_tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=out.loss.device)
         total, metrics = apply_regularizers(out, self._regularizers, iteration)
         if self.args is not None:

@@ -35,6 +35,10 @@ class ForwardPlan:
         keys/values of positions ``>= context_keep_from`` are kept for the autograd pass.
     ids / positions: ``[b, s]`` tokens run with autograd at absolute ``positions`` ``[s]``.
     loss_from: outputs ``[loss_from:]`` are optimized against ``labels`` ``[b, s - loss_from]``.
+    windows: several windows per context pass: ``(first position, length)`` of each window the
+        autograd pass runs after its first ``loss_from`` tokens, each attending to the context
+        before its own start and to itself only; empty: the autograd pass is one run.
+        ``first_frame`` is then the first window's, ``num_frames`` the frames of each.
     """
 
     context_ids: torch.Tensor | None
@@ -46,6 +50,11 @@ class ForwardPlan:
     first_frame: int
     num_frames: int
     metrics: dict[str, float] = field(default_factory=dict)
+    windows: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def window_count(self) -> int:
+        return max(1, len(self.windows))
 
 
 @dataclass
@@ -63,6 +72,8 @@ class ObjectiveOutput:
     parallelism: each rank computes its rows'), or None when ``loss`` is whole (no context
     parallelism; under sequence parallelism the output layer gathers the tensor-parallel
     slices, so each tensor-parallel rank computes its context-parallel rank's share).
+    windows: how many windows of ``num_frames`` frames ``hidden`` holds one after another
+    (several windows per context pass): no pair of neighbours spans two of them.
     """
 
     loss: torch.Tensor
@@ -74,6 +85,7 @@ class ObjectiveOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     shard: SequenceShard | None = None
     loss_shard: SequenceShard | None = None
+    windows: int = 1
 
     def whole(self, share: torch.Tensor) -> torch.Tensor:
         """The detached whole value of a per-rank share of something computed on ``hidden``
@@ -89,7 +101,8 @@ def objective_output(losses: torch.Tensor, hidden: torch.Tensor, pre_norm_hidden
                      first_frame: int, num_frames: int,
                      metrics: dict[str, float] | None = None,
                      shard: SequenceShard | None = None,
-                     loss_shard: SequenceShard | None = None) -> ObjectiveOutput:
+                     loss_shard: SequenceShard | None = None,
+                     windows: int = 1) -> ObjectiveOutput:
     """What a run of a plan yields, from its per-token losses ``[b, s]`` and the optimized
     positions' states: the one place every executor (whole model, DeepSpeed pipeline's last
     stage, Megatron-LM's loss function) assembles it. With ``loss_shard`` (context
@@ -101,7 +114,7 @@ def objective_output(losses: torch.Tensor, hidden: torch.Tensor, pre_norm_hidden
         count = losses.shape[0] * loss_shard.total
         loss = losses.float().sum() / count
     return ObjectiveOutput(loss, hidden, pre_norm_hidden, count, first_frame, num_frames,
-                           dict(metrics or {}), shard, loss_shard)
+                           dict(metrics or {}), shard, loss_shard, windows)
 
 
 def plan_shards(model, plan: ForwardPlan) -> tuple[SequenceShard | None, SequenceShard | None]:
@@ -147,7 +160,7 @@ def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
     memory, context_out = None, None
     if context:
         memory = context_memory(model, plan.context_keep_from, context,
-                                int(plan.positions[-1]) + 1)
+                                int(plan.positions.max()) + 1)
         if received is not None:
             model.decoder.set_input_tensor(received[:context_rows])
         with torch.no_grad():
@@ -158,7 +171,7 @@ def plan_hidden(model, plan: ForwardPlan) -> torch.Tensor:
     if received is not None:
         model.decoder.set_input_tensor(received[context_rows:])
     hidden = forward_hidden(model, plan.ids if model.pre_process else None, plan.positions,
-                            memory=memory, shard=shard)
+                            memory=memory, shard=shard, windows=plan.windows)
     if received is not None:
         model.decoder.set_input_tensor(received)
     if model.post_process or context_out is None:
@@ -230,4 +243,4 @@ def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
     losses, hidden, pre_norm_hidden, shard, loss_shard = optimized_outputs(
         model, plan, hidden, pre_norm["hidden"])
     return objective_output(losses, hidden, pre_norm_hidden, plan.first_frame, plan.num_frames,
-                            plan.metrics, shard, loss_shard)
+                            plan.metrics, shard, loss_shard, plan.window_count)

@@ -6,9 +6,9 @@ machine runs; counting the multiply-adds of each step does not. A plan's cost is
 * the context pass (``no_grad``: forward only): every layer over the context tokens, causal
   attention among them;
 * the autograd pass, forward and backward (backward = 2 x forward): every layer over the
-  pass's tokens, the head (re-run prefix) attending causally to itself and the tail (window)
-  attending to the head, the kept context and causally to itself; and the output layer over
-  the loss-carrying positions.
+  pass's tokens, the head (re-run prefix) attending causally to itself and the tail (window;
+  each window, with several per context pass) attending to the head, the kept context before
+  it and causally to itself; and the output layer over the loss-carrying positions.
 
 A multiply-add counts 2 FLOPs; embeddings, norms, activations and the softmax are left out
 (a few percent of a layer). Megatron-LM's ``num_floating_point_operations`` uses the same
@@ -43,8 +43,12 @@ def _causal_pairs(n: int) -> int:
 
 
 def _autograd_pairs(plan: ForwardPlan) -> int:
-    """(query, key) pairs the autograd pass attends to."""
+    """(query, key) pairs the autograd pass attends to (a window at position ``start`` attends
+    to every position before it and causally to itself)."""
     tokens = plan.ids.shape[1]
+    if plan.windows:
+        return _causal_pairs(plan.loss_from) + sum(
+            length * start + _causal_pairs(length) for start, length in plan.windows)
     if plan.context_ids is None:
         return _causal_pairs(tokens)
     head = plan.context_keep_from  # the re-run prefix, at positions [0, head)

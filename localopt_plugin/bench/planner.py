@@ -56,6 +56,7 @@ from localopt_plugin.model import ModelConfig, ParallelConfig, padded_vocab_size
 from localopt_plugin.objectives import (
     FewerFrames,
     FullSequence,
+    LocalOptConfig,
     LocalOptimization,
     WindowConfig,
     WindowSampler,
@@ -88,6 +89,7 @@ class Setup:
     context_parallel: int = 1
     num_micro_batches: int = 1  # per step and pipeline (gradient accumulation)
     prefix: int = 3  # BOS, condition, BOV
+    windows_per_step: int = 1  # K windows on one context pass
 
     @property
     def layout(self) -> SampleLayout:
@@ -235,9 +237,34 @@ def objectives(setup: Setup) -> tuple[SampleLayout, WindowSampler, list]:
                             first_prob=setup.first_prob)
     named = [("full-sequence", None, FullSequence(layout)),
              ("fewer-frames", None, FewerFrames(layout, fixed_window(0, setup.window)))]
-    named += [(f"local-opt, window at frame {s}", s,
-               LocalOptimization(layout, fixed_window(s, setup.window))) for s in sampler.starts]
+    k = setup.windows_per_step
+    name = "local-opt, window at frame {}" if k == 1 else f"local-opt, {k} windows at frame {{}}"
+    named += [(name.format(s), s, LocalOptimization(layout, fixed_window(s, setup.window),
+                                                    LocalOptConfig(windows_per_step=k)))
+              for s in sampler.starts]
     return layout, sampler, named
+
+
+def expected_flops(setup: Setup, rows: list[Estimate], probabilities: dict[int, float],
+                   recompute: bool = False) -> float:
+    """FLOPs per step over the window draws. One window: the rows weighed by their
+    probabilities. K windows drawn independently: the context pass follows the latest start
+    (P(latest <= s) = P(start <= s)^K), each window's own pass its start; both parts come from
+    the rows (K windows at s) and one-window plans at s."""
+    cost = {r.start: r.flops + (r.recompute_flops if recompute else 0.0) for r in rows}
+    k = setup.windows_per_step
+    if k == 1:
+        return sum(probabilities[s] * cost[s] for s in cost)
+    single = estimate(dataclasses.replace(setup, windows_per_step=1))
+    one = {r.start: r.flops + (r.recompute_flops if recompute else 0.0) for r in single
+           if r.start is not None}
+    total, below = 0.0, 0.0
+    for s in sorted(cost):
+        window = (cost[s] - one[s]) / (k - 1)  # one window's own pass at s
+        latest = (below + probabilities[s]) ** k - below ** k
+        below += probabilities[s]
+        total += latest * (one[s] - window) + k * probabilities[s] * window
+    return total
 
 
 def estimate(setup: Setup) -> list[Estimate]:
@@ -257,8 +284,14 @@ def summarize(setup: Setup, gpu_bytes: float | None) -> dict:
     rows = estimate(setup)
     full, windows = rows[0], [r for r in rows if r.start is not None]
     probabilities = dict(zip(sampler.starts, sampler.probabilities(), strict=True))
-    expected_flops = sum(probabilities[r.start] * r.flops for r in windows)
-    expected_hw = sum(probabilities[r.start] * (r.flops + r.recompute_flops) for r in windows)
+    expected = expected_flops(setup, windows, probabilities)
+    expected_hw = expected_flops(setup, windows, probabilities, recompute=True)
+    # memory follows the latest window: its draw's distribution weighs the rows
+    latest, below = {}, 0.0
+    for start in sorted(probabilities):
+        latest[start] = ((below + probabilities[start]) ** setup.windows_per_step
+                         - below ** setup.windows_per_step)
+        below += probabilities[start]
     worst = max(windows, key=lambda r: r.memory["total"])
     result = {
         "rows": [{"row": r.name, "window start": r.start, "TFLOP per step": r.flops / 1e12,
@@ -267,13 +300,14 @@ def summarize(setup: Setup, gpu_bytes: float | None) -> dict:
                                    for k, v in r.memory.items()}} for r in rows],
         "local-opt": {
             "window probabilities": probabilities,
-            "expected TFLOP per step": expected_flops / 1e12,
-            "expected speed-up (FLOPs)": full.flops / expected_flops,
+            "windows per step": setup.windows_per_step,
+            "expected TFLOP per step": expected / 1e12,
+            "expected speed-up (FLOPs)": full.flops / expected,
             "expected speed-up with recomputation (FLOPs)":
                 (full.flops + full.recompute_flops) / expected_hw,
             "worst window start": worst.start,
             "worst-window memory (GiB)": worst.memory["total"] / GIB,
-            "expected memory (GiB)": sum(probabilities[r.start] * r.memory["total"]
+            "expected memory (GiB)": sum(latest[r.start] * r.memory["total"]
                                          for r in windows) / GIB,
             "full-sequence memory (GiB)": full.memory["total"] / GIB,
         },
@@ -373,6 +407,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=16384,
                         help="the tokenizer's vocabulary (padded as Megatron pads it)")
     WindowConfig.add_args(parser, only=("window_frames", "stride_frames", "first_window_prob"))
+    LocalOptConfig.add_args(parser, only=("windows_per_step",))
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--num-micro-batches", type=int, default=1,
                         help="micro-batches per step (gradient accumulation: pipeline in flight)")
@@ -401,6 +436,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     parallel.check_model(model)
     window = WindowConfig.from_args(args)
     window.validate(args.frames)
+    local_opt = LocalOptConfig.from_args(args)
     tp = parallel.tensor_model_parallel_size
     vocab = padded_vocab_size(args.vocab, model.make_vocab_size_divisible_by, tp)
     return Setup(model=model, vocab=vocab, frames=args.frames, frame_tokens=args.frame_tokens,
@@ -410,7 +446,8 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
                  tensor_parallel=tp, pipeline_parallel=parallel.pipeline_model_parallel_size,
                  data_parallel=args.data_parallel_size,
                  context_parallel=parallel.context_parallel_size,
-                 num_micro_batches=args.num_micro_batches)
+                 num_micro_batches=args.num_micro_batches,
+                 windows_per_step=local_opt.windows_per_step)
 
 
 def format_table(setup: Setup, result: dict) -> str:

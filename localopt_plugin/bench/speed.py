@@ -115,8 +115,10 @@ class Row:
 
 
 def fixed_window(first: int, frames: int) -> SimpleNamespace:
-    """A window sampler that always draws ``first``: what a measured or planned row runs."""
-    return SimpleNamespace(window_frames=frames, draw=lambda iteration, micro_batch: first)
+    """A window sampler that always draws ``first`` (every window of a step, with several):
+    what a measured or planned row runs."""
+    return SimpleNamespace(window_frames=frames,
+                           draw=lambda iteration, micro_batch, index=0: first)
 
 
 def _engine(model_config, vocab: int, seed: int, parallel=None, zero_stage: int = 0,

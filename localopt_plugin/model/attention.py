@@ -7,7 +7,10 @@ positions in between, ``[head, m)``, were kept in a :class:`KVMemory` by an earl
 * Local Optimization: the context pass (``no_grad``) runs the prefix and the context frames as
   plain causal attention and stores the context's keys/values; the window pass re-runs the
   prefix (head) with the window (tail), attending to the kept context;
-* generation: the prompt is stored, then each new token (a tail of one) attends to the cache.
+* generation: the prompt is stored, then each new token (a tail of one) attends to the cache;
+* several windows per context pass: the tail is several windows, each at its own positions
+  ``[start_i, start_i + n_i)``; window ``i`` attends to the head, the kept context before
+  ``start_i`` and causally to itself, never to another window (``AttentionPlan.windows``).
 
 Keys are in position order: head, kept context, tail. Head queries attend causally to the head;
 tail queries attend to every key, bottom-right aligned (a tail query sees the head, all the
@@ -70,6 +73,8 @@ class AttentionPlan(PackedSeqParams):
     padding: under sequence parallelism, rows after the forward's tokens (this context-parallel
         rank's, under both) to split them evenly over TP ranks: dropped before attention (and
         before the all-to-all), zero outputs.
+    windows: when the tail holds several windows, ``(first position, length)`` of each, in
+        the tail's order; empty: the tail is one run continuing after the memory.
     """
 
     qkv_format: str = "sbhd"  # Megatron reads it: this is not a packed (thd) batch
@@ -78,14 +83,18 @@ class AttentionPlan(PackedSeqParams):
     store_from: int | None = None
     shard: SequenceShard | None = None
     padding: int = 0  # rows appended for sequence parallelism: not attended to, not kept
+    windows: tuple[tuple[int, int], ...] = ()
 
 
 def plan_for(positions: torch.Tensor, memory: KVMemory | None = None,
-             store_from: int | None = None,
-             shard: SequenceShard | None = None) -> AttentionPlan | None:
+             store_from: int | None = None, shard: SequenceShard | None = None,
+             windows: tuple[tuple[int, int], ...] = ()) -> AttentionPlan | None:
     """The plan for a forward over ``positions`` ([s], shared by the batch, the whole forward's
     under context parallelism), or None when plain causal attention computes the same
-    (contiguous positions, nothing to attend to or keep, one rank)."""
+    (contiguous positions, nothing to attend to or keep, one rank). ``windows``: the tail is
+    several windows (see :class:`AttentionPlan`)."""
+    if windows:
+        return _windows_plan(positions, memory, store_from, shard, tuple(windows))
     steps = positions.diff()
     if memory is None and store_from is None:
         if bool((steps == 1).all()):
@@ -104,6 +113,26 @@ def plan_for(positions: torch.Tensor, memory: KVMemory | None = None,
                              f"{expected} (the first position the memory does not hold), got "
                              f"{tail.tolist()[:4]}...")
     return AttentionPlan(head=head, memory=memory, store_from=store_from, shard=shard)
+
+
+def _windows_plan(positions: torch.Tensor, memory: KVMemory | None, store_from: int | None,
+                  shard: SequenceShard | None,
+                  windows: tuple[tuple[int, int], ...]) -> AttentionPlan:
+    """:func:`plan_for` of a tail of several windows: each must sit at contiguous positions
+    whose context (the positions between the head and its start) the memory holds."""
+    if store_from is not None:
+        raise ValueError("a forward of several windows keeps no keys/values (store_from)")
+    head = len(positions) - sum(length for _, length in windows)
+    kept_until = head if memory is None else max(head, memory.filled_end())
+    expected = [torch.arange(head)]
+    for start, length in windows:
+        if length <= 0 or not head <= start <= kept_until:
+            raise ValueError(f"a window of {length} tokens at position {start}: windows start "
+                             f"between the head's end {head} and the memory's {kept_until}")
+        expected.append(torch.arange(start, start + length))
+    if not torch.equal(positions.cpu(), torch.cat(expected)):
+        raise ValueError(f"positions do not run the head then the windows {windows}")
+    return AttentionPlan(head=head, memory=memory, shard=shard, windows=windows)
 
 
 def context_memory(model: torch.nn.Module, kept_from: int, context_end: int,
@@ -130,9 +159,13 @@ class WindowKeys:
     head: tuple[torch.Tensor, torch.Tensor]
     context: tuple[torch.Tensor, torch.Tensor]
     tail: tuple[torch.Tensor, torch.Tensor]
-    memory: KVMemory
+    memory: KVMemory | None
     layer: int
     tail_start: int
+    shared: bool = False  # one of several windows reading the same memory
+
+    def length(self) -> int:
+        return self.tail[0].shape[0]
 
     def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
         """``(keys, values, causal)`` per non-empty block, in position order."""
@@ -141,7 +174,12 @@ class WindowKeys:
 
     def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All keys/values in position order as views of the memory's buffers, with this
-        forward's head and tail written into their rows (autograd flows through the writes)."""
+        forward's head and tail written into their rows (autograd flows through the writes).
+        A window that shares the memory with others gets a copy instead: its tail's rows hold
+        the context of a later window, and autograd keeps every window's keys until backward."""
+        if self.shared:
+            return tuple(torch.cat([self.head[i], self.context[i], self.tail[i]])
+                         for i in (0, 1))
         if self.memory.start != 0:
             raise RuntimeError("this memory holds only the context: create it with "
                                "context_memory() so that it has rows for every position")
@@ -156,12 +194,23 @@ class WindowKeys:
 
 
 def split_by_plan(layer: int, key: torch.Tensor, value: torch.Tensor,
-                  plan: AttentionPlan) -> tuple[int, WindowKeys | None]:
-    """Store what the plan keeps; return the head length and the tail's keys (None: no tail).
+                  plan: AttentionPlan) -> tuple[int, list[WindowKeys]]:
+    """Store what the plan keeps; return the head length and the keys of each window of the
+    tail (none without a tail, one unless the plan has several windows).
 
     key/value: ``[s, b, groups, head_dim]`` of this forward's tokens.
     """
     head, memory = plan.head, plan.memory
+    if plan.windows:
+        windows, offset = [], head
+        for start, length in plan.windows:
+            context = (memory.read(layer, head, start) if start > head else
+                       (key[:0], value[:0]))
+            tail = (key[offset:offset + length], value[offset:offset + length])
+            windows.append(WindowKeys((key[:head], value[:head]), context, tail, memory,
+                                      layer, start, shared=True))
+            offset += length
+        return head, windows
     tail_start = max(head, memory.filled_until(layer))
     if plan.store_from is not None:
         first = plan.store_from
@@ -170,11 +219,11 @@ def split_by_plan(layer: int, key: torch.Tensor, value: torch.Tensor,
         position = first if first < head else tail_start + first - head
         memory.store(layer, key[first:], value[first:], position)
     if key.shape[0] == head:
-        return head, None
+        return head, []
     context = memory.read(layer, head, tail_start) if tail_start > head else (
         key[:0], value[:0])
-    return head, WindowKeys((key[:head], value[:head]), context, (key[head:], value[head:]),
-                            memory, layer, tail_start)
+    return head, [WindowKeys((key[:head], value[:head]), context, (key[head:], value[head:]),
+                             memory, layer, tail_start)]
 
 
 class _MergedBlockAttention(torch.autograd.Function):
@@ -317,14 +366,17 @@ class SDPAttention(MegatronModule):
         if shard is not None:  # [s / cp, b, n, d] -> [s, b, n / cp, d]
             key, value = (replicate_groups(t, self.heads, shard.world) for t in (key, value))
             query, key, value = (sequence_to_heads(t, shard) for t in (query, key, value))
-        if plan is not None and (plan.memory is not None or plan.store_from is not None):
-            head, window = split_by_plan(self.layer_number, key, value, plan)
+        if plan is not None and (plan.memory is not None or plan.store_from is not None
+                                 or plan.windows):
+            head, windows = split_by_plan(self.layer_number, key, value, plan)
             parts = []
             if head:
                 parts.append(self._sdpa(query[:head], key[:head], value[:head],
                                         is_causal=True))
-            if window is not None:
-                parts.append(self._window(query[head:], window))
+            offset = head
+            for window in windows:
+                parts.append(self._window(query[offset:offset + window.length()], window))
+                offset += window.length()
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         elif packed_seq_params is not None and plan is None:
             raise ValueError("SDPAttention does not support packed (thd) sequences")

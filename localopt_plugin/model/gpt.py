@@ -129,6 +129,7 @@ def forward_hidden(
     memory: KVMemory | None = None,
     store_from: int | None = None,
     shard: SequenceShard | None = None,
+    windows: tuple[tuple[int, int], ...] = (),
 ) -> torch.Tensor:
     """Final hidden states ``[s, b, h]`` (after the final norm) of tokens at ``positions``.
 
@@ -136,6 +137,9 @@ def forward_hidden(
     :func:`~localopt_plugin.model.attention.plan_for` for what may follow a gap).
     ``memory``/``store_from``: keys/values of earlier tokens to attend to / this forward's
     tokens to keep from ``store_from`` on. Without them this is the ordinary causal forward.
+    ``windows``: the tokens after the head are several windows, each attending to the kept
+    context before its start and to itself (see :class:`~localopt_plugin.model.attention.
+    AttentionPlan`).
     ``shard``: under context parallelism, this rank's slice of the tokens: the forward runs and
     returns only those rows (``input_ids`` and ``positions`` are still the whole forward's).
     Under sequence parallelism the forward (this context-parallel rank's rows of it, under both)
@@ -149,7 +153,7 @@ def forward_hidden(
     if int(positions.max()) >= max_positions:
         raise ValueError(f"position {int(positions.max())} exceeds --max-position-embeddings "
                          f"{max_positions}")
-    plan = plan_for(positions, memory, store_from, shard)
+    plan = plan_for(positions, memory, store_from, shard, windows)
     if shard is not None:
         if shard.total != len(positions):
             raise ValueError(f"a shard of {shard.total} rows for {len(positions)} positions")

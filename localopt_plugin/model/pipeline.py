@@ -6,8 +6,9 @@ through DeepSpeed's ``TiedLayerSpec`` when embeddings are shared). Parameters ke
 names (:meth:`canonical_parameters`), so initialisation and checkpoints match a GPTModel.
 
 Every stage executes :class:`~localopt_plugin.plan.ForwardPlan` s. What crosses
-stages is ``(hidden, context_bits, positions, context_length, keep_from)``: the autograd
-stream, and the Local Opt. context stream bit-cast to an integer dtype. DeepSpeed sends no
+stages is ``(hidden, context_bits, positions, context_length, keep_from, windows)``: the
+autograd stream, the Local Opt. context stream bit-cast to an integer dtype, and the plan's
+windows (:func:`windows_to_pipe`). DeepSpeed sends no
 gradient for integer tensors, so the context crosses stages without autograd and without any
 gradient traffic. Each layer runs the context under ``no_grad`` keeping its keys/values, then
 the window attending to them, which is the same computation as the two whole-model passes.
@@ -38,6 +39,17 @@ from localopt_plugin.model.config import (
 from localopt_plugin.model.gpt import layer_spec
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def windows_to_pipe(windows: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """A plan's windows (several per context pass) as a ``[n, 2]`` tensor that crosses stages;
+    ``[[-1, 0]]`` for none (p2p messages cannot be empty)."""
+    return torch.tensor(windows or ((-1, 0),), dtype=torch.long)
+
+
+def windows_from_pipe(tensor: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    windows = tuple((int(start), int(length)) for start, length in tensor.tolist())
+    return () if windows == ((-1, 0),) else windows
 
 
 class _Stage(torch.nn.Module):
@@ -71,7 +83,7 @@ class EmbeddingStage(_Stage):
         self.dtype = config.params_dtype
 
     def forward(self, inputs):
-        context_ids, ids, positions, context_length, keep_from = inputs
+        context_ids, ids, positions, context_length, keep_from, windows = inputs
         hidden = self.embedding(input_ids=ids, position_ids=positions.expand_as(ids))
         n = int(context_length)
         if n:
@@ -81,7 +93,8 @@ class EmbeddingStage(_Stage):
                     position_ids=torch.arange(n, device=ids.device).expand(ids.shape[0], n))
         else:  # a one-row placeholder: p2p messages cannot be empty
             context = hidden.new_zeros((1, *hidden.shape[1:]))
-        return hidden, context.view(_BITS[self.dtype]), positions, context_length, keep_from
+        return (hidden, context.view(_BITS[self.dtype]), positions, context_length, keep_from,
+                windows)
 
     def logits(self, streams: tuple[torch.Tensor, torch.Tensor]):
         hidden, pre_norm = streams
@@ -123,18 +136,19 @@ class TransformerLayerStage(_Stage):
                           packed_seq_params=plan)[0]
 
     def forward(self, inputs):
-        hidden, context_bits, positions, context_length, keep_from = inputs
+        hidden, context_bits, positions, context_length, keep_from, windows = inputs
         n, kept_from = int(context_length), int(keep_from)
         memory = None
         if n:
-            memory = context_memory(self.layer, kept_from, n, int(positions[-1]) + 1)
+            memory = context_memory(self.layer, kept_from, n, int(positions.max()) + 1)
             context_positions = torch.arange(n, device=hidden.device)
             with torch.no_grad():
                 context = self._run(context_bits.view(self.dtype), context_positions,
                                     plan_for(context_positions, memory, kept_from))
             context_bits = context.view(_BITS[self.dtype])
-        hidden = self._run(hidden, positions, plan_for(positions, memory))
-        return hidden, context_bits, positions, context_length, keep_from
+        hidden = self._run(hidden, positions,
+                           plan_for(positions, memory, windows=windows_from_pipe(windows)))
+        return hidden, context_bits, positions, context_length, keep_from, windows
 
 
 class FinalNormStage(_Stage):

@@ -27,13 +27,15 @@ class TEPlannedAttention(TEDotProductAttention):
                                    attn_mask_type=attn_mask_type or AttnMaskType.causal,
                                    attention_bias=attention_bias,
                                    packed_seq_params=packed_seq_params, **kwargs)
-        head, window = split_by_plan(self.layer_number, key, value, packed_seq_params)
+        head, windows = split_by_plan(self.layer_number, key, value, packed_seq_params)
         parts = []
         if head:
             parts.append(super().forward(query[:head], key[:head], value[:head], None,
                                          attn_mask_type=AttnMaskType.causal))
-        if window is not None:
+        offset = head
+        for window in windows:
             k, v = window.ordered()
-            parts.append(super().forward(query[head:], k, v, None,
+            parts.append(super().forward(query[offset:offset + window.length()], k, v, None,
                                          attn_mask_type=AttnMaskType.causal_bottom_right))
+            offset += window.length()
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

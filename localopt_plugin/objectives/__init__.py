@@ -13,6 +13,7 @@ from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.objectives.sequence import (
     FewerFrames,
     FullSequence,
+    LocalOptConfig,
     LocalOptimization,
     Objective,
 )
@@ -22,8 +23,8 @@ from localopt_plugin.objectives.window_sampler import (
     global_micro_batch,
 )
 
-__all__ = ["FewerFrames", "FullSequence", "LocalOptimization", "Objective", "WindowConfig",
-           "WindowSampler", "build_objective", "global_micro_batch"]
+__all__ = ["FewerFrames", "FullSequence", "LocalOptConfig", "LocalOptimization", "Objective",
+           "WindowConfig", "WindowSampler", "build_objective", "global_micro_batch"]
 
 
 def build_objective(name: str, layout: SampleLayout, *, sampler: str = "first-frame-balanced",

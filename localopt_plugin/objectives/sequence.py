@@ -18,7 +18,13 @@ import torch
 from localopt_plugin.config_flags import FlagConfig, option
 from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.errors import UserError
-from localopt_plugin.metric_names import CLIP_START, FULL_SEQUENCE_STEP, LM_LOSS, WINDOW_START
+from localopt_plugin.metric_names import (
+    CLIP_START,
+    FULL_SEQUENCE_STEP,
+    LATEST_WINDOW_START,
+    LM_LOSS,
+    WINDOW_START,
+)
 from localopt_plugin.objectives.window_sampler import WindowSampler
 from localopt_plugin.plan import ForwardPlan, ObjectiveOutput, run_plan
 from localopt_plugin.registry import register
@@ -79,7 +85,8 @@ class FullSequence(Objective):
 
 @dataclass(frozen=True)
 class LocalOptConfig(FlagConfig):
-    """``--local-opt-full-sequence-share``: a share of steps trained on the whole sequence."""
+    """``--local-opt-full-sequence-share``: a share of steps trained on the whole sequence;
+    ``--local-opt-windows-per-step``: several windows trained on one context pass."""
 
     PREFIX: ClassVar[str] = "--local-opt-"
     GROUP: ClassVar[str] = "localopt-plugin: local-opt objective (--objective local-opt)"
@@ -87,11 +94,18 @@ class LocalOptConfig(FlagConfig):
     full_sequence_share: float = option(0.0, "probability that a step trains on the whole "
                                         "sequence instead of a window (drawn per iteration "
                                         "from the seed)")
+    windows_per_step: int = option(1, "K: windows drawn per micro-batch (independently, by "
+                                   "the window sampler), trained on one context pass: the "
+                                   "context up to the latest window runs once without autograd, "
+                                   "each window attends to the context before its own start")
 
     def validate(self) -> None:
         if not 0.0 <= self.full_sequence_share <= 1.0:
             raise UserError(f"{self.flag('full_sequence_share')} must be in [0, 1], got "
                             f"{self.full_sequence_share}")
+        if self.windows_per_step < 1:
+            raise UserError(f"{self.flag('windows_per_step')} must be at least 1, got "
+                            f"{self.windows_per_step}")
 
 
 class LocalOptimization(Objective):
@@ -102,7 +116,11 @@ class LocalOptimization(Objective):
     again (a handful of tokens whose embeddings must receive gradients) together with the
     window, attending to the kept keys/values. Frames after the window are never computed.
     With a full-sequence share ``q``, a step is instead a full-sequence step with probability
-    ``q`` (one draw per iteration, shared by its micro-batches and ranks).
+    ``q`` (one draw per iteration, shared by its micro-batches and ranks). With ``K`` windows
+    per step, the context pass runs up to the latest of ``K`` independently drawn windows once,
+    and the autograd pass runs the prefix with each window after it, each window attending
+    to the context before its own start (never to another window): the gradient is the sum
+    of the ``K`` windows' gradients (the loss their mean), at one context pass's cost.
     """
 
     @classmethod
@@ -113,7 +131,16 @@ class LocalOptimization(Objective):
     def __init__(self, layout: SampleLayout, sampler: WindowSampler | None = None,
                  config: LocalOptConfig | None = None) -> None:
         super().__init__(layout, sampler)
-        self.full_sequence_share = (config or LocalOptConfig()).full_sequence_share
+        config = config or LocalOptConfig()
+        self.full_sequence_share = config.full_sequence_share
+        self.windows_per_step = config.windows_per_step
+        learns = getattr(type(sampler), "observe", WindowSampler.observe) is not (
+            WindowSampler.observe)  # a sampler that learns from each step's window loss
+        if self.windows_per_step > 1 and learns:
+            raise UserError(f"{config.flag('windows_per_step')} {self.windows_per_step} with "
+                            f"--window-sampler adaptive: the adaptive sampler learns from one "
+                            f"window's loss per step; use one window per step or another "
+                            f"sampler")
 
     def full_sequence_step(self, iteration: int) -> bool:
         """Whether ``iteration`` trains on the whole sequence (a pure function of the seed)."""
@@ -136,12 +163,31 @@ class LocalOptimization(Objective):
                            tokens[:, start + 1:end + 1], first, frames,
                            {WINDOW_START: float(first)})
 
+    def windows_plan(self, tokens: torch.Tensor, firsts: list[int]) -> ForwardPlan:
+        """The plan of several windows starting at latent frames ``firsts``, on one context
+        pass (up to the latest window's start)."""
+        plans = [self.window_plan(tokens, first) for first in firsts]
+        latest = max(plans, key=lambda p: int(p.positions[-1]))
+        prefix = self.layout.prefix_length
+        windows = tuple((int(p.positions[prefix]), len(p.positions) - prefix) for p in plans)
+        return ForwardPlan(
+            latest.context_ids, prefix,
+            torch.cat([tokens[:, :prefix], *(p.ids[:, prefix:] for p in plans)], dim=1),
+            torch.cat([plans[0].positions[:prefix], *(p.positions[prefix:] for p in plans)]),
+            prefix, torch.cat([p.labels for p in plans], dim=1), firsts[0],
+            self.sampler.window_frames,
+            {WINDOW_START: float(firsts[0]), LATEST_WINDOW_START: float(max(firsts))}, windows)
+
     def plan(self, tokens: torch.Tensor, iteration: int = 0, micro_batch: int = 0) -> ForwardPlan:
         if self.full_sequence_step(iteration):
             plan = FullSequence(self.layout).plan(tokens)
             plan.metrics = {WINDOW_START: 0.0, FULL_SEQUENCE_STEP: 1.0}
             return plan
-        plan = self.window_plan(tokens, self.sampler.draw(iteration, micro_batch))
+        if self.windows_per_step > 1:
+            plan = self.windows_plan(tokens, [self.sampler.draw(iteration, micro_batch, k)
+                                              for k in range(self.windows_per_step)])
+        else:
+            plan = self.window_plan(tokens, self.sampler.draw(iteration, micro_batch))
         if self.full_sequence_share:
             plan.metrics[FULL_SEQUENCE_STEP] = 0.0
         return plan

@@ -104,15 +104,18 @@ class WindowSampler:
             return [1.0 / n] * n
         return [self.first_prob] + [(1.0 - self.first_prob) / (n - 1)] * (n - 1)
 
-    def _rng(self, iteration: int, micro_batch: int) -> np.random.Generator:
+    def _rng(self, iteration: int, micro_batch: int, index: int = 0) -> np.random.Generator:
         key = [self.seed, 0x57A27, iteration]
         if self.scope == "micro-batch":
             key.append(micro_batch)
+        if index:  # a further window of the same context pass: its own independent draw
+            key += [0x3D0, index]
         return np.random.default_rng(key)
 
-    def draw(self, iteration: int, micro_batch: int) -> int:
-        """The window start of global micro-batch ``micro_batch`` of ``iteration``."""
-        rng = self._rng(iteration, micro_batch)
+    def draw(self, iteration: int, micro_batch: int, index: int = 0) -> int:
+        """The window start of global micro-batch ``micro_batch`` of ``iteration`` (with
+        several windows per context pass, of its window ``index``)."""
+        rng = self._rng(iteration, micro_batch, index)
         if self.first_prob is None or len(self.starts) == 1:
             return self.starts[int(rng.integers(len(self.starts)))]
         if rng.random() < self.first_prob:
@@ -158,10 +161,10 @@ class AdaptiveWindowSampler(WindowSampler):
             return [1.0]
         return [self.first_prob] + ((1.0 - self.first_prob) * self._later_shares()).tolist()
 
-    def draw(self, iteration: int, micro_batch: int) -> int:
+    def draw(self, iteration: int, micro_batch: int, index: int = 0) -> int:
         if len(self.starts) == 1:
             return 0
-        rng = self._rng(iteration, micro_batch)
+        rng = self._rng(iteration, micro_batch, index)
         if rng.random() < self.first_prob:
             return 0
         shares = np.cumsum(self._later_shares())

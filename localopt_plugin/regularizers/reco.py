@@ -12,7 +12,8 @@ pairs lie inside it:
 ``adjacent-token`` pairs positions ``(i, i + 1)``, ``adjacent-frame`` pairs the same spatial
 token in consecutive frames ``(i, i + P)`` with ``P`` tokens per frame. Under Local
 Optimization ``hidden`` holds only the window, so no pair reaches into the (detached) context
-frames.
+frames; with several windows per context pass it holds the windows one after another, and no
+pair spans two of them (``ObjectiveOutput.windows``).
 
 Parallelism. The regularizer needs only the states, so it runs wherever the loss is computed,
 i.e. on the last pipeline stage. Under tensor parallelism the decoder's output after the final
@@ -52,7 +53,7 @@ ADAPTIVE_CAP = 10.0  # the adaptive weight never exceeds ADAPTIVE_CAP x --reco-w
 
 def reco_penalty(hidden: torch.Tensor, frame_tokens: int,
                  pairs: str = "adjacent-token", reduction: str = "sum",
-                 shard: SequenceShard | None = None) -> torch.Tensor:
+                 shard: SequenceShard | None = None, windows: int = 1) -> torch.Tensor:
     """Unweighted ReCo: mean over pairs and batch of the squared L2 distance over the hidden dim.
 
     hidden: ``[s, b, h]`` with ``s`` a whole number of frames of ``frame_tokens`` tokens.
@@ -61,6 +62,7 @@ def reco_penalty(hidden: torch.Tensor, frame_tokens: int,
     ``shard`` (context parallelism): ``hidden`` is this rank's rows of the ``s``; the pairs
     that start here and end on a later rank get their far end from it (a halo of the pair's
     stride), and the result is this rank's share of the whole mean.
+    ``windows``: the ``s`` rows are that many equal windows in a row; pairs stay inside one.
     """
     if pairs == "adjacent-token":
         stride = 1
@@ -71,13 +73,16 @@ def reco_penalty(hidden: torch.Tensor, frame_tokens: int,
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [s, b, h], got shape {tuple(hidden.shape)}")
     length = hidden.shape[0] if shard is None else shard.total
-    if frame_tokens <= 0 or length % frame_tokens:
-        raise ValueError(f"{length} positions are not whole frames of {frame_tokens} tokens")
+    if windows < 1 or length % windows:
+        raise ValueError(f"{length} positions are not {windows} equal windows")
+    window = length // windows
+    if frame_tokens <= 0 or window % frame_tokens:
+        raise ValueError(f"{window} positions are not whole frames of {frame_tokens} tokens")
     h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown ReCo reduction {reduction!r}; choose one of "
                          f"{', '.join(REDUCTIONS)}")
-    if length <= stride:
+    if window <= stride:
         return h.new_zeros(())
     if shard is not None:
         h = torch.cat([h, rows_after(h, shard, stride)])
@@ -85,9 +90,13 @@ def reco_penalty(hidden: torch.Tensor, frame_tokens: int,
     # reduction "sum": the paper's squared L2 norm; "mean": per hidden dimension (the same
     # lambda works at any hidden size)
     squared = diff.square().sum(-1) if reduction == "sum" else diff.square().mean(-1)
-    if shard is None:
+    if windows > 1:  # drop the pairs that start in one window and end in the next
+        first = 0 if shard is None else shard.start
+        row = torch.arange(first, first + squared.shape[0], device=squared.device)
+        squared = squared * (row % window < window - stride).unsqueeze(-1)
+    elif shard is None:
         return squared.mean()
-    return squared.sum() / ((length - stride) * hidden.shape[1])
+    return squared.sum() / (windows * (window - stride) * hidden.shape[1])
 
 
 class ReCo:
@@ -155,15 +164,17 @@ class ReCo:
             return out.loss.new_zeros(()), {RECO_LOSS: 0.0, RECO_RAW: math.nan,
                                             RECO_WEIGHT: 0.0}
         positions = out.hidden.shape[0] if out.shard is None else out.shard.total
-        if out.num_frames <= 0 or positions % out.num_frames:
+        frames = out.num_frames * out.windows
+        if frames <= 0 or positions % frames:
             raise ValueError(f"hidden has {positions} positions, not a whole number "
-                             f"of {out.num_frames} frames")
-        frame_tokens = positions // out.num_frames
+                             f"of {frames} frames")
+        frame_tokens = positions // frames
         if config.pairs == "adjacent-frame" and out.num_frames < 2:
             raise UserError("--reco-pairs adjacent-frame needs at least 2 optimized frames "
                              "(e.g. --local-opt-window-frames >= 2)")
         hidden = out.pre_norm_hidden if config.states == "pre-norm" else out.hidden
-        raw = reco_penalty(hidden, frame_tokens, config.pairs, config.reduction, out.shard)
+        raw = reco_penalty(hidden, frame_tokens, config.pairs, config.reduction, out.shard,
+                           out.windows)
         whole_raw = out.whole(raw)  # raw is this rank's share under context parallelism
         if config.schedule == "adaptive":
             weight = self.adaptive_weight(out.lm_loss(), whole_raw)

@@ -15,7 +15,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from localopt_plugin.model import ModelConfig, ParallelConfig, transformer_config
 from localopt_plugin.model.init import initialize_parameters
-from localopt_plugin.model.pipeline import pipeline_layers, stage_parameters
+from localopt_plugin.model.pipeline import pipeline_layers, stage_parameters, windows_to_pipe
 from localopt_plugin.plan import ForwardPlan, objective_output
 from localopt_plugin.regularizers import apply_regularizers
 
@@ -35,13 +35,13 @@ class PipelineLoss:
     def __call__(self, outputs, labels):
         logits, hidden, pre_norm = outputs
         target, meta = labels
-        loss_from, first_frame, num_frames = (int(x) for x in meta)
+        loss_from, first_frame, num_frames, windows = (int(x) for x in meta)
         losses = tensor_parallel.vocab_parallel_cross_entropy(
             logits[loss_from:].float(), target.t().contiguous())
         if self.evaluating:
             return losses.mean()
         out = objective_output(losses, hidden[loss_from:], pre_norm[loss_from:], first_frame,
-                               num_frames)
+                               num_frames, windows=windows)
         total, metrics = apply_regularizers(out, self.regularizers, self.iteration)
         self.metrics.append({k: float(v) for k, v in metrics.items()})
         return total
@@ -55,8 +55,10 @@ def plan_to_pipe(plan: ForwardPlan):
     else:
         context_ids, n = ids[:, :1], 0
     scalar = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
-    inputs = (context_ids, ids, plan.positions, scalar(n), scalar(plan.context_keep_from))
-    meta = torch.tensor([plan.loss_from, plan.first_frame, plan.num_frames], dtype=torch.long)
+    inputs = (context_ids, ids, plan.positions, scalar(n), scalar(plan.context_keep_from),
+              windows_to_pipe(plan.windows))
+    meta = torch.tensor([plan.loss_from, plan.first_frame, plan.num_frames, plan.window_count],
+                        dtype=torch.long)
     return inputs, (plan.labels, meta)
 
 

@@ -21,6 +21,17 @@ def attention_flops(plan, config) -> float:
     width = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
     per_pair = 4 * width * config.num_layers * plan.ids.shape[0]
     flops = 0.0
+    if plan.windows:  # each window sees the head, the context before it and itself
+        if plan.context_ids is not None:
+            context = torch.arange(plan.context_ids.shape[1])
+            flops += per_pair * mask_pairs(context, context)
+        head = plan.positions[:plan.loss_from]
+        pairs = mask_pairs(head, head)
+        for start, length in plan.windows:
+            window = torch.arange(start, start + length)
+            keys = torch.cat([head, torch.arange(len(head), start), window])
+            pairs += mask_pairs(window, keys)
+        return flops + 3 * per_pair * pairs
     keys = plan.positions
     if plan.context_ids is not None:
         context = torch.arange(plan.context_ids.shape[1])

@@ -83,6 +83,36 @@ def test_fits_returns_the_largest_that_fits():
             > result["full-sequence: longest clip (latent frames, micro-batch 1)"])
 
 
+@pytest.mark.parametrize("windows", [1, 3])
+def test_expected_flops_are_the_draws_enumerated(windows):
+    """The planner's expected FLOPs per step against every combination of the K independent
+    draws, each combination's plan built by the objective and counted, weighed by its
+    probability (3 windows on 5 frames: 64 plans)."""
+    import itertools
+    from types import SimpleNamespace
+
+    from localopt_plugin.bench.flops import plan_flops
+    from localopt_plugin.bench.planner import summarize
+    from localopt_plugin.objectives import LocalOptConfig, LocalOptimization, WindowSampler
+
+    setup = Setup(model=config_with_flags("test"), vocab=VOCAB, frames=5, frame_tokens=16,
+                  window=2, stride=1, first_prob=0.5, windows_per_step=windows)
+    sampler = WindowSampler(5, 2, 1, 0, first_prob=0.5)
+    p = dict(zip(sampler.starts, sampler.probabilities(), strict=True))
+    tokens = torch.zeros(1, setup.layout.seq_length, dtype=torch.long)
+    expected = 0.0
+    for starts in itertools.product(sampler.starts, repeat=windows):
+        drawn = SimpleNamespace(window_frames=2, draw=lambda i, m, k=0, s=starts: s[k])
+        objective = LocalOptimization(setup.layout, drawn,
+                                      LocalOptConfig(windows_per_step=windows))
+        weight = 1.0
+        for start in starts:
+            weight *= p[start]
+        expected += weight * plan_flops(objective.plan(tokens), setup.model, VOCAB)
+    planned = summarize(setup, None)["local-opt"]["expected TFLOP per step"] * 1e12
+    assert planned == pytest.approx(expected, rel=1e-9)
+
+
 def test_plan_command_prints_and_writes_json(tmp_path):
     flags = ("--preset", "110m", "--bf16", "--frames", "17", "--gpu-memory-gib", "80")
     proc, result = _plan(tmp_path, *flags)

@@ -1,7 +1,8 @@
 """Local Opt.'s remedies for long-range recall (the adaptive window sampler, a share of
-full-sequence steps) under the parallel layouts users run: real 2-rank runs over gloo with the
-shipped presets' architecture, against one process on the same global batch; and a resumed run
-against an uninterrupted one (the sampler's learned losses travel in the checkpoint)."""
+full-sequence steps, several windows per context pass) under the parallel layouts users run:
+real 2-rank runs over gloo with the shipped presets' architecture, against one process on the
+same global batch; and a resumed run against an uninterrupted one (the sampler's learned
+losses travel in the checkpoint)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,26 @@ def test_remedies_under_every_layout_match_one_process(tmp_path):
         name = "-".join(layout).strip("-") or "dp2"
         records = run_train(tmp_path, *flags, *layout, nproc=2, name=name)
         for key in KEYS:
+            assert _values(records, key) == pytest.approx(_values(single, key), rel=1e-4), (
+                layout, key)
+
+
+def test_several_windows_per_context_pass_under_every_layout_match_one_process(tmp_path):
+    """``--local-opt-windows-per-step 2`` with ReCo: TP=2, DeepSpeed PP=2 and CP=2 train the
+    single process's losses (the windows: one per draw, each its own attention and ReCo
+    pairs, in every executor's stages and shards)."""
+    flags = (*PRESET_TRAIN_FLAGS, "--train-iters", "6", "--objective", "local-opt",
+             "--local-opt-window-frames", "1", "--local-opt-windows-per-step", "2",
+             "--regularizer", "reco", "--reco-reduction", "mean", "--zero-stage", "1",
+             *SAME_VOCAB)
+    single = run_train(tmp_path, *flags, name="single")
+    # the windows were drawn apart in some steps: two windows trained, not one
+    assert any(r["latest window start"] != r["window start"] for r in single)
+    for layout in (("--tensor-model-parallel-size", "2"),
+                   ("--pipeline-model-parallel-size", "2"),
+                   ("--context-parallel-size", "2", "--cp-comm-type", "a2a")):
+        records = run_train(tmp_path, *flags, *layout, nproc=2, name="-".join(layout))
+        for key in ("lm loss", "reco loss", "window start", "latest window start"):
             assert _values(records, key) == pytest.approx(_values(single, key), rel=1e-4), (
                 layout, key)
 

@@ -14,22 +14,32 @@ from localopt_plugin.bench.flops import plan_flops
 from localopt_plugin.data.layout import SampleLayout
 from localopt_plugin.model import build_gpt_model
 from localopt_plugin.objectives import FullSequence, LocalOptimization
+from localopt_plugin.objectives.sequence import LocalOptConfig
 
 LAYOUT = SampleLayout(video_start=3, num_frames=4, frame_tokens=32)
 VOCAB = 100
 
 
-def _window(first: int):
-    return SimpleNamespace(window_frames=2, draw=lambda iteration, micro_batch: first)
+def _window(*firsts: int):
+    return SimpleNamespace(window_frames=2,
+                           draw=lambda iteration, micro_batch, index=0: firsts[index])
 
 
-@pytest.mark.parametrize("objective", ["full-sequence", "window 0", "window 2"])
+def _plan(objective: str, tokens: torch.Tensor):
+    if objective == "full-sequence":
+        return FullSequence(LAYOUT).plan(tokens)
+    firsts = [int(c) for c in objective.split()[-1].split(",")]
+    config = LocalOptConfig(windows_per_step=len(firsts))
+    return LocalOptimization(LAYOUT, _window(*firsts), config).plan(tokens, 0, 0)
+
+
+@pytest.mark.parametrize("objective", ["full-sequence", "window 0", "window 2",
+                                       "windows 2,0,1"])
 def test_plan_flops_match_torchs_counter_and_the_mask(dist_world_of_one, objective):
     config = preset_model("test")
     model = build_gpt_model(config, VOCAB)
     tokens = torch.randint(0, VOCAB, (2, LAYOUT.seq_length))
-    plan = (FullSequence(LAYOUT) if objective == "full-sequence" else
-            LocalOptimization(LAYOUT, _window(int(objective[-1])))).plan(tokens, 0, 0)
+    plan = _plan(objective, tokens)
     padded_vocab = model.output_layer.weight.shape[0]
     products = plan_flops(plan, config, padded_vocab) - attention_flops(plan, config)
     assert products == pytest.approx(product_flops(model, plan), rel=1e-6)

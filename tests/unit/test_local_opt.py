@@ -102,7 +102,7 @@ def test_context_builds_no_graph_and_later_frames_are_not_computed(dist_world_of
     real_forward_hidden = plan.forward_hidden
 
     def recording_forward_hidden(model, input_ids, positions, memory=None, store_from=None,
-                                 shard=None):
+                                 shard=None, windows=()):
         saved = []
 
         def pack(t):
@@ -111,7 +111,7 @@ def test_context_builds_no_graph_and_later_frames_are_not_computed(dist_world_of
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = real_forward_hidden(model, input_ids, positions, memory=memory,
-                                      store_from=store_from, shard=shard)
+                                      store_from=store_from, shard=shard, windows=windows)
         calls.append(SimpleNamespace(positions=positions.clone(), saved=len(saved),
                                      grad_enabled=torch.is_grad_enabled(), out=out,
                                      memory=memory))
