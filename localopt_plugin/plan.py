@@ -3,8 +3,9 @@
 An objective turns a micro-batch into a :class:`ForwardPlan` (which tokens run as context
 without autograd, which run with autograd at which absolute positions, which carry the loss);
 executors run plans without knowing which objective made them: :func:`run_plan` on a whole
-GPTModel (the DeepSpeed trainer, Megatron-LM's forward step, benchmarks), the DeepSpeed pipeline
-stages (``localopt_plugin.training.pipeline``) stage by stage. :class:`ObjectiveOutput` is what
+GPTModel (the DeepSpeed trainer, benchmarks); :func:`plan_hidden` on each stage of a pipeline
+(DeepSpeed's, ``localopt_plugin.training.pipeline``, and Megatron-LM's schedules), the last
+stage finishing with :func:`plan_output`. :class:`ObjectiveOutput` is what
 a run yields and what regularizers act on.
 """
 
@@ -236,11 +237,20 @@ def _sequence_parallel_outputs(model, plan: ForwardPlan, shard: SequenceShard | 
     return losses, hidden[rows], pre_norm_hidden[rows], states, loss_shard
 
 
+def plan_output(model, plan: ForwardPlan, hidden: torch.Tensor,
+                pre_norm_hidden: torch.Tensor) -> ObjectiveOutput:
+    """What a plan yields on the last stage (or a whole model), from the hidden states and
+    residual stream of :func:`plan_hidden`: the loss assembly of the whole-model run and of
+    DeepSpeed's pipeline (Megatron-LM's schedule splits it: :func:`optimized_outputs` in the
+    forward step, :func:`objective_output` in its loss function)."""
+    losses, hidden, pre_norm_hidden, shard, loss_shard = optimized_outputs(
+        model, plan, hidden, pre_norm_hidden)
+    return objective_output(losses, hidden, pre_norm_hidden, plan.first_frame, plan.num_frames,
+                            plan.metrics, shard, loss_shard, plan.window_count)
+
+
 def run_plan(model, plan: ForwardPlan) -> ObjectiveOutput:
     """Execute a plan on a whole (non-pipelined) GPTModel."""
     with final_norm_input(model) as pre_norm:
         hidden = plan_hidden(model, plan)
-    losses, hidden, pre_norm_hidden, shard, loss_shard = optimized_outputs(
-        model, plan, hidden, pre_norm["hidden"])
-    return objective_output(losses, hidden, pre_norm_hidden, plan.first_frame, plan.num_frames,
-                            plan.metrics, shard, loss_shard, plan.window_count)
+    return plan_output(model, plan, hidden, pre_norm["hidden"])

@@ -361,22 +361,8 @@ def resolve(args: argparse.Namespace, world_size: int, prepared: Prepared | None
     parallel = ParallelConfig.from_args(args)
     parallel.check_model(model)
     parallel.check_world(world_size)
-    if parallel.pipeline_model_parallel_size > 1 and parallel.context_parallel_size > 1:
-        raise UserError("--context-parallel-size > 1 with --pipeline-model-parallel-size > 1: "
-                        "localopt-train pipelines on DeepSpeed's pipeline engine, whose grid "
-                        "has no sequence-parallel axis; Megatron-LM's pretrain() (examples/"
-                        "pretrain_video_gpt.py) runs both, or use one of them")
-    if parallel.pipeline_model_parallel_size > 1 and parallel.sequence_parallel:
-        raise UserError("--sequence-parallel with --pipeline-model-parallel-size > 1 is not "
-                        "implemented by localopt-train's DeepSpeed pipeline stages; Megatron-LM's "
-                        "pretrain() (examples/pretrain_video_gpt.py) runs both, or drop one")
     if parallel.pipeline_model_parallel_size > 1 and model.transformer_impl != "local":
         raise UserError("pipeline parallelism needs --transformer-impl local")
-    if parallel.pipeline_model_parallel_size > 1 and model.recompute_method == "block":
-        raise UserError("--recompute-method block with --pipeline-model-parallel-size > 1: "
-                        "localopt-train's pipeline recomputes with DeepSpeed's activation "
-                        "checkpointing, in uniform chunks of --recompute-num-layers: use "
-                        "--recompute-method uniform (Megatron-LM's pretrain() runs block)")
     run = RunConfig.from_args(args)
     optimizer = OptimizerConfig.from_args(args)
     _check_tokenizer(getattr(args, "tokenizer", None), source)

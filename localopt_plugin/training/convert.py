@@ -11,8 +11,9 @@ Megatron-LM:
   along its partition dimension as Megatron split it (a gated MLP's ``[gate; up]`` stride
   included), replicated ones are taken from rank 0;
 * pipeline parallel: DeepSpeed writes one file per pipeline layer and TP rank
-  (``layer_XX-model_YY-model_states.pt``): the embedding, each transformer layer, the final
-  norm and the (untied) output layer, renamed to GPTModel's names.
+  (``layer_XX-model_YY-model_states.pt``): one GPTModel per stage, its layers renumbered after
+  the previous stages'; checkpoints written before (the embedding, each transformer layer, the
+  final norm and the output layer, one file each) are read too.
 
 The merged model pads its vocabulary as the trained one did (``divisible_by x TP``), so it
 computes exactly the trained function.
@@ -88,14 +89,29 @@ def _data_parallel_weights(directory: str, tag: str, states: list[dict],
     return [gptmodel_state_dict(_tensors(s["module"])) for s in states]
 
 
-def _pipeline_weights(path: str, num_layers: int, tp: int) -> list[dict[str, torch.Tensor]]:
-    """GPTModel weights of each TP rank from DeepSpeed's per-layer pipeline files."""
-    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+def _pipeline_files(path: str) -> list[tuple[int, int, dict[str, torch.Tensor]]]:
+    """DeepSpeed's per-layer pipeline files: (layer, TP rank, tensors), in layer order."""
+    files = []
     for file in glob.glob(os.path.join(path, "layer_*-model_*-model_states.pt")):
         index, rank = (int(x) for x in re.search(r"layer_(\d+)-model_(\d+)-",
                                                   os.path.basename(file)).groups())
-        for name, value in _tensors(torch.load(file, map_location="cpu",
-                                               weights_only=False)).items():
+        files.append((index, rank, _tensors(torch.load(file, map_location="cpu",
+                                                       weights_only=False))))
+    return sorted(files, key=lambda f: f[:2])
+
+
+def _pipeline_weights(path: str, num_layers: int, tp: int,
+                      tied: bool) -> list[dict[str, torch.Tensor]]:
+    """GPTModel weights of each TP rank from DeepSpeed's per-layer pipeline files: one
+    GPTModel per stage (``gpt.``-prefixed, layers numbered per stage), or the layout written
+    before it (embedding, each layer, final norm, output: one file each)."""
+    files = _pipeline_files(path)
+    if files and all(name.startswith("gpt.") for name in files[0][2]):
+        return _stage_weights(files, tp, tied)
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    for index, rank, tensors in files:
+        file = f"{path}: layer {index}, TP rank {rank}"
+        for name, value in tensors.items():
             if index == 0 or name.startswith("output_layer."):
                 whole = name  # the embedding stage, the untied output layer
             elif 1 <= index <= num_layers:
@@ -107,6 +123,34 @@ def _pipeline_weights(path: str, num_layers: int, tp: int) -> list[dict[str, tor
             if not whole.endswith("inv_freq"):  # the rotary table is rebuilt, not loaded
                 ranks[rank][whole] = value
     return ranks
+
+
+def _stage_weights(files: list[tuple[int, int, dict[str, torch.Tensor]]], tp: int,
+                   tied: bool) -> list[dict[str, torch.Tensor]]:
+    """Whole-model weights from one GPTModel per stage: each stage's layers follow the
+    previous stages' (counted from the files), a tied output weight is the embedding's."""
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    offsets: dict[int, int] = {}
+    for stage in sorted({index for index, _, _ in files}):
+        offsets[stage] = offsets.get(stage - 1, 0) + _stage_layers(files, stage - 1)
+    for stage, rank, tensors in files:
+        for name, value in tensors.items():
+            name = name.removeprefix("gpt.")
+            layer = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+            if layer:
+                name = f"decoder.layers.{int(layer[1]) + offsets[stage]}.{layer[2]}"
+            if tied and name == "output_layer.weight":
+                continue  # the word embedding, kept on the first stage
+            if not name.endswith("inv_freq") and not name.endswith("_extra_state"):
+                ranks[rank][name] = value
+    return ranks
+
+
+def _stage_layers(files, stage: int) -> int:
+    """Transformer layers in a stage's GPTModel (0 before the first)."""
+    numbers = {int(m[1]) for index, rank, tensors in files if index == stage and rank == 0
+               for name in tensors if (m := re.match(r"gpt\.decoder\.layers\.(\d+)\.", name))}
+    return max(numbers, default=-1) + 1
 
 
 def _merge_tensor_parallel(model: torch.nn.Module,
@@ -175,7 +219,8 @@ def load_trained_model(checkpoint_dir: str, tag: str | None = None):
         make_vocab_size_divisible_by=trained.make_vocab_size_divisible_by * tp)
     model = build_gpt_model(config, vocab_size=Vocabulary(**meta["vocabulary"]).size)
     if pp > 1:
-        ranks = _pipeline_weights(path, trained.num_layers, tp)
+        ranks = _pipeline_weights(path, trained.num_layers, tp,
+                                  not trained.untie_embeddings_and_output_weights)
     else:
         ranks = _data_parallel_weights(checkpoint_dir, tag, states,
                                        first["ds_config"]["zero_optimization"]["stage"])

@@ -382,6 +382,13 @@ def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
         raise UserError(f"ZeRO stage {zero['stage']} cannot be combined with pipeline "
                         "parallelism (DeepSpeed shards gradients across the micro-batches a "
                         "pipeline accumulates); use --zero-stage 1 or 0")
+    if parallel.pipeline_model_parallel_size > 1 and parallel.sequence_parallel:
+        # DeepSpeed's pipeline splits what crosses stages over the tensor-parallel ranks,
+        # assuming it is replicated there; under sequence parallelism each rank holds its own
+        # slice of the rows, sent whole
+        cfg["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+        notes.append("sequence parallelism under the pipeline: pipeline.pipe_partitioned and "
+                     "grad_partitioned off (each tensor-parallel rank sends its own rows)")
     _check_nvme(zero)
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
     if offload and zero["stage"] == 0:

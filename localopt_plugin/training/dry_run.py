@@ -86,16 +86,11 @@ def schedule(config: TrainConfig) -> dict:
 
 
 def recomputation(config: TrainConfig) -> dict:
-    """Megatron's recomputation flags and, under DeepSpeed's pipeline, how its stages run full
-    recomputation (their chunks start at the stage's first module, not its first layer)."""
+    """Megatron's recomputation flags (every executor runs them inside Megatron-Core's
+    TransformerBlock, each pipeline stage over its own layers, as Megatron-LM does)."""
     model = config.model
-    out = {"granularity": model.recompute_granularity, "method": model.recompute_method,
-           "layers": model.recompute_num_layers}
-    if model.recompute_granularity == "full" and config.parallel.pipeline_model_parallel_size > 1:
-        out["run as"] = (f"DeepSpeed pipeline activation checkpointing: each stage's modules in "
-                         f"chunks of {model.recompute_num_layers}, a chunk holding the embedding "
-                         "or the final norm is not recomputed")
-    return out
+    return {"granularity": model.recompute_granularity, "method": model.recompute_method,
+            "layers": model.recompute_num_layers}
 
 
 def describe(config: TrainConfig, source: VideoTokenSource, world_size: int) -> dict:

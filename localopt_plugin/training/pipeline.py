@@ -1,83 +1,177 @@
-"""Local Optimization through DeepSpeed's pipeline engine: the loss stage and the plan feed.
+"""Local Optimization through DeepSpeed's pipeline engine, on the shared plan functions.
 
-The stages themselves are Megatron-Core modules (:mod:`localopt_plugin.model.pipeline`); here
-the :class:`~deepspeed.pipe.PipelineModule` is assembled with the loss function that applies
-the objective's cross-entropy and the regularizers on the last stage, and each
-:class:`~localopt_plugin.plan.ForwardPlan` becomes the tuple DeepSpeed feeds the first stage.
+Each pipeline stage is one DeepSpeed layer: Megatron-Core's GPTModel built for that stage
+(embedding on the first, final norm and output layer on the last; ``build_gpt_model`` as
+Megatron-LM's ``pretrain()`` builds its stages), whose forward is
+:func:`~localopt_plugin.plan.plan_hidden`, the function ``pretrain()``'s stages run: the
+context pass without autograd, then the autograd pass, both streams in one tensor between
+stages (the context rows carry zero gradient back). The last stage's loss function assembles
+the objective's output with :func:`~localopt_plugin.plan.plan_output` from the micro-batch's
+own plan, as every executor does. So a window, its context and ReCo's states are computed in
+one place whatever the executor.
+
+What crosses stages: ``(rows, context_length, keep_from, positions, windows)``; the first stage
+gets ``(context_ids, ids, ...)`` from the plan feed instead of ``rows``. The tied word embedding
+(first stage) and output weight (last stage) get their gradients summed over Megatron's
+embedding group, where DeepSpeed reduces tied weights (``get_tied_weights_and_groups``).
 """
 
 from __future__ import annotations
 
-import torch
-from deepspeed.pipe import PipelineModule
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from megatron.core import parallel_state, tensor_parallel
+import glob
+import os
+from collections import deque
 
-from localopt_plugin.model import ModelConfig, ParallelConfig, transformer_config
-from localopt_plugin.model.init import initialize_parameters
-from localopt_plugin.model.pipeline import pipeline_layers, stage_parameters, windows_to_pipe
-from localopt_plugin.plan import ForwardPlan, objective_output
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state
+
+from localopt_plugin.errors import UserError
+from localopt_plugin.model import ModelConfig, ParallelConfig, build_gpt_model, final_norm_input
+from localopt_plugin.model.init import canonical_parameters
+from localopt_plugin.plan import ForwardPlan, plan_hidden, plan_output
 from localopt_plugin.regularizers import apply_regularizers
 
 
+def _scalar(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.long)
+
+
+def _windows(plan: ForwardPlan) -> torch.Tensor:
+    """The plan's windows as a ``[n, 2]`` tensor; ``[[-1, 0]]`` for none (p2p messages
+    cannot be empty)."""
+    return torch.tensor(plan.windows or ((-1, 0),), dtype=torch.long)
+
+
+def _stage_plan(context_ids, ids, positions, context_length, keep_from, windows) -> ForwardPlan:
+    """What :func:`plan_hidden` reads of a plan, from the tensors that cross stages (a stage
+    without the embedding gets placeholder ids of the right shapes)."""
+    n = int(context_length)
+    pairs = tuple((int(s), int(length)) for s, length in windows.tolist())
+    return ForwardPlan(context_ids[:, :n] if n else None, int(keep_from), ids, positions,
+                       0, ids[:, :0], 0, 0, windows=() if pairs == ((-1, 0),) else pairs)
+
+
+class GPTStage(torch.nn.Module):
+    """One pipeline stage: Megatron-Core's GPTModel with this stage's layers."""
+
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, vocab_size: int,
+                 seed: int) -> None:
+        super().__init__()
+        self.gpt = build_gpt_model(model, vocab_size, parallel=parallel, seed=seed,
+                                   pre_process=parallel_state.is_pipeline_first_stage(),
+                                   post_process=parallel_state.is_pipeline_last_stage())
+
+    def forward(self, inputs):
+        gpt = self.gpt
+        if gpt.pre_process:
+            context_ids, ids, positions, context_length, keep_from, windows = inputs
+        else:
+            rows, positions, context_length, keep_from, windows = inputs
+            batch, length = rows.shape[1], len(positions)
+            ids = torch.zeros((batch, length), dtype=torch.long, device=rows.device)
+            context_ids = torch.zeros((batch, max(1, int(context_length))), dtype=torch.long,
+                                      device=rows.device)
+            gpt.set_input_tensor(rows)
+        plan = _stage_plan(context_ids, ids, positions, context_length, keep_from, windows)
+        with final_norm_input(gpt) as pre_norm:
+            hidden = plan_hidden(gpt, plan)
+        if gpt.post_process:
+            return hidden, pre_norm["hidden"]
+        return hidden, positions, context_length, keep_from, windows
+
+
 class PipelineLoss:
-    """loss_fn of the PipelineModule: cross-entropy on the optimized rows, plus regularizers.
+    """loss_fn of the PipelineModule: the objective's output of the micro-batch's own plan,
+    plus regularizers. The plans arrive with the data on the last stage
+    (:meth:`GPTPipeline.feed`), in the order DeepSpeed computes the losses. Metrics of each
+    micro-batch are kept in ``metrics`` for the trainer to collect."""
 
-    Metrics of each micro-batch are kept in ``metrics`` for the trainer to collect.
-    """
-
-    def __init__(self, regularizers=()) -> None:
+    def __init__(self, regularizers=(), gradient_scale: float = 1.0) -> None:
         self.regularizers = list(regularizers)
+        self.gradient_scale = gradient_scale  # see build_pipeline_module
         self.iteration = 0
         self.evaluating = False
         self.metrics: list[dict[str, float]] = []
+        self.plans: deque[ForwardPlan] = deque()
+        self.model = None  # the last stage's GPTModel
 
     def __call__(self, outputs, labels):
-        logits, hidden, pre_norm = outputs
-        target, meta = labels
-        loss_from, first_frame, num_frames, windows = (int(x) for x in meta)
-        losses = tensor_parallel.vocab_parallel_cross_entropy(
-            logits[loss_from:].float(), target.t().contiguous())
+        hidden, pre_norm = outputs
+        out = plan_output(self.model, self.plans.popleft(), hidden, pre_norm)
         if self.evaluating:
-            return losses.mean()
-        out = objective_output(losses, hidden[loss_from:], pre_norm[loss_from:], first_frame,
-                               num_frames, windows=windows)
+            return out.lm_loss()
         total, metrics = apply_regularizers(out, self.regularizers, self.iteration)
         self.metrics.append({k: float(v) for k, v in metrics.items()})
-        return total
+        return total * self.gradient_scale if self.gradient_scale != 1.0 else total
 
 
-def plan_to_pipe(plan: ForwardPlan):
-    """A ForwardPlan as the (first-stage inputs, last-stage labels) tuple DeepSpeed loads."""
-    ids = plan.ids
-    if plan.context_ids is not None:
-        context_ids, n = plan.context_ids, plan.context_ids.shape[1]
-    else:
-        context_ids, n = ids[:, :1], 0
-    scalar = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
-    inputs = (context_ids, ids, plan.positions, scalar(n), scalar(plan.context_keep_from),
-              windows_to_pipe(plan.windows))
-    meta = torch.tensor([plan.loss_from, plan.first_frame, plan.num_frames, plan.window_count],
-                        dtype=torch.long)
-    return inputs, (plan.labels, meta)
+class GPTPipeline(PipelineModule):
+    """DeepSpeed's PipelineModule of one :class:`GPTStage` per pipeline rank."""
+
+    def feed(self, plan: ForwardPlan):
+        """A plan as the (first-stage inputs, labels) pair DeepSpeed loads on the first and
+        last stages; the last stage keeps the plan for its loss."""
+        if self.stage_id == self.num_stages - 1:
+            self.loss_fn.plans.append(plan)
+        context_ids = plan.context_ids if plan.context_ids is not None else plan.ids[:, :1]
+        context = 0 if plan.context_ids is None else plan.context_ids.shape[1]
+        inputs = (context_ids, plan.ids, plan.positions, _scalar(context),
+                  _scalar(plan.context_keep_from), _windows(plan))
+        return inputs, plan.labels
+
+    def load_state_dir(self, load_dir, checkpoint_engine, strict=True):
+        """This layout's checkpoints load as DeepSpeed loads them; those written before it (one
+        file per embedding, transformer layer, final norm and output layer) by whole-model
+        names into this stage's GPTModel."""
+        files = glob.glob(os.path.join(load_dir, "layer_*-model_00-model_states.pt"))
+        if len(files) == self.num_stages:
+            return super().load_state_dir(load_dir, checkpoint_engine, strict)
+        from localopt_plugin.training.convert import _pipeline_weights
+
+        gpt, config = self.forward_funcs[0].gpt, self.model_config
+        weights = _pipeline_weights(load_dir, config.num_layers,
+                                    parallel_state.get_tensor_model_parallel_world_size(),
+                                    not config.untie_embeddings_and_output_weights)
+        weights = weights[parallel_state.get_tensor_model_parallel_rank()]
+        with torch.no_grad():
+            for name, param in canonical_parameters(gpt):
+                if name not in weights:
+                    raise UserError(f"{load_dir}: no {name} in the pipeline checkpoint")
+                param.copy_(weights[name])
+
+    def get_tied_weights_and_groups(self):
+        """The tied word embedding and output weight, over Megatron's embedding group."""
+        gpt = self.forward_funcs[0].gpt
+        if (self.num_stages == 1 or not gpt.share_embeddings_and_output_weights
+                or not (gpt.pre_process or gpt.post_process)):
+            return []
+        return [(gpt.shared_embedding_or_output_weight(), parallel_state.get_embedding_group())]
 
 
 def build_pipeline_module(model: ModelConfig, parallel: ParallelConfig, vocab_size: int,
-                          seed: int, regularizers=()) -> PipelineModule:
+                          seed: int, regularizers=()) -> GPTPipeline:
     """The GPT as a DeepSpeed PipelineModule over Megatron's parallel layout, with the
-    single-process model's initial weights. Full recomputation (``--recompute-granularity full
-    --recompute-method uniform --recompute-num-layers N``) is DeepSpeed's pipeline activation
-    checkpointing: each stage's modules in chunks of N, a chunk of transformer layers only
-    recomputed in backward (a chunk with the embedding or the final norm is kept)."""
+    single-process model's initial weights; recomputation is Megatron's own, inside each
+    stage's GPTModel.
+
+    DeepSpeed's grid has no context-parallel axis: context ranks count as data ranks of it (in
+    Megatron's rank order, TP fastest, then CP, then DP, so its ranks are Megatron's), which
+    averages gradients over data x context ranks; each rank's loss is its share of the
+    sample's, so it is scaled by the context-parallel size for the shares' gradients to sum
+    (as the non-pipelined engine does)."""
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    context = parallel_state.get_context_parallel_world_size()
     topology = PipeModelDataParallelTopology(
-        num_pp=parallel_state.get_pipeline_model_parallel_world_size(),
-        num_mp=parallel_state.get_tensor_model_parallel_world_size(),
-        num_dp=parallel_state.get_data_parallel_world_size())
-    interval = model.recompute_num_layers if model.recompute_granularity == "full" else 0
-    module = PipelineModule(layers=pipeline_layers(model, parallel, vocab_size),
-                            loss_fn=PipelineLoss(regularizers), topology=topology,
-                            partition_method="type:TransformerLayerStage", dynamic_shape=True,
-                            activation_checkpoint_interval=interval,
-                            checkpointable_layers=["TransformerLayerStage"])
-    initialize_parameters(stage_parameters(module), transformer_config(model, parallel), seed)
+        num_pp=stages, num_mp=parallel_state.get_tensor_model_parallel_world_size(),
+        num_dp=parallel_state.get_data_parallel_world_size() * context)
+    loss = PipelineLoss(regularizers, gradient_scale=float(context))
+    module = GPTPipeline(layers=[LayerSpec(GPTStage, model, parallel, vocab_size, seed)
+                                 for _ in range(stages)],
+                         loss_fn=loss, topology=topology, partition_method="uniform",
+                         dynamic_shape=True)
+    module.model_config = model
+    if module.stage_id == stages - 1:
+        loss.model = module.forward_funcs[0].gpt
     return module

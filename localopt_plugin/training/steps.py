@@ -18,7 +18,6 @@ from localopt_plugin.objectives import FullSequence, global_micro_batch
 from localopt_plugin.platform import default_device
 from localopt_plugin.regularizers import apply_regularizers
 from localopt_plugin.training.config import TrainConfig
-from localopt_plugin.training.pipeline import plan_to_pipe
 
 
 class TrainingStep(torch.nn.Module):
@@ -88,13 +87,14 @@ def pipeline_step(engine, stream, objective, config: TrainConfig,
     """One DeepSpeed pipeline train_batch; metrics travel from the last stage to all stages."""
     loss_fn = engine.module.loss_fn
     loss_fn.iteration, loss_fn.metrics = iteration, []
+    loss_fn.plans.clear()
     plans = []  # the stages that load data (first, last) plan the micro-batches: the window
 
     def batches():
         for micro in range(config.gradient_accumulation_steps):
             plans.append(objective.plan(next(stream)["tokens"], iteration,
                                         global_micro_batch(micro)))
-            yield plan_to_pipe(plans[-1])
+            yield engine.module.feed(plans[-1])
 
     engine.train_batch(data_iter=batches())
     record = None
@@ -127,7 +127,9 @@ def evaluate(engine, source: VideoTokenSource, config: TrainConfig) -> float:
     if is_pipeline(engine):
         loss_fn = engine.module.loss_fn
         loss_fn.evaluating = True
-        batches = (plan_to_pipe(full.plan(next(stream)["tokens"])) for _ in range(rounds * micro))
+        loss_fn.plans.clear()
+        batches = (engine.module.feed(full.plan(next(stream)["tokens"]))
+                   for _ in range(rounds * micro))
         for _ in range(rounds):  # each eval_batch runs one global batch's micro-batches
             total += engine.eval_batch(batches, reduce_output="avg").float().to(device).sum()
         loss_fn.evaluating = False

@@ -159,3 +159,29 @@ def test_resume_flags_leave_out_what_they_name(tmp_path):
     finetune = resumed("finetune", "--finetune", "--train-iters", "2")
     assert sorted(finetune) == [1, 2] and finetune[1]["lr"] == full[1]["lr"]
     assert finetune[1]["lm loss"] < full[1]["lm loss"] - 0.01  # the trained weights
+
+
+def test_pipeline_checkpoint_of_the_layout_before_gptmodel_stages_resumes(tmp_path):
+    """A PP=2 checkpoint in the layout written before each stage became one GPTModel
+    (tests/data/README.md: weights by whole-model names, ZeRO-1 optimizer state as saved)
+    resumes to the uninterrupted run's iterations 3-4."""
+    import shutil
+
+    fixture = REPO / "tests" / "data" / "pipeline_checkpoint_v1"
+    load = tmp_path / "ckpt"
+    shutil.copytree(fixture, load, ignore=shutil.ignore_patterns("*.pt.expected", "*.jsonl"))
+    flags = ("--preset", "test", "--num-layers", "2", "--hidden-size", "32",
+             "--ffn-hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+             "--synthetic-frames", "3", "--synthetic-frame-tokens", "8",
+             "--synthetic-codebook-size", "32", "--synthetic-num-classes", "4",
+             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
+             "--lr", "1e-3", "--log-interval", "1", "--objective", "local-opt",
+             "--regularizer", "reco", "--pipeline-model-parallel-size", "2", "--zero-stage", "1",
+             "--make-vocab-size-divisible-by", "8", "--load", str(load))
+    resumed = run_train(tmp_path, *flags, nproc=2, name="resumed")
+    expected = [json.loads(line) for line in
+                (fixture / "continued_metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in resumed] == [3, 4]
+    for key in ("lm loss", "reco loss", "grad norm", "window start"):
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in expected],
+                                                          rel=1e-5), key

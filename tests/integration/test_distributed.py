@@ -133,6 +133,23 @@ def test_sequence_parallel_matches_tensor_parallel(tmp_path, objective):
                                                              rel=1e-4)
 
 
+def test_pipeline_under_sequence_and_context_parallelism_matches_one_process(tmp_path):
+    """DeepSpeed's pipeline of GPTModel stages (PP=2) with TP=2 + --sequence-parallel and with
+    CP=2 (4 ranks each) against one process: the stages run the shared plan on their sequence
+    slices or context shares (DeepSpeed's grid counting context ranks as data ranks, its
+    activation partitioning over TP ranks off under SP)."""
+    flags = (*PRESET_TRAIN_FLAGS, *LOCAL_OPT, "--zero-stage", "1", *SAME_VOCAB,
+             "--train-iters", "4", "--pipeline-model-parallel-size", "2")
+    keys = ["lm loss", "reco loss", "grad norm"]
+    single = run_train(tmp_path, *flags[:-2], name="single")
+    for layout in (("--tensor-model-parallel-size", "2", "--sequence-parallel"),
+                   ("--context-parallel-size", "2", "--cp-comm-type", "a2a")):
+        records = run_train(tmp_path, *flags, *layout, nproc=4, name="-".join(layout))
+        for key in keys:
+            assert _values(records, key) == pytest.approx(_values(single, key), rel=1e-4), (
+                layout, key)
+
+
 def _converted_checkpoints_generate_the_same_tokens(tmp_path):
     from localopt_plugin.data.layout import SampleLayout, Vocabulary
     from localopt_plugin.generation.sampling import SamplingConfig, sample_video_tokens

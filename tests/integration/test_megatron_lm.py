@@ -52,6 +52,8 @@ def reference(args, batches, iteration):
     model = make_model(args)
     objective = build_objective(args.objective, video_source(args).layout,
                                 sampler=args.window_sampler, window=WindowConfig.from_args(args),
+                                config=registry.config_from_args("objective", args.objective,
+                                                                 args),
                                 seed=args.seed)
     step = TrainingStep(model, objective,
                         [registry.build("regularizer", r,
@@ -74,6 +76,7 @@ def pair(report, key):
 @pytest.mark.parametrize("flags", [
     ("--objective", "full-sequence"),
     ("--objective", "local-opt", "--regularizer", "reco"),
+    ("--objective", "local-opt", "--local-opt-windows-per-step", "2", "--regularizer", "reco"),
     ("--objective", "fewer-frames", "--regularizer", "reco"),
 ])
 def test_pp1_schedule_matches_training_step(dist_world_of_one, tmp_path, flags):

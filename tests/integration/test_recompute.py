@@ -30,41 +30,39 @@ def test_recomputation_gives_the_same_losses(tmp_path):
 
 
 def test_full_recomputation_under_deepspeed_pipeline_gives_the_same_losses(tmp_path):
-    """--recompute-granularity full with DeepSpeed's pipeline (PP=2): DeepSpeed's activation
-    checkpointing of the transformer-layer stages, with dropout on (its RNG replayed in
-    backward), against the same PP=2 run without it; the block method is refused by name."""
+    """--recompute-granularity full with DeepSpeed's pipeline (PP=2): Megatron's recomputation
+    inside each stage's GPTModel (uniform and block), with dropout on (its RNG replayed in
+    backward), against the same PP=2 run without it."""
     flags = (*FLAGS, "--pipeline-model-parallel-size", "2", "--zero-stage", "1",
              "--hidden-dropout", "0.1", "--train-iters", "3")
-    full = ("--recompute-granularity", "full", "--recompute-method", "uniform",
-            "--recompute-num-layers", "1")
-    status, setup, stderr = dry_run([*flags, *full], world=2)
-    assert status == 0 and setup["recomputation"]["granularity"] == "full", stderr
-    assert "DeepSpeed pipeline activation checkpointing" in setup["recomputation"]["run as"]
-    status, _, stderr = dry_run([*flags, *full[:3], "block", *full[4:]], world=2)
-    assert status == 2 and "use --recompute-method uniform" in stderr, stderr
     plain = run_train(tmp_path, *flags, nproc=2, name="pp-plain")
-    recomputed = run_train(tmp_path, *flags, *full, nproc=2, name="pp-full")
-    for key in ("lm loss", "reco loss", "grad norm"):
-        assert [r[key] for r in recomputed] == pytest.approx([r[key] for r in plain],
-                                                             rel=1e-5), key
+    for method in ("uniform", "block"):
+        full = ("--recompute-granularity", "full", "--recompute-method", method,
+                "--recompute-num-layers", "1")
+        status, setup, stderr = dry_run([*flags, *full], world=2)
+        assert status == 0 and setup["recomputation"]["method"] == method, stderr
+        recomputed = run_train(tmp_path, *flags, *full, nproc=2, name=f"pp-{method}")
+        for key in ("lm loss", "reco loss", "grad norm"):
+            assert [r[key] for r in recomputed] == pytest.approx([r[key] for r in plain],
+                                                                 rel=1e-5), (method, key)
 
 
 def test_pipeline_stages_run_their_layers_again_in_backward(dist_world_of_one, monkeypatch):
-    """What the test above cannot see from losses: with full recomputation each
-    transformer-layer stage's forward runs a second time during backward (once without)."""
+    """What the test above cannot see from losses: with full recomputation each transformer
+    layer of a pipeline stage runs its forward a second time during backward (once without)."""
     import torch
     from helpers.configs import preset_model
+    from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from localopt_plugin.data.layout import SampleLayout
     from localopt_plugin.model import ParallelConfig
-    from localopt_plugin.model.pipeline import TransformerLayerStage
     from localopt_plugin.objectives import FullSequence
-    from localopt_plugin.training.pipeline import build_pipeline_module, plan_to_pipe
+    from localopt_plugin.training.pipeline import build_pipeline_module
 
     calls = []
-    forward = TransformerLayerStage.forward
-    monkeypatch.setattr(TransformerLayerStage, "forward",
-                        lambda self, inputs: calls.append(self) or forward(self, inputs))
+    forward = TransformerLayer.forward
+    monkeypatch.setattr(TransformerLayer, "forward",
+                        lambda self, *a, **k: calls.append(self) or forward(self, *a, **k))
     layout = SampleLayout(video_start=3, num_frames=2, frame_tokens=8)
     tokens = torch.randint(0, 40, (2, layout.seq_length))
     for recompute, expected in ((None, 1), (1, 2)):
@@ -72,9 +70,7 @@ def test_pipeline_stages_run_their_layers_again_in_backward(dist_world_of_one, m
                              recompute_method="uniform" if recompute else None,
                              recompute_num_layers=recompute)
         module = build_pipeline_module(model, ParallelConfig(), 48, seed=1234)
-        # what DeepSpeed's PipelineEngine does on start (here without an engine)
-        module.set_checkpoint_interval(module.activation_checkpoint_interval)
-        inputs, labels = plan_to_pipe(FullSequence(layout).plan(tokens))
+        inputs, labels = module.feed(FullSequence(layout).plan(tokens))
         calls.clear()
         module.loss_fn(module(inputs), labels).backward()
         assert len(calls) == expected * model.num_layers, (recompute, len(calls))

@@ -50,7 +50,7 @@ def test_several_windows_per_context_pass_under_every_layout_match_one_process(t
     """``--local-opt-windows-per-step 2`` with ReCo: TP=2, DeepSpeed PP=2 and CP=2 train the
     single process's losses (the windows: one per draw, each its own attention and ReCo
     pairs, in every executor's stages and shards)."""
-    flags = (*PRESET_TRAIN_FLAGS, "--train-iters", "6", "--objective", "local-opt",
+    flags = (*PRESET_TRAIN_FLAGS, "--train-iters", "4", "--objective", "local-opt",
              "--local-opt-window-frames", "1", "--local-opt-windows-per-step", "2",
              "--regularizer", "reco", "--reco-reduction", "mean", "--zero-stage", "1",
              *SAME_VOCAB)

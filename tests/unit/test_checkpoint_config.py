@@ -19,6 +19,7 @@ from localopt_plugin.training.config import (
 from localopt_plugin.training.convert import load_trained_model
 
 V1 = Path(__file__).resolve().parents[1] / "data" / "checkpoint_v1"
+PIPELINE_V1 = V1.parent / "pipeline_checkpoint_v1"
 
 
 def test_a_checkpoint_written_before_typed_configs_loads(dist_world_of_one):
@@ -39,6 +40,19 @@ def test_a_checkpoint_written_before_typed_configs_loads(dist_world_of_one):
     name, dataset = dataset_from_saved(meta["config"])
     assert name == "synthetic-video-tokens" and dataset.frames == 3
     assert seed_from_saved(meta["config"]) == 1234
+
+
+def test_a_pipeline_checkpoint_of_the_layout_before_gptmodel_stages_converts(dist_world_of_one):
+    """A PP=2 checkpoint written when each transformer layer was its own DeepSpeed layer
+    (tests/data/README.md) converts to the GPTModel whose logits the code that wrote it gave."""
+    model, meta = load_trained_model(str(PIPELINE_V1))
+    assert meta["iteration"] == 2
+    expected = torch.load(PIPELINE_V1 / "expected_logits.pt")
+    tokens = expected["tokens"]
+    with torch.no_grad():
+        logits = compute_logits(model, forward_hidden(model, tokens,
+                                                      torch.arange(tokens.shape[1])))
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_todays_config_round_trips_and_tolerates_added_and_removed_fields():

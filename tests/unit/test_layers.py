@@ -59,6 +59,19 @@ def test_no_module_imports_a_higher_layer():
     assert not violations, "\n".join(violations)
 
 
+def test_deepspeeds_pipeline_is_imported_by_its_executor_only():
+    """DeepSpeed's pipeline module is an executor's business: the model layer builds GPTModels
+    (each pipeline stage is one), ``training/pipeline.py`` assembles them for DeepSpeed."""
+    importers = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n.startswith(("deepspeed.pipe", "deepspeed.runtime.pipe")) for n in names):
+                importers.append("/".join(path.relative_to(PACKAGE).parts))
+    assert set(importers) <= {"training/pipeline.py", "training/steps.py"}, importers
+
+
 def _registered() -> dict[str, set[str]]:
     """Every ``@register(kind, name)`` in the package's source, by kind."""
     found: dict[str, set[str]] = {}
