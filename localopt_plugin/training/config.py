@@ -362,7 +362,10 @@ def resolve(args: argparse.Namespace, world_size: int, prepared: Prepared | None
     parallel.check_model(model)
     parallel.check_world(world_size)
     if parallel.pipeline_model_parallel_size > 1 and model.transformer_impl != "local":
-        raise UserError("pipeline parallelism needs --transformer-impl local")
+        raise UserError("--pipeline-model-parallel-size > 1 with --transformer-impl "
+                        f"{model.transformer_impl}: the pipeline's GPTModel stages would build "
+                        "TransformerEngine's spec, but that has not been tested on a GPU yet; "
+                        "use --transformer-impl local")
     run = RunConfig.from_args(args)
     optimizer = OptimizerConfig.from_args(args)
     _check_tokenizer(getattr(args, "tokenizer", None), source)

@@ -51,8 +51,9 @@ def main(out_dir: str, objectives: list[str]) -> None:
         _drop_received_context()
     rank = parallel_state.get_pipeline_model_parallel_rank()
     results = {}
-    for objective in objectives:
-        args = tiny_args("--objective", objective, "--regularizer", "reco",
+    for objective in objectives:  # a name, then any of its flags ("local-opt --flag value")
+        name, *extra = objective.split()
+        args = tiny_args("--objective", name, *extra, "--regularizer", "reco",
                          "--reco-states", "pre-norm", "--local-opt-window-scope", "micro-batch",
                          "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2")
         layout = video_source(args).layout

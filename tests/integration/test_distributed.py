@@ -81,16 +81,14 @@ def test_bf16_and_tensorboard(tmp_path):
     assert len(events.Scalars("lm loss")) == 6
 
 
-@pytest.mark.parametrize("objective", [("--objective", "full-sequence"), LOCAL_OPT],
-                         ids=["full-sequence", "local-opt+reco"])
-def test_pipeline_and_tensor_parallel_match_single_process(tmp_path, dist_world_of_one,
-                                                           objective):
-    """PP=2 (DeepSpeed PipelineModule of Megatron layers; ReCo on the final norm's input, which
-    the last stage receives) and TP=2 (Megatron parallel_state,
-    gated MLP and query groups split over ranks) against one process, same global batch;
-    layout-independent init makes them comparable. Their checkpoints convert to GPTModels that
-    generate the single process's tokens. TP=2 with Megatron's all-reduce after row-parallel
-    layers skipped fails the comparison."""
+def test_pipeline_and_tensor_parallel_match_single_process(tmp_path, dist_world_of_one):
+    """PP=2 (DeepSpeed PipelineModule of GPTModel stages; ReCo on the final norm's input, on
+    the last stage) and TP=2 (Megatron parallel_state, gated MLP and query groups split over
+    ranks) against one process, same global batch; layout-independent init makes them
+    comparable. Local Opt. + ReCo trains; validation runs full-sequence plans through the same
+    stages. Their checkpoints convert to GPTModels that generate the single process's tokens.
+    TP=2 with Megatron's all-reduce after row-parallel layers skipped fails the comparison."""
+    objective = LOCAL_OPT
     flags = (*PRESET_TRAIN_FLAGS, *objective, "--zero-stage", "1", *SAME_VOCAB,
              "--eval-interval", "6", "--eval-iters", "2")
     keys = ["lm loss", "reco loss", "total loss", "valid full-sequence loss"]
@@ -103,13 +101,12 @@ def test_pipeline_and_tensor_parallel_match_single_process(tmp_path, dist_world_
             got, want = _values(records, key), _values(single, key)
             assert got == pytest.approx(want, rel=1e-4), (layout, key, got, want)
         assert all(math.isfinite(r["grad norm"]) for r in records)
-    if objective[1] == "local-opt":
-        _converted_checkpoints_generate_the_same_tokens(tmp_path)
-        # negative control: TP=2 without the all-reduce after row-parallel layers differs
-        broken = run_train(tmp_path, *flags, "--tensor-model-parallel-size", "2", nproc=2,
-                           name="no-tp-reduction",
-                           script=REPO / "tests/helpers/train_skipping_tp_reduction.py")
-        assert _values(broken) != pytest.approx(_values(single), rel=1e-4)
+    _converted_checkpoints_generate_the_same_tokens(tmp_path)
+    # negative control: TP=2 without the all-reduce after row-parallel layers differs
+    broken = run_train(tmp_path, *flags, "--tensor-model-parallel-size", "2", nproc=2,
+                       name="no-tp-reduction",
+                       script=REPO / "tests/helpers/train_skipping_tp_reduction.py")
+    assert _values(broken) != pytest.approx(_values(single), rel=1e-4)
 
 
 @pytest.mark.parametrize("objective", [("--objective", "full-sequence"), LOCAL_OPT],

@@ -118,13 +118,14 @@ def _pp2_against_single_process(tmp_path, objectives, env=None) -> None:
     assert proc.returncode == 0, proc.stderr[-6000:]
     stages = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for objective in objectives:
-        args = tiny_args("--objective", objective, "--regularizer", "reco",
+        name, *extra = objective.split()
+        args = tiny_args("--objective", name, *extra, "--regularizer", "reco",
                          "--reco-states", "pre-norm", "--local-opt-window-scope", "micro-batch",
                          "--micro-batch-size", "2")
         stream = build_datasets(args)[0]
         batches = [next(stream) for _ in range(MICRO_BATCHES)]
         expected, expected_grads = reference(args, batches, 0)
-        if objective == "local-opt":  # a window after its context crossed the stages
+        if name == "local-opt":  # a window after its context crossed the stages
             assert max(ref["window start"] for ref in expected) > 0
         assert stages[0][objective]["reports"] == []  # only the last stage computes losses
         reports = stages[1][objective]["reports"]
@@ -145,9 +146,11 @@ def _pp2_against_single_process(tmp_path, objectives, env=None) -> None:
 
 
 def test_pp2_schedule_over_gloo_matches_single_process(dist_world_of_one, tmp_path):
-    """Local Opt. (both streams in one tensor), fewer-frames and full-sequence under Megatron's
-    pipeline schedule give the single process's losses and gradients."""
-    _pp2_against_single_process(tmp_path, ["full-sequence", "fewer-frames", "local-opt"])
+    """Local Opt. (both streams in one tensor; also with two windows per context pass),
+    fewer-frames and full-sequence under Megatron's pipeline schedule give the single
+    process's losses and gradients."""
+    _pp2_against_single_process(tmp_path, ["full-sequence", "fewer-frames", "local-opt",
+                                           "local-opt --local-opt-windows-per-step 2"])
 
 
 def test_pp2_comparison_tells_a_dropped_context(dist_world_of_one, tmp_path):
