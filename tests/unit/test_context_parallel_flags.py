@@ -61,19 +61,25 @@ def test_zero3_reduce_scatter_off_refused_with_context_parallelism(tmp_path):
     # Megatron's default --cp-comm-type is p2p (ring), which the plugin does not run
     (CP2, "pass --cp-comm-type a2a"),
     ((*CP2, "--cp-comm-type", "p2p"), "pass --cp-comm-type a2a"),
-    # DeepSpeed's pipeline engine has no sequence axis (Megatron-LM's pretrain() runs it)
-    ((*CP2, "--cp-comm-type", "a2a", "--pipeline-model-parallel-size", "2"),
-     "Megatron-LM's pretrain()"),
     (("--context-parallel-size", "3", "--cp-comm-type", "a2a"),
      "does not split over --context-parallel-size 3"),
     (("--ds-sequence-parallel-size", "2", "--context-parallel-size", "4"), "contradicts"),
     (("--ds-sequence-parallel-size", "2", "--cp-comm-type", "p2p"), "contradicts"),
-    (("--sequence-parallel", "--tensor-model-parallel-size", "2",
-      "--pipeline-model-parallel-size", "2"), "Megatron-LM's pretrain()"),
 ])
 def test_context_parallel_settings_refused_with_the_fix(flags, words):
     status, _, stderr = _layout(*flags, world=6 if "3" in flags else 4)
     assert status != 0 and words in stderr, stderr[-2000:]
+
+
+def test_context_and_sequence_parallelism_with_deepspeeds_pipeline_are_accepted():
+    """(Trained against one process in tests/integration/test_distributed.py.)"""
+    assert _layout(*CP2, "--cp-comm-type", "a2a", "--pipeline-model-parallel-size", "2",
+                   world=4)[1] == [1, 2, 2, 1]
+    status, setup, stderr = dry_run([*PRESET_TRAIN_FLAGS, "--sequence-parallel",
+                                     "--tensor-model-parallel-size", "2",
+                                     "--pipeline-model-parallel-size", "2"], world=4)
+    assert status == 0, stderr[-2000:]
+    assert any("pipe_partitioned" in note for note in setup["deepspeed notes"]), setup
 
 
 def test_world_not_divisible_by_the_context_parallel_layout():
