@@ -22,6 +22,16 @@ V1 = Path(__file__).resolve().parents[1] / "data" / "checkpoint_v1"
 PIPELINE_V1 = V1.parent / "pipeline_checkpoint_v1"
 
 
+def _assert_logits_of_the_writing_code(model, fixture: Path) -> None:
+    """The model's logits on the fixture's tokens are those its writing code gave."""
+    expected = torch.load(fixture / "expected_logits.pt")
+    tokens = expected["tokens"]
+    with torch.no_grad():
+        logits = compute_logits(model, forward_hidden(model, tokens,
+                                                      torch.arange(tokens.shape[1])))
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+
+
 def test_a_checkpoint_written_before_typed_configs_loads(dist_world_of_one):
     """Config version 1 (the flat flags): the model is rebuilt with today's defaults for the
     fields added since and gives the logits the code that wrote it gave."""
@@ -31,12 +41,7 @@ def test_a_checkpoint_written_before_typed_configs_loads(dist_world_of_one):
     assert config.recompute_granularity is None  # a field added after version 1
     assert (config.swiglu, config.num_query_groups, config.position_embedding_type) == (
         True, 2, "rope")
-    expected = torch.load(V1 / "expected_logits.pt")
-    tokens = expected["tokens"]
-    with torch.no_grad():
-        logits = compute_logits(model, forward_hidden(model, tokens,
-                                                      torch.arange(tokens.shape[1])))
-    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    _assert_logits_of_the_writing_code(model, V1)
     name, dataset = dataset_from_saved(meta["config"])
     assert name == "synthetic-video-tokens" and dataset.frames == 3
     assert seed_from_saved(meta["config"]) == 1234
@@ -47,12 +52,7 @@ def test_a_pipeline_checkpoint_of_the_layout_before_gptmodel_stages_converts(dis
     (tests/data/README.md) converts to the GPTModel whose logits the code that wrote it gave."""
     model, meta = load_trained_model(str(PIPELINE_V1))
     assert meta["iteration"] == 2
-    expected = torch.load(PIPELINE_V1 / "expected_logits.pt")
-    tokens = expected["tokens"]
-    with torch.no_grad():
-        logits = compute_logits(model, forward_hidden(model, tokens,
-                                                      torch.arange(tokens.shape[1])))
-    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    _assert_logits_of_the_writing_code(model, PIPELINE_V1)
 
 
 def test_todays_config_round_trips_and_tolerates_added_and_removed_fields():
