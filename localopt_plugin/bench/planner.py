@@ -245,25 +245,30 @@ def objectives(setup: Setup) -> tuple[SampleLayout, WindowSampler, list]:
     return layout, sampler, named
 
 
-def expected_flops(setup: Setup, rows: list[Estimate], probabilities: dict[int, float],
-                   recompute: bool = False) -> float:
+def latest_start_probabilities(probabilities: dict[int, float], k: int) -> dict[int, float]:
+    """P(the latest of ``k`` independent draws starts at s): P(latest <= s) = P(start <= s)^k."""
+    latest, below = {}, 0.0
+    for start in sorted(probabilities):
+        latest[start] = (below + probabilities[start]) ** k - below ** k
+        below += probabilities[start]
+    return latest
+
+
+def expected_flops(k: int, rows: list[Estimate], one_window_rows: list[Estimate],
+                   probabilities: dict[int, float], recompute: bool = False) -> float:
     """FLOPs per step over the window draws. One window: the rows weighed by their
-    probabilities. K windows drawn independently: the context pass follows the latest start
-    (P(latest <= s) = P(start <= s)^K), each window's own pass its start; both parts come from
-    the rows (K windows at s) and one-window plans at s."""
+    probabilities. K windows drawn independently: the context pass follows the latest start,
+    each window's own pass its start; both parts come from the rows (K windows at s) and the
+    one-window rows at s."""
     cost = {r.start: r.flops + (r.recompute_flops if recompute else 0.0) for r in rows}
-    k = setup.windows_per_step
     if k == 1:
         return sum(probabilities[s] * cost[s] for s in cost)
-    single = estimate(dataclasses.replace(setup, windows_per_step=1))
-    one = {r.start: r.flops + (r.recompute_flops if recompute else 0.0) for r in single
-           if r.start is not None}
-    total, below = 0.0, 0.0
+    one = {r.start: r.flops + (r.recompute_flops if recompute else 0.0) for r in one_window_rows}
+    latest = latest_start_probabilities(probabilities, k)
+    total = 0.0
     for s in sorted(cost):
         window = (cost[s] - one[s]) / (k - 1)  # one window's own pass at s
-        latest = (below + probabilities[s]) ** k - below ** k
-        below += probabilities[s]
-        total += latest * (one[s] - window) + k * probabilities[s] * window
+        total += latest[s] * (one[s] - window) + k * probabilities[s] * window
     return total
 
 
@@ -284,14 +289,13 @@ def summarize(setup: Setup, gpu_bytes: float | None) -> dict:
     rows = estimate(setup)
     full, windows = rows[0], [r for r in rows if r.start is not None]
     probabilities = dict(zip(sampler.starts, sampler.probabilities(), strict=True))
-    expected = expected_flops(setup, windows, probabilities)
-    expected_hw = expected_flops(setup, windows, probabilities, recompute=True)
+    k = setup.windows_per_step
+    one_window = windows if k == 1 else [
+        r for r in estimate(dataclasses.replace(setup, windows_per_step=1)) if r.start is not None]
+    expected = expected_flops(k, windows, one_window, probabilities)
+    expected_hw = expected_flops(k, windows, one_window, probabilities, recompute=True)
     # memory follows the latest window: its draw's distribution weighs the rows
-    latest, below = {}, 0.0
-    for start in sorted(probabilities):
-        latest[start] = ((below + probabilities[start]) ** setup.windows_per_step
-                         - below ** setup.windows_per_step)
-        below += probabilities[start]
+    latest = latest_start_probabilities(probabilities, k)
     worst = max(windows, key=lambda r: r.memory["total"])
     result = {
         "rows": [{"row": r.name, "window start": r.start, "TFLOP per step": r.flops / 1e12,

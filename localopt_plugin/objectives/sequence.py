@@ -134,9 +134,7 @@ class LocalOptimization(Objective):
         config = config or LocalOptConfig()
         self.full_sequence_share = config.full_sequence_share
         self.windows_per_step = config.windows_per_step
-        learns = getattr(type(sampler), "observe", WindowSampler.observe) is not (
-            WindowSampler.observe)  # a sampler that learns from each step's window loss
-        if self.windows_per_step > 1 and learns:
+        if self.windows_per_step > 1 and getattr(sampler, "learns_from_losses", False):
             raise UserError(f"{config.flag('windows_per_step')} {self.windows_per_step} with "
                             f"--window-sampler adaptive: the adaptive sampler learns from one "
                             f"window's loss per step; use one window per step or another "

@@ -89,6 +89,8 @@ class WindowSampler:
     ``first_prob=None`` draws uniformly over all candidates.
     """
 
+    learns_from_losses: ClassVar[bool] = False  # its draws follow the losses fed to observe()
+
     def __init__(self, num_frames: int, window_frames: int, stride_frames: int, seed: int,
                  first_prob: float | None = None, scope: str = "step") -> None:
         WindowConfig(window_frames, stride_frames, 0.0 if first_prob is None else first_prob,
@@ -141,6 +143,7 @@ class AdaptiveWindowSampler(WindowSampler):
     highest smoothed loss so far (1.0 before any), so every window is tried early."""
 
     ROUND = 4  # decimals kept of an observed loss: float noise of other layouts' sums is far below
+    learns_from_losses: ClassVar[bool] = True
 
     def __init__(self, num_frames: int, window_frames: int, stride_frames: int, seed: int,
                  first_prob: float, floor: float, decay: float) -> None:

@@ -128,10 +128,10 @@ class GPTPipeline(PipelineModule):
         files = glob.glob(os.path.join(load_dir, "layer_*-model_00-model_states.pt"))
         if len(files) == self.num_stages:
             return super().load_state_dir(load_dir, checkpoint_engine, strict)
-        from localopt_plugin.training.convert import _pipeline_weights
+        from localopt_plugin.training.convert import pipeline_weights
 
         gpt, config = self.forward_funcs[0].gpt, self.model_config
-        weights = _pipeline_weights(load_dir, config.num_layers,
+        weights = pipeline_weights(load_dir, config.num_layers,
                                     parallel_state.get_tensor_model_parallel_world_size(),
                                     not config.untie_embeddings_and_output_weights)
         weights = weights[parallel_state.get_tensor_model_parallel_rank()]
