@@ -23,6 +23,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _APPLIED = False
+# the TORCH_EXTENSIONS_DIR this module chose (not the user), so that a child can tell
+_OWN_EXTENSIONS_DIR = "LOCALOPT_DEFAULT_TORCH_EXTENSIONS_DIR"
 
 
 def cuda_available() -> bool:
@@ -40,8 +42,14 @@ def configure_environment() -> None:
     if not cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed JIT-builds small ops (the CPU shared-memory comm op on every init); a cache per
-    # environment keeps two venvs from invalidating each other's build on every start.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    # environment keeps two venvs from invalidating each other's build on every start. A child
+    # in another environment (Megatron-LM's Python 3.12 launched from the 3.11 one) inherits the
+    # parent's default: replaced by its own, so that it never loads a build for another Python;
+    # a folder the user set is kept.
+    inherited = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if inherited is None or inherited == os.environ.get(_OWN_EXTENSIONS_DIR):
+        own = os.path.join(sys.prefix, "torch_extensions")
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.environ[_OWN_EXTENSIONS_DIR] = own
     # Megatron-Core warns on import when neither Apex nor TransformerEngine is present.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")

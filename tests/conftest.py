@@ -14,6 +14,13 @@ if not torch.cuda.is_available():  # on a GPU (the GPU-marked tests) DeepSpeed p
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pytest-xdist, the README's test command): one worker per core, at most 4,
+    as the slow tests launch 2-4 processes each and every test runs one thread."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 @pytest.fixture(scope="session")
 def dist_world_of_one():
     """torch.distributed (gloo) and Megatron parallel state for a single process."""
