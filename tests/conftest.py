@@ -17,7 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pytest-xdist, the README's test command): one worker per core, at most 4,
-    as the slow tests launch 2-4 processes each and every test runs one thread."""
+    as the slow tests launch 2-4 processes each and every test runs one thread. Tests are
+    shared out one by one (``--dist worksteal``): a module fixture may be built once per
+    worker."""
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 

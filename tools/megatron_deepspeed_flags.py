@@ -1,6 +1,8 @@
 """Regenerate (or check) localopt_plugin/training/megatron_deepspeed_flags.json: every flag of
-Megatron-DeepSpeed's parser (``megatron/arguments.py``), with how many values it takes, so that
-localopt-train knows each by name (honoured, mapped or refused; never "unrecognized").
+Megatron-DeepSpeed's parser (``megatron/arguments.py``), with how many values it takes and, for
+a flag that takes values and has a literal default, that default, so that localopt-train knows
+each by name (honoured, mapped or refused; never "unrecognized") and can say where its default
+differs from Megatron-LM's.
 
 Megatron-DeepSpeed's ``megatron`` package cannot be imported beside Megatron-Core's, so the
 flags are read from the source's ``add_argument`` calls::
@@ -33,7 +35,21 @@ def _constant(node: ast.AST):
 def source_flags(source: str) -> dict[str, int | str]:
     """Option string -> nargs (0 for a switch, 1 for one value, or argparse's '+'/'*'/N) of
     every ``add_argument`` call in ``source``."""
-    flags: dict[str, int | str] = {}
+    return {flag: nargs for flag, (nargs, _) in _read(source).items()}
+
+
+def source_defaults(source: str) -> dict[str, object]:
+    """Option string -> default of every flag in ``source`` that takes values and whose
+    default is a literal (argparse's None where none is written)."""
+    return {flag: default for flag, (nargs, default) in _read(source).items()
+            if nargs != 0 and default is not _NOT_LITERAL}
+
+
+_NOT_LITERAL = object()
+
+
+def _read(source: str) -> dict[str, tuple[int | str, object]]:
+    flags: dict[str, tuple[int | str, object]] = {}
     for node in ast.walk(ast.parse(source)):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and node.func.attr == "add_argument"):
@@ -48,8 +64,13 @@ def source_flags(source: str) -> dict[str, int | str]:
             nargs = 1 if nargs == "?" else nargs
         else:
             nargs = 1
+        default = next((k.value for k in node.keywords if k.arg == "default"), None)
+        try:
+            value = None if default is None else ast.literal_eval(default)
+        except ValueError:
+            value = _NOT_LITERAL
         for option in options:
-            flags[option] = nargs
+            flags[option] = (nargs, value)
     return dict(sorted(flags.items()))
 
 
@@ -59,11 +80,15 @@ def main() -> int:
     cli.add_argument("--commit", required=True, help="the commit it was read at")
     cli.add_argument("--check", action="store_true", help="compare instead of writing")
     args = cli.parse_args()
-    flags = source_flags(Path(args.arguments_py).read_text())
+    source = Path(args.arguments_py).read_text()
+    flags, defaults = source_flags(source), source_defaults(source)
     if args.check:
-        listed = json.loads(LIST.read_text())["flags"]
+        stored = json.loads(LIST.read_text())
+        listed = stored["flags"]
         differ = sorted(set(flags) ^ set(listed)) + sorted(
-            f for f in set(flags) & set(listed) if flags[f] != listed[f])
+            f for f in set(flags) & set(listed) if flags[f] != listed[f]) + sorted(
+            f for f in set(defaults) ^ set(stored["defaults"])
+            if defaults.get(f) != stored["defaults"].get(f))
         for flag in differ:
             print(f"differs from {LIST.name}: {flag}")
         return 1 if differ else 0
@@ -71,7 +96,7 @@ def main() -> int:
         "source": "deepspeedai/Megatron-DeepSpeed megatron/arguments.py",
         "commit": args.commit,
         "regenerate": "python tools/megatron_deepspeed_flags.py ARGUMENTS_PY --commit COMMIT",
-        "flags": flags}, indent=0) + "\n")
+        "flags": flags, "defaults": defaults}, indent=0) + "\n")
     print(f"wrote {len(flags)} flags of Megatron-DeepSpeed {args.commit[:10]} to {LIST}")
     return 0
 

@@ -172,8 +172,8 @@ class ParallelConfig(FlagConfig):
                                      "tensor-parallel ranks along the sequence")
     distributed_backend: str | None = option(None, "default: nccl with CUDA, gloo without",
                                              choices=("nccl", "gloo"))
-    distributed_timeout_minutes: float | None = option(
-        None, "collective timeout (default: DeepSpeed's, 30 minutes)", type=float)
+    distributed_timeout_minutes: float = option(10, "collective timeout in minutes "
+                                                "(Megatron's default)", type=float)
 
     EXTRA_FLAGS: ClassVar = ((None, ("--local-rank", "--local_rank"), dict(
         dest="local_rank", type=int, default=None, help="set by the deepspeed launcher")),)

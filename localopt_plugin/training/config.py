@@ -80,6 +80,9 @@ class OptimizerConfig(FlagConfig):
     sgd_momentum: float = option(0.9, "SGD's momentum")
     clip_grad: float | None = option(None, "gradient-norm clipping (default: the JSON's "
                                      "gradient_clipping, else 1.0)", type=float)
+    cpu_optimizer: bool = option(
+        False, "Megatron-DeepSpeed: the Adam step runs on the CPU (DeepSpeed's CPU Adam, AdamW "
+        "mode); parameters on a GPU need ZeRO-Offload in the JSON, as its offload examples have")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **values: Any) -> OptimizerConfig:
@@ -91,6 +94,10 @@ class OptimizerConfig(FlagConfig):
         if self.lr_warmup_fraction is not None and (self.lr_warmup_iters
                                                     or self.lr_warmup_samples):
             raise UserError("give one of --lr-warmup-fraction and --lr-warmup-iters/-samples")
+        if self.cpu_optimizer and self.optimizer != "adam":
+            raise UserError(f"--cpu-optimizer runs DeepSpeed's CPU Adam (Megatron-DeepSpeed: "
+                            f"'CPU offloading is for Adam'): drop --optimizer {self.optimizer} "
+                            f"or --cpu-optimizer")
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise UserError("give one of --override-opt_param-scheduler and "
                             "--use-checkpoint-opt_param-scheduler")
@@ -190,10 +197,11 @@ class RunConfig(FlagConfig):
     save_interval: int | None = option(None, "iterations between checkpoints (default: at the "
                                        "end)", type=int, group=CHECKPOINTS)
     log_interval: int = option(100, "iterations between log lines", group=CHECKPOINTS)
-    eval_interval: int | None = option(None, "iterations between evaluations (default: none)",
+    eval_interval: int | None = option(None, "iterations between evaluations on the "
+                                       "validation data (default: none, as Megatron-LM)",
                                        type=int, group=CHECKPOINTS)
-    eval_iters: int = option(10, "global batches (of --global-batch-size samples) per "
-                             "evaluation, as in Megatron", group=CHECKPOINTS)
+    eval_iters: int = option(100, "global batches (of --global-batch-size samples) per "
+                             "evaluation (Megatron's meaning and default)", group=CHECKPOINTS)
     tensorboard_dir: str | None = option(None, "TensorBoard event directory",
                                          group=CHECKPOINTS)
     metrics_file: str | None = option(None, "append every iteration's metrics as a JSON line "
@@ -201,8 +209,9 @@ class RunConfig(FlagConfig):
     progress: str = option("auto", "progress bar (auto: when attached to a terminal)",
                            choices=("auto", "on", "off"), group=TRAINER)
     deepspeed_config: str | None = None  # --deepspeed_config (EXTRA_FLAGS: two spellings)
-    zero_stage: int | None = option(None, "overrides zero_optimization.stage of the JSON",
-                                    type=int, choices=(0, 1, 2, 3), group=DEEPSPEED)
+    zero_stage: int | None = option(None, "ZeRO stage (zero_optimization.stage; with a JSON "
+                                    "that sets it, both must agree)", type=int,
+                                    choices=(0, 1, 2, 3), group=DEEPSPEED)
     overlap_grad_reduce: bool = False  # Megatron's flag, mapped (megatron_flags)
     tensorboard_queue_size: int = option(1000, "TensorBoard events buffered before a write "
                                          "(Megatron-LM's default)", group=CHECKPOINTS)
@@ -266,6 +275,10 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    "on a one-layer stand-in and take one step on one sample of the data, print the "
                    "resolved setup and exit (world size from $WORLD_SIZE, default 1)")
     return parser
+
+
+# the configurations of Megatron's own flags (Megatron's names, defaults and meaning)
+MEGATRON_CONFIGS = (ModelConfig, ParallelConfig, OptimizerConfig, RunConfig)
 
 
 @dataclass(frozen=True)
@@ -333,9 +346,12 @@ def prepare(args: argparse.Namespace, explicit: set[str] | None = None) -> Prepa
     dataset and the objective built once. ``explicit``: dests of the flags given on the
     command line (without it, settings that differ from their defaults count as given)."""
     from localopt_plugin.training.checkpoint import recorded_config
-    from localopt_plugin.training.megatron_flags import resolve_megatron_flags
+    from localopt_plugin.training.megatron_flags import disputed_defaults, resolve_megatron_flags
 
     notes = resolve_megatron_flags(args, explicit or set())
+    notes += disputed_defaults([(cls.flag(f.name), cls.dest(f.name), f.default)
+                                for cls in MEGATRON_CONFIGS for f in cls.flag_fields()],
+                               explicit or set())
     if args.load and (recorded := recorded_config(args.load)) is not None:
         notes += keep_recorded_settings(args, recorded, explicit or set())
     plugin = PluginConfig.from_args(args, explicit)

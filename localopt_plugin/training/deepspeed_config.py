@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localopt_plugin.errors import UserError
+from localopt_plugin.platform import cuda_available
 
 DEFAULT_MICRO_BATCH = 2
 DEFAULT_CLIP_GRAD = 1.0
 # Flags whose values a JSON section takes over: refused when given together with it.
 OPTIMIZER_FLAGS = {"optimizer": "--optimizer", "lr": "--lr", "weight_decay": "--weight-decay",
                    "adam_beta1": "--adam-beta1", "adam_beta2": "--adam-beta2",
-                   "adam_eps": "--adam-eps", "sgd_momentum": "--sgd-momentum"}
+                   "adam_eps": "--adam-eps", "sgd_momentum": "--sgd-momentum",
+                   "cpu_optimizer": "--cpu-optimizer"}
 SCHEDULER_FLAGS = {"lr_decay_style": "--lr-decay-style", "min_lr": "--min-lr",
                    **{f"lr_{part}_{unit}": f"--lr-{part.replace('_', '-')}-{unit}"
                       for part in ("warmup", "decay", "wsd_decay")
@@ -367,6 +369,12 @@ def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
 
     zero = _zero_section(cfg, notes)
     if run.zero_stage is not None:
+        # Megatron-DeepSpeed's engine runs the JSON's stage and reads its flag only to build
+        # the model (zero.Init at 3): a disagreement means different things there and here
+        if zero.get("stage", run.zero_stage) != run.zero_stage:
+            raise UserError(f"--zero-stage {run.zero_stage} disagrees with DeepSpeed config "
+                            f"zero_optimization.stage={zero['stage']} (Megatron-DeepSpeed "
+                            f"trains with the JSON's stage): make them agree or drop one")
         zero["stage"] = run.zero_stage
     zero.setdefault("stage", 0)
     if run.overlap_grad_reduce:
@@ -423,6 +431,13 @@ def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
                         f"remove zero_optimization.offload_optimizer")
     if offload and not json_optimizer:
         notes.append("optimizer: DeepSpeed's CPU Adam (ZeRO-Offload)")
+    elif optimizer.cpu_optimizer and not json_optimizer:
+        if cuda_available():
+            raise UserError("--cpu-optimizer steps the parameters on the CPU (DeepSpeed's CPU "
+                            "Adam), which needs ZeRO-Offload where they live on a GPU: add "
+                            "\"offload_optimizer\": {\"device\": \"cpu\"} to the JSON's "
+                            "zero_optimization (and --zero-stage 1 or higher)")
+        notes.append("optimizer: DeepSpeed's CPU Adam (--cpu-optimizer)")
 
     cfg.update(
         train_micro_batch_size_per_gpu=micro,

@@ -39,10 +39,9 @@ def init_distributed(parallel: ParallelConfig | None = None, seed: int = 1234) -
                               MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = parallel.distributed_backend or ("nccl" if cuda_available() else "gloo")
-        timeout = {} if parallel.distributed_timeout_minutes is None else {
-            "timeout": datetime.timedelta(minutes=parallel.distributed_timeout_minutes)}
+        timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
-                                   verbose=False, **timeout)
+                                   verbose=False, timeout=timeout)
         # Gloo's worker threads outlive an undestroyed group and abort the process at
         # interpreter exit ("terminate called without an active exception", pytorch#190489).
         atexit.register(destroy_distributed)

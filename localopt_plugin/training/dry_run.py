@@ -64,6 +64,8 @@ def schedule(config: TrainConfig) -> dict:
         optimizer = f"DeepSpeed's {ds.config['optimizer'].get('type')} (JSON)"
     elif ds.offload_optimizer:
         optimizer = "DeepSpeed CPU Adam (AdamW, ZeRO-Offload)"
+    elif opt.cpu_optimizer:
+        optimizer = "DeepSpeed CPU Adam (AdamW, --cpu-optimizer)"
     else:
         optimizer = {"adam": "AdamW", "sgd": "SGD"}[opt.optimizer]
     out = {"optimizer": optimizer, "train iters": run.train_iters}

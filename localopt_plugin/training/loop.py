@@ -170,8 +170,8 @@ def train(config: TrainConfig, parts: PluginParts) -> dict:
     history: list[dict] = []
     evaluating = bool(run.eval_interval) and source.valid is not None
     if run.eval_interval and not evaluating and is_rank0():
-        log.info("--eval-interval %d: the dataset has no validation data (--valid-data-path): "
-                 "no evaluation, as Megatron skips it", run.eval_interval)
+        log.info("no validation data (--valid-data-path): no evaluation, as Megatron skips "
+                 "it")
     started = time.perf_counter()
     while state.iteration < run.train_iters and not _time_is_up(config, started):
         start = time.perf_counter()

@@ -88,12 +88,9 @@ TEXT_DATA = ("--tokenizer-type", "--tokenizer-model", "--vocab-file", "--merge-f
              "--train-sample-idx-path", "--train-shuffle-idx-path", "--aml-data-download-path")
 
 REFUSED: dict[str, str] = {
-    "--cpu-optimizer": "(Megatron-DeepSpeed: the optimizer step on the CPU) is ZeRO-Offload "
-    "here: add \"offload_optimizer\": {\"device\": \"cpu\"} to the JSON's zero_optimization "
-    "(DeepSpeed's CPU Adam) and drop it",
-    "--cpu_torch_adam": "(Megatron-DeepSpeed: torch's Adam on the CPU) is ZeRO-Offload here, "
-    "which runs DeepSpeed's CPU Adam: add \"offload_optimizer\": {\"device\": \"cpu\"} to the "
-    "JSON's zero_optimization and drop it",
+    "--cpu_torch_adam": "is Megatron-DeepSpeed's torch AdamW in place of DeepSpeed's CPU Adam "
+    "under --cpu-optimizer; --cpu-optimizer alone runs DeepSpeed's CPU Adam, the same AdamW "
+    "update: drop it",
     "--split": "Megatron splits one text corpus by ratios; video-token shards are split when "
     "they are made: pass the validation shards as --valid-data-path and drop --split",
     "--use-distributed-optimizer": "is Megatron's DDP optimizer sharding; under localopt-train "
@@ -202,7 +199,7 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
     for flag, nargs in listed_flags().items():
         if flag in known:
             continue
-        dest = PREFIX + flag.lstrip("-").replace("-", "_")
+        dest = _dest(flag)
         kwargs: dict = dict(dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if nargs == 0:
             parser.add_argument(flag, action="store_const", const=True, **kwargs)
@@ -212,10 +209,15 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs=None if nargs == 1 else nargs, **kwargs)
 
 
+def _dest(flag: str) -> str:
+    return PREFIX + flag.lstrip("-").replace("-", "_")
+
+
 def _given(args: argparse.Namespace) -> dict[str, object]:
-    """The added flags given on the command line, by flag name."""
-    return {"--" + name[len(PREFIX):].replace("_", "-"): value
-            for name, value in vars(args).items() if name.startswith(PREFIX)}
+    """The added flags given on the command line, by flag name as the user wrote it
+    (``--cpu_torch_adam`` keeps its underscores)."""
+    flags = {_dest(flag): flag for flag in listed_flags()}
+    return {flags[name]: value for name, value in vars(args).items() if name in flags}
 
 
 def _value_text(value: object) -> str:
@@ -246,6 +248,56 @@ def _refusal(flag: str) -> str:
         "Megatron-LM")
     return (f"{flag} is a {origin} option that localopt-train does not implement: drop it, "
             + PRETRAIN_HINT)
+
+
+@functools.cache
+def listed_defaults() -> tuple[dict[str, object], dict[str, object]]:
+    """Megatron-LM's and Megatron-DeepSpeed's defaults of their flags that take values."""
+    return (json.loads(MEGATRON_LM_FLAGS.read_text())["defaults"],
+            json.loads(MEGATRON_DEEPSPEED_FLAGS.read_text())["defaults"])
+
+
+def _default_text(value: object) -> str:
+    return "none" if value is None else _value_text(value)
+
+
+def same_default(a: object, b: object) -> bool:
+    """Two parsers' defaults mean the same (``layernorm``/``LayerNorm``: one choice; a tuple
+    and a list of the same values)."""
+    if isinstance(a, str) and isinstance(b, str):
+        return a.lower() == b.lower()
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return list(a) == list(b)
+    return a == b
+
+
+def disputed_defaults(declared: list[tuple[str, str, object]], explicit: set[str]) -> list[str]:
+    """Where a command written for Megatron-DeepSpeed (it gives one of that parser's own
+    flags) leaves out a flag whose default the two parsers disagree on, which default applies
+    here: one note. ``declared``: (flag, dest, default here) of localopt-train's flags."""
+    lm_flags, md_flags = _megatron_lm_flags(), _megatron_deepspeed_flags()
+    md_only = {flag for flag in md_flags if flag not in lm_flags}
+    dests = {_dest(flag) for flag in md_only} | {flag.lstrip("-").replace("-", "_")
+                                                 for flag in md_only}
+    if not explicit & dests:
+        return []
+    lm, md = listed_defaults()
+    disputed = []
+    for flag, dest, here in declared:
+        if dest in explicit or flag not in lm or flag not in md or same_default(lm[flag],
+                                                                                   md[flag]):
+            continue
+        lm_text, md_text = _default_text(lm[flag]), _default_text(md[flag])
+        disputed.append(f"{flag} {_default_text(here)}: " + (
+            f"Megatron-LM's default (Megatron-DeepSpeed's: {md_text})"
+            if same_default(here, lm[flag]) else
+            f"Megatron-DeepSpeed's default (Megatron-LM's: {lm_text})"
+            if same_default(here, md[flag]) else
+            f"the plugin's default (Megatron-LM's: {lm_text}, Megatron-DeepSpeed's: {md_text})"))
+    if not disputed:
+        return []
+    return ["defaults Megatron-LM and Megatron-DeepSpeed disagree on, not given here: "
+            + "; ".join(disputed)]
 
 
 def resolve_megatron_flags(args: argparse.Namespace, explicit: set[str]) -> list[str]:

@@ -1,9 +1,9 @@
 """Optimizer and LR schedule for ``deepspeed.initialize``: Megatron's grouping and schedule.
 
 What DeepSpeed gets depends on the JSON (:mod:`.deepspeed_config`): the flags' AdamW (torch's
-fused one on a GPU), DeepSpeed's CPU Adam under ZeRO-Offload, or nothing when the JSON has an
-``optimizer`` section (DeepSpeed builds it from ``param_groups``); Megatron-Core's own
-``OptimizerParamScheduler`` unless the JSON has a ``scheduler`` section.
+fused one on a GPU), DeepSpeed's CPU Adam under ZeRO-Offload or ``--cpu-optimizer``, or nothing
+when the JSON has an ``optimizer`` section (DeepSpeed builds it from ``param_groups``);
+Megatron-Core's own ``OptimizerParamScheduler`` unless the JSON has a ``scheduler`` section.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def build_optimizer(groups: list[dict], config: TrainConfig):
                                weight_decay=opt.weight_decay)
     kwargs = dict(lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
                   weight_decay=opt.weight_decay)
-    if ds.offload_optimizer:
+    if ds.offload_optimizer or opt.cpu_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)

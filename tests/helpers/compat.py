@@ -94,3 +94,17 @@ def _shrunk_json(path: Path, tmp: Path) -> Path:
     out = tmp / path.name
     out.write_text(json.dumps(cfg))
     return out
+
+
+def json_for_this_machine(name: str, tmp: Path, *, cpu: bool = True) -> Path:
+    """DeepSpeed JSON ``name`` as a user runs it here: its batch keys shrunk to one process and,
+    on a CPU, an enabled fp16 section replaced by bf16 (the edit docs/from-megatron.md names)."""
+    cfg = read_json(COMPAT / "ds_json" / f"{name}.json")
+    cfg.update({k: v for k, v in SHRUNK_JSON.items() if k in cfg})
+    fp16 = cfg.get("fp16")
+    if cpu and isinstance(fp16, dict) and fp16.get("enabled", True):
+        del cfg["fp16"]
+        cfg["bf16"] = {"enabled": True}
+    out = tmp / f"{name}.json"
+    out.write_text(json.dumps(cfg))
+    return out

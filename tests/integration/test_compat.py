@@ -21,8 +21,8 @@ from helpers.compat import (
     DS_JSONS,
     SCRIPTS,
     SEQ_TOKENS,
-    SHRUNK_JSON,
     for_this_machine,
+    json_for_this_machine,
     read_json,
     source_of,
 )
@@ -59,7 +59,8 @@ SCRIPT_OUTCOMES = {
         "--num-layers-teacher"}),
     # --no-load-lr-state --reset-iteration are honoured (Megatron-DeepSpeed's resume flags)
     "gpt_125M_int8_compression": None,
-    "gpt_350M_offload_pp": ("--cpu-optimizer", {"--rampup-batch-size"}),
+    # --cpu-optimizer honoured (DeepSpeed's CPU Adam), batch-size ramp-up is not
+    "gpt_350M_offload_pp": ("--rampup-batch-size", set()),
     "gpt_6.7B_fpdt_32k": ("--checkpoint-in-cpu", {
         "--ds-sequence-parallel-fpdt", "--ds-sequence-parallel-fpdt-chunk-size",
         "--ds-sequence-parallel-fpdt-offloading"}),
@@ -124,9 +125,19 @@ JSON_OUTCOMES = {
     "zenflow_zero2_cpu_offload_adamw_bf16": None,
     "zeropp_tutorial": ZEROPP_ON_CPU,
 }
-# the three scripts trained for 4 iterations, after the fix their dry run's error names
+# the scripts trained for 4 iterations: as published, or without the flags of features the
+# plugin does not provide, which their dry run's one error line names
 RUNS = {"llama2_distributed": (), "gpt_1.3B_rope": (),
-        "gpt3_175b_distributed": ("--step-batch-size-schedule",)}
+        "gpt3_175b_distributed": ("--step-batch-size-schedule",),
+        "gpt_125M_int8_compression": (), "gpt_1.3B_seq_parallel_32k": (),
+        "gpt_1.3B_zbh1": ("--enable-zbh1-pipeline", "--enable-zbh1-exact-semantics"),
+        "gpt_universal_bf16": ("--universal-checkpoint",),
+        "gpt_350M_offload_pp": ("--rampup-batch-size",),
+        "gpt_1.3B_data_efficiency_cl_ltd": ("--random-ltd",
+                                            "--data-efficiency-curriculum-learning"),
+        "gpt_125M_dense_cl_kd": ("--kd", "--kd-beta-ce", "--num-layers-teacher",
+                                 "--hidden-size-teacher", "--num-attention-heads-teacher",
+                                 "--load-teacher")}
 
 
 @pytest.fixture(scope="module")
@@ -315,21 +326,60 @@ def checkpoint_module(checkpoints: Path) -> dict[str, torch.Tensor]:
             if torch.is_tensor(v) and not k.endswith("_extra_state")}
 
 
+def token_schedule(max_lr: float, min_lr: float) -> list[float]:
+    """Megatron-DeepSpeed's token schedule of the shrunk scripts (global batch 2 of SEQ_TOKENS
+    each per iteration, warm-up 2 samples' tokens, decay 8 samples' tokens, cosine)."""
+    return megatron_lr(4, 2 * SEQ_TOKENS, max_lr=max_lr, min_lr=min_lr,
+                       lr_warmup_steps=2 * SEQ_TOKENS, lr_decay_steps=8 * SEQ_TOKENS,
+                       lr_decay_style="cosine")
+
+
+# Megatron-LM counts its schedule in samples (global batch 2 per iteration),
+# Megatron-DeepSpeed's token flags in tokens (SEQ_TOKENS per sample)
+EXPECTED_LR = {
+    "llama2_distributed": lambda: megatron_lr(
+        4, 2, max_lr=3e-4, min_lr=3e-5, lr_warmup_steps=1 * 2, lr_decay_steps=4 * 2,
+        lr_decay_style="cosine"),
+    "gpt3_175b_distributed": lambda: megatron_lr(
+        4, 2, max_lr=6e-5, min_lr=6e-6, lr_warmup_steps=0.001 * 4 * 2, lr_decay_steps=4 * 2,
+        lr_decay_style="cosine"),
+    # no warm-up flag, decay over --train-iters (Megatron's default)
+    "gpt_universal_bf16": lambda: megatron_lr(
+        4, 2, max_lr=6e-3, min_lr=6e-4, lr_warmup_steps=0, lr_decay_steps=4 * 2,
+        lr_decay_style="cosine"),
+    "gpt_1.3B_rope": lambda: token_schedule(2e-4, 1e-6),
+    "gpt_1.3B_seq_parallel_32k": lambda: token_schedule(2e-4, 1e-6),
+    "gpt_1.3B_zbh1": lambda: token_schedule(2e-4, 1e-6),
+    "gpt_1.3B_data_efficiency_cl_ltd": lambda: token_schedule(2e-4, 1e-6),
+    "gpt_125M_int8_compression": lambda: token_schedule(6e-5, 6e-5),
+    "gpt_125M_dense_cl_kd": lambda: token_schedule(2.4e-3, 6e-5),
+    "gpt_350M_offload_pp": lambda: token_schedule(3e-4, 3e-5),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_script_trains_what_its_dry_run_said(name, shards, tmp_path):
-    """Three published scripts, as published or after the fix their error line names: 4
-    iterations on CPU.
-    The trained model (from its checkpoint), precision, iterations and LR per iteration are
-    what the dry run said; the LR is Megatron's scheduler counted in Megatron's units."""
+    """Published scripts, as published or without the flags their error line names: 4
+    iterations on CPU, at the world size their layout needs.
+    The trained model (from its checkpoint), precision, iterations, optimizer and LR per
+    iteration are what the dry run said; the LR is Megatron's scheduler counted in Megatron's
+    units."""
     argv = for_this_machine(name, shards, tmp_path, drop=RUNS[name])
-    status, setup, stderr = dry_run(argv)
+    world = SCRIPT_WORLDS.get(name, 1)
+    status, setup, stderr = dry_run(argv, world)
     assert status == 0, stderr[-3000:]
-    metrics = run_train(tmp_path, *argv, name=name)
+    metrics = run_train(tmp_path, *argv, name=name, nproc=world)
 
     assert len(metrics) == setup["train iters"] == 4
     if "--log-optimizer-states-to-tensorboard" in argv:  # Megatron-DeepSpeed's norms, logged
         assert any("optimizer/momentum_l2" in r for r in metrics)
+    if "--cpu-optimizer" in argv:
+        assert "CPU Adam" in setup["optimizer"], setup["optimizer"]
+    state = checkpoint_state(tmp_path / "checkpoints")
+    tp, pp, cp, dp = setup["parallel layout (tp, pp, cp, dp)"]
+    assert state["world_size"] == world == tp * pp * cp * dp
+    assert state["config"]["parallel"]["context_parallel_size"] == cp
     module = checkpoint_module(tmp_path / "checkpoints")
     assert sum(v.numel() for v in module.values()) == setup["parameters"]
     assert {v.dtype for v in module.values()} == {torch.bfloat16} and setup["precision"] == "bf16"
@@ -341,22 +391,7 @@ def test_script_trains_what_its_dry_run_said(name, shards, tmp_path):
     assert fc1.shape[0] == arch["ffn hidden"] * (2 if arch["ffn"] == "SwiGLU" else 1)
     has_table = any("position_embeddings" in k for k in module)
     assert has_table == (arch["position embedding"] == "learned_absolute")
-
-    # Megatron-LM counts its schedule in samples (global batch 2 per iteration),
-    # Megatron-DeepSpeed's token flags in tokens (SEQ_TOKENS per sample)
-    gbs = 2
-    expected = {
-        "llama2_distributed": lambda: megatron_lr(
-            4, gbs, max_lr=3e-4, min_lr=3e-5, lr_warmup_steps=1 * gbs, lr_decay_steps=4 * gbs,
-            lr_decay_style="cosine"),
-        "gpt_1.3B_rope": lambda: megatron_lr(
-            4, gbs * SEQ_TOKENS, max_lr=2e-4, min_lr=1e-6, lr_warmup_steps=2 * SEQ_TOKENS,
-            lr_decay_steps=8 * SEQ_TOKENS, lr_decay_style="cosine"),
-        "gpt3_175b_distributed": lambda: megatron_lr(
-            4, gbs, max_lr=6e-5, min_lr=6e-6, lr_warmup_steps=0.001 * 4 * gbs,
-            lr_decay_steps=4 * gbs, lr_decay_style="cosine"),
-    }[name]()
-    assert [r["lr"] for r in metrics] == pytest.approx(expected, rel=1e-9)
+    assert [r["lr"] for r in metrics] == pytest.approx(EXPECTED_LR[name](), rel=1e-9)
     assert all(math.isfinite(r["lm loss"]) for r in metrics)
 
 
@@ -430,14 +465,18 @@ def test_resume_checks_the_schedule_as_megatron_does(tmp_path):
 
 @pytest.mark.parametrize("name", ["lr_scheduler_zero3_cpu_offload_legacy_bf16",
                                   "mds_offload_pp_zero3_bf16_optimizer_ratio",
-                                  "zenflow_zero2_cpu_offload_adamw_bf16"])
+                                  "zenflow_zero2_cpu_offload_adamw_bf16",
+                                  # the legacy "zero_optimization": true (stage 1), one
+                                  # of the issue's tracebacks (the legacy "cpu_offload": test
+                                  # _deepspeed_json's legacy spellings)
+                                  "getting_started_zero_optimization_true",
+                                  "cifar10_deepspeed_get_ds_config",
+                                  "dschat_bfloat16_zero3_offload_tensorboard"])
 def test_published_json_that_passes_the_dry_run_trains(name, shards, tmp_path):
     """After a passing dry run, no traceback: 4 iterations under the JSON (its batch keys
-    shrunk to one process), in the precision and with the optimizer the dry run named."""
-    cfg = read_json(COMPAT / "ds_json" / f"{name}.json")
-    cfg.update({k: v for k, v in SHRUNK_JSON.items() if k in cfg})
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(cfg))
+    shrunk to one process, fp16 -> bf16 on a CPU), in the precision and with the optimizer the
+    dry run named."""
+    path = json_for_this_machine(name, tmp_path, cpu=not fp16_trains_here())
     argv = ["--preset", "test", "--data-path", shards, "--deepspeed", "--deepspeed_config",
             str(path), "--train-iters", "4", "--log-interval", "1"]
     status, setup, stderr = dry_run(argv)
@@ -445,5 +484,6 @@ def test_published_json_that_passes_the_dry_run_trains(name, shards, tmp_path):
     records = run_train(tmp_path, *argv, name=name, timeout=900)
     assert [r["iteration"] for r in records if "lm loss" in r] == [1, 2, 3, 4]
     assert all(math.isfinite(r["lm loss"]) for r in records if "lm loss" in r)
-    assert setup["precision"] == "bf16", setup["precision"]
+    fp16 = read_json(path).get("fp16", {}).get("enabled", False)
+    assert setup["precision"] == ("fp16" if fp16 else "bf16"), setup["precision"]
     assert "CPU Adam" in setup["optimizer"] or "(JSON)" in setup["optimizer"], setup["optimizer"]

@@ -69,7 +69,7 @@ def test_the_list_is_megatron_deepspeeds_and_covers_the_compat_scripts():
 
 
 @pytest.mark.parametrize("flags", [
-    ["--cpu-optimizer"], ["--universal-checkpoint"], ["--no-load-lr-state"],
+    ["--cpu_torch_adam"], ["--universal-checkpoint"], ["--no-load-lr-state"],
     ["--random-ltd"], ["--enable-zbh1-pipeline"], ["--ds-sequence-parallel-fpdt"], ["--kd"],
     ["--profile", "pt"], ["--profile"]])
 def test_megatron_deepspeed_flags_reach_a_fate(flags):
@@ -107,3 +107,119 @@ def test_a_name_the_parsers_read_differently_says_which_reading_applies():
     assert "reads --rampup-batch-size as 3 values" in err, err
     status, _, err = dry_run(["--kd"])  # only Megatron-DeepSpeed defines it: no such note
     assert status == 2 and "parser reads" not in err, err
+
+
+def test_cpu_optimizer_runs_deepspeeds_cpu_adam(tmp_path, monkeypatch):
+    """``--cpu-optimizer`` with Megatron-DeepSpeed's meaning: DeepSpeed's CPU Adam (AdamW mode)
+    steps the parameters; its update equals torch's AdamW (the independent reference). Refused
+    with SGD (Megatron-DeepSpeed asserts Adam), beside a JSON optimizer section, and where the
+    parameters live on a GPU without ZeRO-Offload (CUDA mocked: no GPU here)."""
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from helpers.configs import train_args
+
+    from localopt_plugin.errors import UserError
+    from localopt_plugin.training import deepspeed_config
+    from localopt_plugin.training.config import resolve
+    from localopt_plugin.training.optim import build_optimizer, param_groups
+
+    status, setup, err = dry_run(["--preset", "test", "--cpu-optimizer"])
+    assert status == 0, err
+    assert setup["optimizer"] == "DeepSpeed CPU Adam (AdamW, --cpu-optimizer)"
+
+    config = resolve(train_args("--cpu-optimizer", "--lr", "1e-2", "--weight-decay", "0.1"),
+                     1)[0]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    reference = torch.nn.Linear(8, 4)
+    reference.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(param_groups(model), config)
+    assert isinstance(optimizer, DeepSpeedCPUAdam)
+    torch_adamw = torch.optim.AdamW(param_groups(reference), lr=1e-2, weight_decay=0.1,
+                                    betas=(0.9, 0.999), eps=1e-8)
+    x = torch.randn(16, 8)
+    for net, opt in ((model, optimizer), (reference, torch_adamw)):
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.weight, torch.nn.Linear(8, 4).weight)
+
+    status, _, err = dry_run(["--preset", "test", "--cpu-optimizer", "--optimizer", "sgd"])
+    assert status == 2 and "'CPU offloading is for Adam'" in err, err
+    json_optimizer = tmp_path / "adam.json"
+    json_optimizer.write_text(json.dumps({"optimizer": {"type": "AdamW",
+                                                        "params": {"lr": 1e-3}}}))
+    status, _, err = dry_run(["--preset", "test", "--cpu-optimizer", "--deepspeed_config",
+                              str(json_optimizer)])
+    assert status == 2 and "sets what --cpu-optimizer would set" in err, err
+    monkeypatch.setattr(deepspeed_config, "cuda_available", lambda: True)
+    with pytest.raises(UserError, match="--cpu-optimizer steps the parameters on the CPU.*"
+                       "offload_optimizer"):
+        resolve(train_args("--cpu-optimizer"), 1)
+
+
+# localopt-train's defaults that are not Megatron-LM's (Megatron-DeepSpeed's, for its own
+# flags), each for the reason docs/from-megatron.md gives
+DEFAULTS_NOT_MEGATRONS = {
+    "--num-layers": "Megatron requires the model's size; a tiny model runs without it",
+    "--hidden-size": "as --num-layers", "--num-attention-heads": "as --num-layers",
+    "--lr": "Megatron requires it; a smoke run needs none",
+    "--transformer-impl": "local layers; TransformerEngine's need a GPU and are opted into",
+    "--distributed-backend": "none: nccl with CUDA (Megatron's), gloo without",
+    "--clip-grad": "none: the JSON's gradient_clipping, else 1.0 (Megatron's)",
+    "--zero-stage": "none: the JSON's zero_optimization.stage (what Megatron-DeepSpeed's "
+    "engine runs)",
+}
+
+
+def test_defaults_are_megatrons():
+    """Every Megatron flag localopt-train declares defaults as Megatron-LM's parser does (as
+    Megatron-DeepSpeed's for that parser's own flags), read from the recorded parsers (kept
+    equal to the installed Megatron-LM by test_megatron_lm_flag_list_is_complete), except the
+    deviations named above; a deviation that is no longer one fails too."""
+    from localopt_plugin.training.config import MEGATRON_CONFIGS
+    from localopt_plugin.training.megatron_flags import listed_defaults, same_default
+
+    lm, md = listed_defaults()
+    differ, compared = set(), 0
+    for cls in MEGATRON_CONFIGS:
+        for field in cls.flag_fields():
+            flag = cls.flag(field.name)
+            reference = lm if flag in lm else md if flag in md else None
+            if reference is None:
+                continue
+            compared += 1
+            if not same_default(field.default, reference[flag]):
+                differ.add(flag)
+    assert compared > 50  # the flags that take values (a switch is off unless given)
+    assert differ == set(DEFAULTS_NOT_MEGATRONS)
+
+
+def test_dry_run_says_which_disputed_default_applies():
+    """A command with a Megatron-DeepSpeed flag that leaves out a flag whose default the two
+    parsers disagree on is told which applies; a Megatron-LM command is not."""
+    status, setup, err = dry_run(["--preset", "test", "--deepspeed", "--zero-stage", "0",
+                                  "--eval-iters", "5"])
+    assert status == 0, err
+    note = next(n for n in setup["flag notes"] if n.startswith("defaults Megatron-LM and"))
+    assert "--eval-interval none: Megatron-LM's default (Megatron-DeepSpeed's: 1000)" in note
+    assert "--eval-iters" not in note  # given
+    status, setup, err = dry_run(["--preset", "test", "--eval-iters", "5"])
+    assert not [n for n in setup["flag notes"] if n.startswith("defaults Megatron-LM and")]
+
+
+def test_zero_stage_and_the_json_must_agree(tmp_path):
+    """Megatron-DeepSpeed trains with the JSON's stage; here the flag and the JSON must agree
+    (before, the flag silently replaced the JSON's stage)."""
+    config = tmp_path / "zero2.json"
+    config.write_text(json.dumps({"train_batch_size": 2, "zero_optimization": {"stage": 2}}))
+    status, _, err = dry_run(["--preset", "test", "--deepspeed_config", str(config),
+                              "--zero-stage", "1"])
+    assert status == 2 and err.count("error:") == 1, err
+    assert "--zero-stage 1 disagrees with DeepSpeed config zero_optimization.stage=2" in err
+    status, setup, err = dry_run(["--preset", "test", "--deepspeed_config", str(config),
+                                  "--zero-stage", "2"])
+    assert status == 0 and setup["deepspeed"]["zero_optimization"]["stage"] == 2, err
