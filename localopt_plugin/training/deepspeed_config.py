@@ -449,6 +449,14 @@ def reconcile_deepspeed(run, optimizer, model, parallel, dp_size: int,
     cfg.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
     cfg.setdefault("wall_clock_breakdown", False)
     check_with_deepspeed(cfg, micro * accumulation, bf16, fp16)
+    cp = parallel.context_parallel_size
+    if parallel.pipeline_model_parallel_size > 1 and cp > 1:
+        # DeepSpeed's pipeline grid counts the context ranks (which share their micro-batches)
+        # as data ranks: its batch arithmetic needs the global batch x CP
+        cfg["train_batch_size"] = global_batch * cp
+        notes.append(f"pipeline x context parallelism: train_batch_size {global_batch} x {cp} "
+                     f"for DeepSpeed's pipeline grid, which counts the context ranks as data "
+                     f"ranks; the global batch stays {global_batch} samples")
     return DeepSpeedSetup(cfg, micro, global_batch, accumulation, clip, bf16, fp16,
                           json_optimizer, json_scheduler, offload, schedule_lr, schedule_wd,
                           notes)

@@ -89,16 +89,12 @@ def setup(config: TrainConfig, parts: PluginParts) -> Trainer:
     import deepspeed
 
     source, objective, regularizers = parts.source, parts.objective, list(parts.regularizers)
-    ds_config = config.deepspeed.config
     if config.parallel.pipeline_model_parallel_size > 1:
         from localopt_plugin.training.pipeline import build_pipeline_module
 
         module = build_pipeline_module(config.model, config.parallel, source.vocab.size,
                                        config.run.seed, regularizers)
         mpu = None  # the PipelineModule brings its own grid (same rank layout as Megatron's)
-        # its data ranks include the context ranks, which share their micro-batches
-        ds_config = {**ds_config, "train_batch_size": ds_config["train_batch_size"]
-                     * config.parallel.context_parallel_size}
     else:
         model = build_gpt_model(config.model, source.vocab.size, parallel=config.parallel,
                                 seed=config.run.seed)
@@ -122,7 +118,7 @@ def setup(config: TrainConfig, parts: PluginParts) -> Trainer:
         optimizer=build_optimizer(groups, config),
         model_parameters=groups,
         lr_scheduler=build_scheduler(config),
-        config=ds_config,
+        config=config.deepspeed.config,
         mpu=mpu,
     )
     return Trainer(engine, scheduler, source, objective)

@@ -73,8 +73,14 @@ def test_context_parallel_settings_refused_with_the_fix(flags, words):
 
 def test_context_and_sequence_parallelism_with_deepspeeds_pipeline_are_accepted():
     """(Trained against one process in tests/integration/test_distributed.py.)"""
-    assert _layout(*CP2, "--cp-comm-type", "a2a", "--pipeline-model-parallel-size", "2",
-                   world=4)[1] == [1, 2, 2, 1]
+    status, setup, stderr = dry_run([*PRESET_TRAIN_FLAGS, *CP2, "--cp-comm-type", "a2a",
+                                     "--pipeline-model-parallel-size", "2"], world=4)
+    assert status == 0 and setup["parallel layout (tp, pp, cp, dp)"] == [1, 2, 2, 1], stderr
+    # what DeepSpeed's pipeline grid is given (it counts context ranks as data ranks), not the
+    # global batch, which stays as the flags say
+    assert setup["micro batch, global batch, accumulation"] == [2, 4, 2]
+    assert setup["deepspeed"]["train_batch_size"] == 4 * 2
+    assert any("train_batch_size 4 x 2" in note for note in setup["deepspeed notes"]), setup
     status, setup, stderr = dry_run([*PRESET_TRAIN_FLAGS, "--sequence-parallel",
                                      "--tensor-model-parallel-size", "2",
                                      "--pipeline-model-parallel-size", "2"], world=4)
