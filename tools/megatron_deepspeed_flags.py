@@ -87,7 +87,7 @@ def main() -> int:
         listed = stored["flags"]
         differ = sorted(set(flags) ^ set(listed)) + sorted(
             f for f in set(flags) & set(listed) if flags[f] != listed[f]) + sorted(
-            f for f in set(defaults) ^ set(stored["defaults"])
+            f for f in set(defaults) | set(stored["defaults"])
             if defaults.get(f) != stored["defaults"].get(f))
         for flag in differ:
             print(f"differs from {LIST.name}: {flag}")

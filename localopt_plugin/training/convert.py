@@ -101,7 +101,7 @@ def _pipeline_files(path: str) -> list[tuple[int, int, dict[str, torch.Tensor]]]
 
 
 def pipeline_weights(path: str, num_layers: int, tp: int,
-                      tied: bool) -> list[dict[str, torch.Tensor]]:
+                     tied: bool) -> list[dict[str, torch.Tensor]]:
     """GPTModel weights of each TP rank from DeepSpeed's per-layer pipeline files: one
     GPTModel per stage (``gpt.``-prefixed, layers numbered per stage), or the layout written
     before it (embedding, each layer, final norm, output: one file each)."""
@@ -220,7 +220,7 @@ def load_trained_model(checkpoint_dir: str, tag: str | None = None):
     model = build_gpt_model(config, vocab_size=Vocabulary(**meta["vocabulary"]).size)
     if pp > 1:
         ranks = pipeline_weights(path, trained.num_layers, tp,
-                                  not trained.untie_embeddings_and_output_weights)
+                                 not trained.untie_embeddings_and_output_weights)
     else:
         ranks = _data_parallel_weights(checkpoint_dir, tag, states,
                                        first["ds_config"]["zero_optimization"]["stage"])

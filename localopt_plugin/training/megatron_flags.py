@@ -122,7 +122,7 @@ TIMING_FLAGS = r"--(timing-log-level|timing-log-option|no-barrier-with-level-1-t
 
 def _dense(args: argparse.Namespace) -> bool:
     """No experts: ``--num-experts`` absent or 1 (Megatron-DeepSpeed's default ``[1]``)."""
-    value = getattr(args, PREFIX + "num_experts", None)
+    value = getattr(args, _dest("--num-experts"), None)
     return value is None or _value_text(value) == "1"
 
 

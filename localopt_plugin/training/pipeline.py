@@ -132,8 +132,8 @@ class GPTPipeline(PipelineModule):
 
         gpt, config = self.forward_funcs[0].gpt, self.model_config
         weights = pipeline_weights(load_dir, config.num_layers,
-                                    parallel_state.get_tensor_model_parallel_world_size(),
-                                    not config.untie_embeddings_and_output_weights)
+                                   parallel_state.get_tensor_model_parallel_world_size(),
+                                   not config.untie_embeddings_and_output_weights)
         weights = weights[parallel_state.get_tensor_model_parallel_rank()]
         with torch.no_grad():
             for name, param in canonical_parameters(gpt):

@@ -87,10 +87,15 @@ def for_this_machine(name: str, shards: str, tmp: Path, *, drop: tuple[str, ...]
     return [*argv, "--data-path", shards]
 
 
-def _shrunk_json(path: Path, tmp: Path) -> Path:
-    """The JSON with its batch keys set to the shrunk batch sizes."""
+def _shrunk_json(path: Path, tmp: Path, *, bf16_for_fp16: bool = False) -> Path:
+    """The JSON with its batch keys set to the shrunk batch sizes (and, with
+    ``bf16_for_fp16``, an enabled fp16 section replaced by bf16)."""
     cfg = read_json(path)
     cfg.update({k: v for k, v in SHRUNK_JSON.items() if k in cfg})
+    fp16 = cfg.get("fp16")
+    if bf16_for_fp16 and isinstance(fp16, dict) and fp16.get("enabled", True):
+        del cfg["fp16"]
+        cfg["bf16"] = {"enabled": True}
     out = tmp / path.name
     out.write_text(json.dumps(cfg))
     return out
@@ -99,12 +104,4 @@ def _shrunk_json(path: Path, tmp: Path) -> Path:
 def json_for_this_machine(name: str, tmp: Path, *, cpu: bool = True) -> Path:
     """DeepSpeed JSON ``name`` as a user runs it here: its batch keys shrunk to one process and,
     on a CPU, an enabled fp16 section replaced by bf16 (the edit docs/from-megatron.md names)."""
-    cfg = read_json(COMPAT / "ds_json" / f"{name}.json")
-    cfg.update({k: v for k, v in SHRUNK_JSON.items() if k in cfg})
-    fp16 = cfg.get("fp16")
-    if cpu and isinstance(fp16, dict) and fp16.get("enabled", True):
-        del cfg["fp16"]
-        cfg["bf16"] = {"enabled": True}
-    out = tmp / f"{name}.json"
-    out.write_text(json.dumps(cfg))
-    return out
+    return _shrunk_json(COMPAT / "ds_json" / f"{name}.json", tmp, bf16_for_fp16=cpu)
